@@ -1,0 +1,73 @@
+"""The dropout mask every backend regenerates from a seed, in plain torch (the reference).
+
+Spec (shared by the torch, Triton and CUDA backends, so that one seed gives one mask everywhere):
+element e of a (T, K) input, e = t*K + k in row-major order of the flattened tokens, is kept iff
+
+    philox4x32_10(key=(seed & 0xffffffff, seed >> 32), counter=(e & 0xffffffff, e >> 32, 0, 0))[0]
+        >= threshold,   threshold = min(floor(p * 2**32), 2**32 - 1)
+
+and a kept element is scaled by 1 / (1 - p). The mask is never stored: forward and backward both
+recompute it from (seed, e), so no T x K mask and no dropped-out copy of x is kept for backward.
+Philox4x32-10 is the counter-based generator of Salmon et al. (SC'11, "Random123"), with the same
+constants as ``triton.language.philox``.
+"""
+from __future__ import annotations
+
+import torch
+
+_M32 = 0xFFFFFFFF
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85       # Weyl-sequence key increments
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57   # round multipliers
+PHILOX_ROUNDS = 10
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of a*b for a < 2**32 (python int), b an int64 tensor in [0, 2**32).
+
+    int64 cannot hold a 64-bit product, so a is split into 16-bit halves: every partial product
+    stays below 2**49.
+    """
+    p1 = b * (a >> 16)            # < 2**48
+    p0 = b * (a & 0xFFFF)         # < 2**48
+    s = ((p1 & 0xFFFF) << 16) + p0
+    return (p1 >> 16) + (s >> 32), s & _M32
+
+
+def philox4x32(seed: int, counter: torch.Tensor, rounds: int = PHILOX_ROUNDS) -> torch.Tensor:
+    """First 32-bit output word of Philox4x32 for 64-bit ``counter`` values (int64 tensor, >= 0),
+    as int64 values in [0, 2**32)."""
+    if counter.dtype != torch.int64:
+        raise TypeError(f"philox4x32: counter must be int64, got {counter.dtype}")
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    c0, c1 = counter & _M32, (counter >> 32) & _M32
+    c2 = torch.zeros_like(counter)
+    c3 = torch.zeros_like(counter)
+    for _ in range(rounds):
+        hi_b, lo_b = _mulhilo(_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
+    return c0
+
+
+def dropout_threshold(p: float) -> int:
+    """The uint32 threshold below which an element is dropped (probability p of dropping)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    return min(int(p * 2**32), _M32)
+
+
+def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device: torch.device | str = "cpu",
+                      row_start: int = 0) -> torch.Tensor:
+    """Boolean keep mask of shape (rows, cols) for rows [row_start, row_start + rows) of an input
+    with ``cols`` columns, exactly as the kernels regenerate it."""
+    thr = dropout_threshold(p)
+    e = torch.arange(row_start * cols, (row_start + rows) * cols, device=device, dtype=torch.int64)
+    return (philox4x32(seed, e) >= thr).view(rows, cols)
+
+
+def new_seed() -> int:
+    """A fresh dropout seed from torch's CPU generator, so ``torch.manual_seed`` makes runs repeat
+    and activation checkpointing (which restores the CPU RNG state) regenerates the same mask.
+    Drawn on the CPU: no GPU sync. 31 bits, so Triton always sees an int32 argument."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())

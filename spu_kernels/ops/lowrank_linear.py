@@ -1,0 +1,229 @@
+"""The fused low-rank linear, shared by LoRA and SiVA:
+
+    y = x Wᵀ + b + s · ((drop(x) Aᵀ) ⊙ g) Bᵀ
+
+x (..., K) tokens; W (N, K) frozen; b (N,) optional; A (r, K); B (N, r); s a scalar; g (r,) an
+optional per-rank scale (SiVA's singular values; LoRA has none); drop() inverted dropout with
+probability p whose mask is regenerated from a seed (ops/dropout_rng.py), never stored.
+
+Three things live here:
+  * ``lowrank_linear_reference``: the math in plain torch with autograd: the ground truth.
+  * ``LowRankLinearFunction``: one autograd.Function for every backend. It saves x (the caller's
+    tensor, no copy, and only when A needs a grad) and u = drop(x) Aᵀ (T×r): never a mask, a
+    dropped-out x, or a T×N branch output. Grads for x, b, A, B and g as each is needed; none for W.
+  * the torch backend (``_TorchImpl``, the same decomposition with cuBLAS / ATen calls) and the
+    dispatch to the triton backend (spu_kernels/triton/lowrank_linear.py).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..backends import resolve_backend
+from .dropout_rng import dropout_keep_mask, dropout_threshold, new_seed
+
+OP_NAME = "lowrank_linear"
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def lowrank_linear_reference(x, weight, bias, lora_a, lora_b, scale=1.0, rank_scale=None, dropout_p=0.0,
+                             seed=None):
+    """Ground truth: the formula as written, differentiable by torch autograd (keeps whatever
+    autograd keeps). The dropout mask is the spec's mask for ``seed``."""
+    h = x
+    if dropout_p > 0:
+        if seed is None:
+            raise ValueError("lowrank_linear_reference: dropout_p > 0 needs the seed of the mask")
+        k = x.shape[-1]
+        keep = dropout_keep_mask(seed, x.numel() // k, k, dropout_p, x.device).view(x.shape)
+        h = x * keep.to(x.dtype) / (1.0 - dropout_p)
+    h = h @ lora_a.t()
+    if rank_scale is not None:
+        h = h * rank_scale
+    y = x @ weight.t() + scale * (h @ lora_b.t())
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+class _TorchImpl:
+    """The torch backend: the kernels' decomposition with plain torch calls."""
+
+    @staticmethod
+    def dropped(x, p, seed):
+        if p == 0:
+            return x
+        keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], p, x.device)
+        return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+
+    @staticmethod
+    def forward(x, weight, bias, a, b, g, scale, p, seed):
+        u = _TorchImpl.dropped(x, p, seed) @ a.t()
+        ug = u * (g * scale) if g is not None else u * scale
+        y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+        y.addmm_(ug, b.t())   # accumulate in place: no T×N branch output
+        return y, u
+
+    @staticmethod
+    def backward(dy, x, weight, a, b, g, u, scale, p, seed, need_dx, need_dbias, need_da, need_db, need_dg):
+        gs = g * scale if g is not None else scale
+        v = dy @ b
+        vg = v * gs
+        dx = dbias = da = db = dg = None
+        if need_dx:
+            dx = dy @ weight
+            if p == 0:
+                dx.addmm_(vg, a)
+            else:
+                dx += _TorchImpl.dropped(vg @ a, p, seed)
+        if need_da:
+            da = vg.t() @ _TorchImpl.dropped(x, p, seed)
+        if need_db:
+            db = dy.t() @ (u * gs)
+        if need_dg:
+            dg = (u.float() * v.float()).sum(0) * scale
+        if need_dbias:
+            dbias = dy.sum(0)
+        return dx, dbias, da, db, dg
+
+
+class _TritonImpl:
+    """The triton backend (kernels in spu_kernels/triton/lowrank_linear.py)."""
+
+    @staticmethod
+    def _kernels():
+        from ..triton import lowrank_linear as k   # imported on first use: Triton compiles lazily
+        return k
+
+    @staticmethod
+    def forward(x, weight, bias, a, b, g, scale, p, seed):
+        k = _TritonImpl._kernels()
+        thr = dropout_threshold(p) if p > 0 else 0
+        u = k.lowrank_down(x, a, p, seed, thr)
+        y = k.gemm_lowrank(x, weight.t(), bias, u, b.t(), g, scale)
+        return y, u
+
+    @staticmethod
+    def backward(dy, x, weight, a, b, g, u, scale, p, seed, need_dx, need_dbias, need_da, need_db, need_dg):
+        k = _TritonImpl._kernels()
+        thr = dropout_threshold(p) if p > 0 else 0
+        v, db, dbias = k.lowrank_dy(dy, b, u, g, scale, need_db, need_dbias)
+        dx = k.gemm_lowrank(dy, weight, None, v, a, g, scale, p, seed, thr) if need_dx else None
+        da = k.lowrank_grad_a(x, v, g, scale, p, seed, thr) if need_da else None
+        dg = (u.float() * v).sum(0) * scale if need_dg else None
+        return dx, dbias, da, db, dg
+
+
+_IMPLS = {"torch": _TorchImpl, "triton": _TritonImpl}
+IMPLEMENTED = tuple(_IMPLS)
+
+
+class LowRankLinearFunction(torch.autograd.Function):
+    """Inputs already validated and cast by ``lowrank_linear``; x may have leading dims."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, g, scale, p, seed, backend):
+        k = x.shape[-1]
+        x2 = x.reshape(-1, k)
+        impl = _IMPLS["torch" if x2.shape[0] == 0 else backend]
+        y2, u = impl.forward(x2, weight, bias, a, b, g, scale, p, seed)
+        need_dx, _, _, need_da = ctx.needs_input_grad[:4]
+        # x only for grad_A (the caller's tensor: no new memory); u for grad_B and grad_g.
+        ctx.save_for_backward(x if need_da else None, weight if need_dx else None, a, b, g, u)
+        ctx.cfg = (impl, scale, p, seed, x.shape)
+        return y2.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, a, b, g, u = ctx.saved_tensors
+        impl, scale, p, seed, x_shape = ctx.cfg
+        need = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if dy2.dtype != u.dtype:
+            dy2 = dy2.to(u.dtype)
+        x2 = x.reshape(-1, x.shape[-1]) if x is not None else None
+        dx, dbias, da, db, dg = impl.backward(dy2, x2, weight, a, b, g, u, scale, p, seed,
+                                              need[0], need[2], need[3], need[4], need[5])
+        if dx is not None:
+            dx = dx.view(x_shape)
+        return (dx, None, _cast(dbias, b), _cast(da, a), _cast(db, b), _cast(dg, g),
+                None, None, None, None)
+
+
+def _cast(t, like):
+    return None if t is None else t.to(like.dtype)
+
+
+def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   lora_a: torch.Tensor, lora_b: torch.Tensor, *, scale: float = 1.0,
+                   rank_scale: torch.Tensor | None = None, dropout_p: float = 0.0, seed: int | None = None,
+                   backend: str | None = None) -> torch.Tensor:
+    """y = x Wᵀ + b + scale · ((drop(x) Aᵀ) ⊙ rank_scale) Bᵀ, fused.
+
+    Args:
+        x: (..., K) in fp32, fp16 or bf16; any leading dims, any strides.
+        weight: (N, K), frozen (``requires_grad=False``): no grad is computed for it.
+        bias: (N,) or None; gets a grad when it requires one.
+        lora_a: A, (r, K). lora_b: B, (N, r). rank_scale: g, (r,) or None. These are cast to x's
+            dtype (differentiably: fp32 master copies get fp32 grads).
+        scale: s. dropout_p: p in [0, 1), applied to the adapter's input only.
+        seed: dropout seed (drawn from torch's CPU generator when None).
+        backend: "torch", "triton" or "cuda"; default as in spu_kernels.backends.
+    Under torch.autocast every input is cast to the autocast dtype first, as nn.Linear would be.
+    """
+    k = _check(x, weight, bias, lora_a, lora_b, rank_scale, scale, dropout_p)
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    elif weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"{OP_NAME}: x is {x.dtype} but weight is {weight.dtype}"
+                        + (f" and bias {bias.dtype}" if bias is not None else "")
+                        + "; cast the input or the layer to one dtype, or run under torch.autocast")
+    dt = x.dtype
+    a, b = lora_a.to(dt), lora_b.to(dt)
+    g = rank_scale.to(dt) if rank_scale is not None else None
+    chosen = resolve_backend(OP_NAME, IMPLEMENTED, x.device, backend)
+    if dropout_p > 0 and seed is None:
+        seed = new_seed()
+    with torch.autocast(x.device.type, enabled=False):
+        return LowRankLinearFunction.apply(x, weight, bias, a, b, g, float(scale), float(dropout_p),
+                                           int(seed or 0), chosen)
+
+
+def _check(x, weight, bias, a, b, g, scale, p) -> int:
+    """Shape / dtype / device checks with messages that say what to change. Returns K."""
+    def shape(t):
+        return tuple(t.shape)
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError(f"{OP_NAME}: x must be a tensor of shape (..., K), got {type(x).__name__}"
+                         + (f" of shape {shape(x)}" if isinstance(x, torch.Tensor) else ""))
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{OP_NAME}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    k = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != k:
+        raise ValueError(f"{OP_NAME}: weight must be (N, K={k}) for x of shape {shape(x)}, got {shape(weight)}")
+    n = weight.shape[0]
+    if weight.requires_grad:
+        raise ValueError(f"{OP_NAME}: weight requires grad, but this op computes no grad for the frozen "
+                         "weight; call weight.requires_grad_(False) (spu_kernels.patch does this)")
+    if bias is not None and shape(bias) != (n,):
+        raise ValueError(f"{OP_NAME}: bias must be (N={n},), got {shape(bias)}")
+    if a.dim() != 2 or a.shape[1] != k or a.shape[0] < 1:
+        raise ValueError(f"{OP_NAME}: lora_a (A) must be (r, K={k}) with r >= 1, got {shape(a)}")
+    r = a.shape[0]
+    if shape(b) != (n, r):
+        raise ValueError(f"{OP_NAME}: lora_b (B) must be (N={n}, r={r}), got {shape(b)}")
+    if g is not None and shape(g) != (r,):
+        raise ValueError(f"{OP_NAME}: rank_scale (g) must be (r={r},), got {shape(g)}")
+    for name, t in (("weight", weight), ("bias", bias), ("lora_a", a), ("lora_b", b), ("rank_scale", g)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{OP_NAME}: {name} is on {t.device} but x is on {x.device}; move them to one device")
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{OP_NAME}: {name} must be a floating tensor, got {t.dtype}")
+    if not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"{OP_NAME}: dropout_p must be a number in [0, 1), got {p!r}")
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"{OP_NAME}: scale must be a finite number, got {scale!r}")
+    return k

@@ -1,0 +1,65 @@
+"""Helpers shared by the Triton kernels: the dropout keep mask, the dot that the interpreter gets
+right, and launch-side facts (interpreter mode, SM count, dtype maps)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import triton_interpret
+
+INTERPRET = triton_interpret()
+
+TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def dropout_keep(seed, offsets, threshold):
+    """Keep mask for int64 element indices ``offsets``: the spec in ops/dropout_rng.py
+    (first Philox4x32-10 word of counter (e_lo, e_hi, 0, 0) >= threshold, unsigned)."""
+    c0 = (offsets & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (offsets >> 32).to(tl.uint32)
+    zero = tl.zeros_like(c0)
+    r, _, _, _ = tl.philox(seed, c0, c1, zero, zero)
+    return r >= threshold.to(tl.uint32)
+
+
+@triton.jit
+def mma(a, b, acc, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc + a @ b. UPCAST feeds fp32 operands to tl.dot: the Triton interpreter computes bf16
+    dots wrongly (it stores bf16 as uint16), so launchers set it for bf16 under TRITON_INTERPRET=1
+    only; on a GPU the operands go to the tensor cores as they are."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=INPUT_PRECISION)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """fp32 dots follow torch's matmul setting: TF32 only where torch would use it."""
+    if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    """Streaming multiprocessors of the GPU (a small stand-in under the interpreter, so that the
+    split/atomic paths of the kernels still run in CPU tests)."""
+    if INTERPRET or not torch.cuda.is_available():
+        return 2
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def rank_pad(r: int) -> int:
+    """tl.dot needs every dimension >= 16 and a power of two: the rank is zero-padded to that."""
+    return max(16, triton.next_power_of_2(r))
+
+
+def device_index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.type == "cuda" and t.device.index is not None else 0

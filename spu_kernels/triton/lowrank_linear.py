@@ -1,0 +1,368 @@
+"""Triton kernels of the fused low-rank linear
+
+    y = x Wᵀ + b + s · ((drop(x) Aᵀ) ⊙ g) Bᵀ        x (T, K), W (N, K), A (r, K), B (N, r), g (r,)
+
+Forward, two launches:
+  1. ``_down_kernel``          u = drop(x) Aᵀ (T, r): one pass over x; u is what backward keeps.
+  2. ``_gemm_lowrank_kernel``  y = x Wᵀ + b + (s u ⊙ g) Bᵀ: the rank-r product is added to the
+                               GEMM's accumulator tile in its epilogue, no T×N branch output.
+Backward, up to three launches (each only when a grad it makes is needed):
+  3. ``_dy_kernel``            one pass over dy gives v = dy B (T, r), grad_B = s dyᵀ (u ⊙ g)
+                               (N, r) and grad_b = Σ_t dy.
+  4. ``_gemm_lowrank_kernel``  dx = dy W + keep ⊙ s ((v ⊙ g) A) / (1 - p), the mask regenerated.
+  5. ``_grad_a_kernel``        grad_A = s (v ⊙ g)ᵀ drop(x), the mask regenerated; one pass over x.
+grad_g = s Σ_t u ⊙ v is a T×r reduction left to torch.
+
+Reductions that cross programs (split K in 1, N blocks for v and T splits for grad_B in 3,
+T splits in 5) accumulate in fp32 with atomics; a single program per output writes directly.
+The rank is zero-padded to R_PAD (a power of two >= 16) inside the kernels only.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (INTERPRET, device_index, dropout_keep, input_precision, mma, num_sms, rank_pad,
+                      upcast_dot)
+
+# ---------------------------------------------------------------------------------------------
+# 1. u = drop(x) Aᵀ
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["seed", "threshold"])
+def _down_kernel(x_ptr, a_ptr, u_ptr, T, K, R, k_per_split,
+                 stride_xt, stride_xk, stride_ar, stride_ak,
+                 seed, threshold, keep_scale,
+                 HAS_DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, R_PAD: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                 UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    rows = offs_t.to(tl.int64)
+    t_mask = offs_t < T
+    offs_r = tl.arange(0, R_PAD)
+    r_mask = offs_r < R
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < k_end
+        x = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+                    mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, rows[:, None] * K + offs_k[None, :], threshold)
+            x = tl.where(keep, x, 0.0)
+        a_t = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                      mask=r_mask[None, :] & k_mask[:, None], other=0.0)          # Aᵀ tile (BLOCK_K, R_PAD)
+        acc = mma(x, a_t, acc, UPCAST, INPUT_PRECISION)
+    if HAS_DROPOUT:
+        acc = acc * keep_scale
+    u_ptrs = u_ptr + rows[:, None] * R + offs_r[None, :]
+    u_mask = t_mask[:, None] & r_mask[None, :]
+    if ATOMIC:
+        tl.atomic_add(u_ptrs, acc, mask=u_mask)
+    else:
+        tl.store(u_ptrs, acc.to(u_ptr.dtype.element_ty), mask=u_mask)
+
+
+def lowrank_down(x: torch.Tensor, a: torch.Tensor, dropout_p: float, seed: int, threshold: int) -> torch.Tensor:
+    """u = drop(x) Aᵀ for x (T, K), A (r, K); returns u (T, r) in x's dtype."""
+    T, K = x.shape
+    R = a.shape[0]
+    if INTERPRET:
+        block_t, block_k, warps = 32, 32, 4
+    else:
+        # enough row blocks to fill the GPU where T allows; never more rows than needed
+        block_t = 64 if T >= 64 * num_sms(device_index(x)) else 32 if T >= 16 * num_sms(device_index(x)) else 16
+        block_k, warps = 128, 4
+    t_blocks = triton.cdiv(T, block_t)
+    k_blocks = triton.cdiv(K, block_k)
+    # split K (atomics into fp32) when the row blocks alone leave most of the GPU idle
+    splits = max(1, min(k_blocks, (2 * num_sms(device_index(x))) // t_blocks))
+    k_per_split = triton.cdiv(k_blocks, splits) * block_k
+    splits = triton.cdiv(K, k_per_split)
+    atomic = splits > 1
+    u = torch.zeros((T, R), device=x.device, dtype=torch.float32) if atomic else \
+        torch.empty((T, R), device=x.device, dtype=x.dtype)
+    _down_kernel[(t_blocks, splits)](
+        x, a, u, T, K, R, k_per_split,
+        x.stride(0), x.stride(1), a.stride(0), a.stride(1),
+        seed, threshold, 1.0 / (1.0 - dropout_p),
+        HAS_DROPOUT=dropout_p > 0, ATOMIC=atomic, R_PAD=rank_pad(R), BLOCK_T=block_t, BLOCK_K=block_k,
+        UPCAST=upcast_dot(x.dtype), INPUT_PRECISION=input_precision(x.dtype), num_warps=warps)
+    return u.to(x.dtype) if atomic else u
+
+
+# ---------------------------------------------------------------------------------------------
+# 2 and 4. C = A_op B_op (+ bias) + keep ⊙ s ((L ⊙ g) Rm) [/ (1 - p)]
+#   forward: A_op = x, B_op = Wᵀ, L = u, Rm = Bᵀ
+#   dx:      A_op = dy, B_op = W, L = v, Rm = A, with the dropout mask of x's elements
+# ---------------------------------------------------------------------------------------------
+
+
+def _gemm_configs():
+    if INTERPRET:   # one config: autotuning needs a GPU
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+    cfg = []
+    for bm, bn, bk, warps, stages in [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 3),
+                                      (128, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                                      (64, 64, 64, 4, 4), (128, 128, 32, 4, 4), (64, 64, 32, 4, 5)]:
+        cfg.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                                 num_warps=warps, num_stages=stages))
+    return cfg
+
+
+@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "HAS_DROPOUT", "HAS_BIAS"])
+@triton.jit(do_not_specialize=["seed", "threshold"])
+def _gemm_lowrank_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, rm_ptr, g_ptr,
+                         M, N, K, R, M_BUCKET,
+                         stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                         stride_lm, stride_lr, stride_rmr, stride_rmn,
+                         scale, seed, threshold, keep_scale,
+                         HAS_BIAS: tl.constexpr, HAS_G: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                         R_PAD: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         GROUP_M: tl.constexpr):
+    # grouped ordering: GROUP_M row blocks share each column block of B_op while it is in L2
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        a = tl.load(a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = mma(a, b, acc, UPCAST, INPUT_PRECISION)
+
+    # epilogue: the rank-r term, (BLOCK_M, R_PAD) @ (R_PAD, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    r_mask = offs_r < R
+    low = tl.load(l_ptr + rows[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                  mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+    if HAS_G:
+        low = low * tl.load(g_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)[None, :]
+    low = (low * scale).to(c_ptr.dtype.element_ty)
+    rm = tl.load(rm_ptr + offs_r[:, None] * stride_rmr + cols[None, :] * stride_rmn,
+                 mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+    lr = mma(low, rm, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, INPUT_PRECISION)
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed, rows[:, None] * N + cols[None, :], threshold)
+        lr = tl.where(keep, lr * keep_scale, 0.0)
+    acc += lr
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+def gemm_lowrank(a_op: torch.Tensor, b_op: torch.Tensor, bias: torch.Tensor | None,
+                 low: torch.Tensor, right: torch.Tensor, g: torch.Tensor | None, scale: float,
+                 dropout_p: float = 0.0, seed: int = 0, threshold: int = 0) -> torch.Tensor:
+    """C = a_op (M, K) @ b_op (K, N) + bias + keep ⊙ scale ((low (M, r) ⊙ g) @ right (r, N)) / (1-p).
+
+    Any strides; C is a new contiguous (M, N) tensor in a_op's dtype. With dropout_p > 0 the keep
+    mask is the one of element (m, n) of an (M, N) input (used for dx, whose shape is x's).
+    """
+    M, K = a_op.shape
+    N = b_op.shape[1]
+    R = low.shape[1]
+    c = torch.empty((M, N), device=a_op.device, dtype=a_op.dtype)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _gemm_lowrank_kernel[grid](
+        a_op, b_op, c, bias if bias is not None else c, low, right, g if g is not None else c,
+        M, N, K, R, triton.next_power_of_2(M),
+        a_op.stride(0), a_op.stride(1), b_op.stride(0), b_op.stride(1), c.stride(0), c.stride(1),
+        low.stride(0), low.stride(1), right.stride(0), right.stride(1),
+        scale, seed, threshold, 1.0 / (1.0 - dropout_p),
+        HAS_BIAS=bias is not None, HAS_G=g is not None, HAS_DROPOUT=dropout_p > 0, R_PAD=rank_pad(R),
+        UPCAST=upcast_dot(a_op.dtype), INPUT_PRECISION=input_precision(a_op.dtype))
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. one pass over dy: v = dy B, grad_B = s dyᵀ (u ⊙ g), grad_b = Σ_t dy
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dy_kernel(dy_ptr, b_ptr, u_ptr, g_ptr, v_ptr, gb_ptr, db_ptr,
+               T, N, R, rows_per_split,
+               stride_dyt, stride_dyn, stride_bn, stride_br, stride_ut, stride_ur,
+               scale,
+               HAS_G: tl.constexpr, NEED_GB: tl.constexpr, NEED_DB: tl.constexpr,
+               V_ATOMIC: tl.constexpr, GB_ATOMIC: tl.constexpr, R_PAD: tl.constexpr,
+               BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+               UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = offs_n.to(tl.int64)
+    n_mask = offs_n < N
+    offs_r = tl.arange(0, R_PAD)
+    r_mask = offs_r < R
+    b_tile = tl.load(b_ptr + cols[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                     mask=n_mask[:, None] & r_mask[None, :], other=0.0)             # (BLOCK_N, R_PAD)
+    gs = tl.full((R_PAD,), scale, tl.float32)
+    if HAS_G:
+        gs = gs * tl.load(g_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+    gb_acc = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    t_start = pid_s * rows_per_split
+    t_end = tl.minimum(t_start + rows_per_split, T)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        rows = offs_t.to(tl.int64)
+        t_mask = offs_t < t_end
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dyt + cols[None, :] * stride_dyn,
+                     mask=t_mask[:, None] & n_mask[None, :], other=0.0)             # (BLOCK_T, BLOCK_N)
+        v_part = mma(dy, b_tile, tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32), UPCAST, INPUT_PRECISION)
+        v_ptrs = v_ptr + rows[:, None] * R + offs_r[None, :]
+        v_mask = t_mask[:, None] & r_mask[None, :]
+        if V_ATOMIC:
+            tl.atomic_add(v_ptrs, v_part, mask=v_mask)
+        else:
+            tl.store(v_ptrs, v_part, mask=v_mask)
+        if NEED_GB:
+            u = tl.load(u_ptr + rows[:, None] * stride_ut + offs_r[None, :] * stride_ur,
+                        mask=v_mask, other=0.0).to(tl.float32)
+            ug = (u * gs[None, :]).to(dy_ptr.dtype.element_ty)
+            gb_acc = mma(tl.trans(dy), ug, gb_acc, UPCAST, INPUT_PRECISION)
+        if NEED_DB:
+            db_acc += tl.sum(dy.to(tl.float32), axis=0)
+    if NEED_GB:
+        gb_ptrs = gb_ptr + cols[:, None] * R + offs_r[None, :]
+        gb_mask = n_mask[:, None] & r_mask[None, :]
+        if GB_ATOMIC:
+            tl.atomic_add(gb_ptrs, gb_acc, mask=gb_mask)
+        else:
+            tl.store(gb_ptrs, gb_acc, mask=gb_mask)
+    if NEED_DB:
+        if GB_ATOMIC:
+            tl.atomic_add(db_ptr + offs_n, db_acc, mask=n_mask)
+        else:
+            tl.store(db_ptr + offs_n, db_acc, mask=n_mask)
+
+
+def lowrank_dy(dy: torch.Tensor, b: torch.Tensor, u: torch.Tensor, g: torch.Tensor | None, scale: float,
+               need_grad_b: bool, need_grad_bias: bool):
+    """v = dy B (T, r) fp32; grad_B = s dyᵀ (u ⊙ g) (N, r) fp32 or None; grad_bias (N,) fp32 or None."""
+    T, N = dy.shape
+    R = b.shape[1]
+    sms = num_sms(device_index(dy))
+    if INTERPRET:
+        block_t, block_n, warps = 32, 32, 4
+    else:
+        block_t, block_n, warps = 64, 128, 4
+    n_blocks = triton.cdiv(N, block_n)
+    t_blocks = triton.cdiv(T, block_t)
+    # split T so that about two programs run per SM; each split's grad_B partial is added atomically
+    splits = max(1, min(t_blocks, triton.cdiv(2 * sms, n_blocks)))
+    rows_per_split = triton.cdiv(t_blocks, splits) * block_t
+    splits = triton.cdiv(T, rows_per_split)
+    v_atomic, gb_atomic = n_blocks > 1, splits > 1
+    f32 = dict(device=dy.device, dtype=torch.float32)
+    v = torch.zeros((T, R), **f32) if v_atomic else torch.empty((T, R), **f32)
+    alloc = torch.zeros if gb_atomic else torch.empty
+    grad_b = alloc((N, R), **f32) if need_grad_b else None
+    grad_bias = alloc((N,), **f32) if need_grad_bias else None
+    _dy_kernel[(n_blocks, splits)](
+        dy, b, u, g if g is not None else v, v, grad_b if grad_b is not None else v,
+        grad_bias if grad_bias is not None else v,
+        T, N, R, rows_per_split,
+        dy.stride(0), dy.stride(1), b.stride(0), b.stride(1), u.stride(0), u.stride(1),
+        scale,
+        HAS_G=g is not None, NEED_GB=need_grad_b, NEED_DB=need_grad_bias,
+        V_ATOMIC=v_atomic, GB_ATOMIC=gb_atomic, R_PAD=rank_pad(R), BLOCK_T=block_t, BLOCK_N=block_n,
+        UPCAST=upcast_dot(dy.dtype), INPUT_PRECISION=input_precision(dy.dtype), num_warps=warps)
+    return v, grad_b, grad_bias
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. grad_A = s (v ⊙ g)ᵀ drop(x)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["seed", "threshold"])
+def _grad_a_kernel(x_ptr, v_ptr, g_ptr, ga_ptr, T, K, R, rows_per_split,
+                   stride_xt, stride_xk, scale, seed, threshold, keep_scale,
+                   HAS_G: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC: tl.constexpr,
+                   R_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                   UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    offs_r = tl.arange(0, R_PAD)
+    r_mask = offs_r < R
+    gs = tl.full((R_PAD,), scale, tl.float32)
+    if HAS_G:
+        gs = gs * tl.load(g_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+    acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+    t_start = pid_s * rows_per_split
+    t_end = tl.minimum(t_start + rows_per_split, T)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        rows = offs_t.to(tl.int64)
+        t_mask = offs_t < t_end
+        x = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+                    mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, rows[:, None] * K + offs_k[None, :], threshold)
+            x = tl.where(keep, x, 0.0)
+        v = tl.load(v_ptr + rows[:, None] * R + offs_r[None, :], mask=t_mask[:, None] & r_mask[None, :], other=0.0)
+        vg = (v * gs[None, :]).to(x_ptr.dtype.element_ty)
+        acc = mma(tl.trans(vg), x, acc, UPCAST, INPUT_PRECISION)
+    if HAS_DROPOUT:
+        acc = acc * keep_scale
+    ga_ptrs = ga_ptr + offs_r[:, None] * K + offs_k[None, :]
+    ga_mask = r_mask[:, None] & k_mask[None, :]
+    if ATOMIC:
+        tl.atomic_add(ga_ptrs, acc, mask=ga_mask)
+    else:
+        tl.store(ga_ptrs, acc, mask=ga_mask)
+
+
+def lowrank_grad_a(x: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, scale: float,
+                   dropout_p: float, seed: int, threshold: int) -> torch.Tensor:
+    """grad_A = s (v ⊙ g)ᵀ drop(x) as an fp32 (r, K) tensor; v is the fp32 (T, r) from lowrank_dy."""
+    T, K = x.shape
+    R = v.shape[1]
+    sms = num_sms(device_index(x))
+    if INTERPRET:
+        block_t, block_k, warps = 32, 32, 4
+    else:
+        block_t, block_k, warps = 64, 128, 4
+    k_blocks = triton.cdiv(K, block_k)
+    t_blocks = triton.cdiv(T, block_t)
+    splits = max(1, min(t_blocks, triton.cdiv(2 * sms, k_blocks)))
+    rows_per_split = triton.cdiv(t_blocks, splits) * block_t
+    splits = triton.cdiv(T, rows_per_split)
+    atomic = splits > 1
+    ga = (torch.zeros if atomic else torch.empty)((R, K), device=x.device, dtype=torch.float32)
+    _grad_a_kernel[(k_blocks, splits)](
+        x, v, g if g is not None else v, ga, T, K, R, rows_per_split,
+        x.stride(0), x.stride(1), scale, seed, threshold, 1.0 / (1.0 - dropout_p),
+        HAS_G=g is not None, HAS_DROPOUT=dropout_p > 0, ATOMIC=atomic, R_PAD=rank_pad(R),
+        BLOCK_T=block_t, BLOCK_K=block_k,
+        UPCAST=upcast_dot(x.dtype), INPUT_PRECISION=input_precision(x.dtype), num_warps=warps)
+    return ga

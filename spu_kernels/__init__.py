@@ -1,0 +1,29 @@
+"""spu_kernels: fused kernels for selective parameter updating (parameter-efficient fine-tuning).
+
+    import spu_kernels
+    spu_kernels.patch(model, "siva", r=16)      # or "lora", "siva_kv"
+    ...train...
+    spu_kernels.merge(model)                    # or spu_kernels.unpatch(model)
+
+Layers: patching -> modules -> ops -> (triton | _C | torch reference). See DESIGN notes in README.
+"""
+__version__ = "0.1.0"
+
+from .backends import available_backends, backend_status, use_backend
+from .modules import LoRALinear, SiVALinear
+from .ops import lowrank_linear, lowrank_linear_reference
+from .patching import (is_patched, known_methods, load_adapter, merge, patch, register_method, save_adapter,
+                       summary, unpatch)
+
+
+def describe_method(name: str) -> str:
+    """One line on a method and its options with their defaults."""
+    from .patching.registry import get_method
+    spec = get_method(name)
+    opts = ", ".join(f"{k}={v!r}" for k, v in spec.defaults().items())
+    return f"{name}: {spec.description}. Options: {opts}; plus train_head=True, trainable_modules=None"
+
+
+__all__ = ["patch", "unpatch", "merge", "summary", "is_patched", "save_adapter", "load_adapter", "known_methods",
+           "register_method", "describe_method", "available_backends", "backend_status", "use_backend",
+           "lowrank_linear", "lowrank_linear_reference", "LoRALinear", "SiVALinear", "__version__"]

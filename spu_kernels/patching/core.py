@@ -1,0 +1,264 @@
+"""patch / unpatch / merge: replace modules of a model in place, and undo it exactly.
+
+The core knows nothing about kernels: methods (registered in registry.py) decide which modules
+to replace with what, and which parameters train. The core checks options, freezes everything
+else (keeping the task head trainable unless told otherwise), rolls back if a method fails half
+way, records what it needs to restore the original modules and requires_grad flags bit for bit,
+and logs a summary.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch.nn as nn
+
+from ..modules.lowrank_base import is_linear_like, linear_dims
+from .architectures import (HEAD_NAMES, Family, family_of, model_type_of, name_matches, role_targets,
+                            supported_model_types)
+from .registry import get_method
+
+log = logging.getLogger("spu_kernels")
+_STATE_ATTR = "_spu_patch"
+
+
+@dataclass
+class Replacement:
+    name: str
+    parent: nn.Module
+    attr: str
+    original: nn.Module
+    new: nn.Module
+
+
+@dataclass
+class Target:
+    """A module a method may replace; ``thirds`` names the q/k/v thirds of a fused layer (0, 1, 2)."""
+    name: str
+    module: nn.Module
+    thirds: tuple[int, ...] | None = None
+
+    def out_slices(self) -> list[tuple[int, int]] | None:
+        if self.thirds is None:
+            return None
+        d = linear_dims(self.module)[1] // 3
+        return [(i * d, (i + 1) * d) for i in self.thirds]
+
+
+@dataclass
+class PatchSummary:
+    method: str
+    model: str
+    replaced: list[str]
+    trainable_params: int
+    total_params: int
+    options: dict = field(default_factory=dict)
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / max(1, self.total_params)
+
+    def __str__(self) -> str:
+        mods = ", ".join(self.replaced[:4]) + (f", ... ({len(self.replaced)} in all)" if len(self.replaced) > 4 else "")
+        return (f"spu_kernels.patch({self.method!r}) on {self.model}: trainable {self.trainable_params:,} / "
+                f"{self.total_params:,} params ({self.trainable_percent:.3f}%); "
+                f"replaced {len(self.replaced)} modules" + (f": {mods}" if self.replaced else ""))
+
+
+@dataclass
+class PatchState:
+    method: str
+    options: dict
+    replacements: list[Replacement]
+    requires_grad_before: list[tuple[nn.Parameter, bool]]
+    summary: PatchSummary
+
+
+class PatchContext:
+    """What a method sees: the model, its family, target lookup, replace() and train()."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.family: Family | None = family_of(model)
+        self.replacements: list[Replacement] = []
+        self.trainable: list[nn.Parameter] = []
+
+    def find_targets(self, target_modules: str | Sequence[str] | None,
+                     roles: tuple[str, ...] = ("query", "value")) -> list[Target]:
+        """The linear layers to adapt: ``target_modules`` (names, matched at the end of the
+        qualified name; or one regex matched against the whole name), else the family's modules
+        for ``roles``. Task-head modules never match. Raises when nothing matches."""
+        if target_modules is None:
+            if self.family is None:
+                raise ValueError(f"no default target modules for model_type {model_type_of(self.model)!r} "
+                                 f"(defaults exist for {', '.join(supported_model_types())}); pass "
+                                 f"target_modules=[...], e.g. {self._linear_suffixes()[:6]}")
+            specs = role_targets(self.family, roles)
+            match = lambda name, pat: name_matches(name, pat)
+        elif isinstance(target_modules, str):
+            specs = [(target_modules, None)]
+            match = lambda name, pat: re.fullmatch(pat, name) is not None
+        else:
+            if not all(isinstance(t, str) and t for t in target_modules):
+                raise TypeError(f"target_modules must be a list of module names or one regex string, "
+                                f"got {target_modules!r}")
+            specs = [(re.escape(t), None) for t in target_modules]
+            match = lambda name, pat: name_matches(name, pat)
+        found = []
+        for name, mod in self.model.named_modules():
+            if not name or name.split(".")[0] in HEAD_NAMES:
+                continue
+            for pat, thirds in specs:
+                if match(name, pat):
+                    if not is_linear_like(mod):
+                        raise TypeError(f"target module {name!r} is a {type(mod).__name__}; only nn.Linear and "
+                                        "transformers Conv1D layers can be adapted (name the linear layers inside it)")
+                    found.append(Target(name, mod, thirds))
+                    break
+        if not found:
+            wanted = target_modules if target_modules is not None else [p for p, _ in specs]
+            raise ValueError(f"no module of this {model_type_of(self.model)} model matched target_modules={wanted!r}; "
+                             f"its linear layers end with: {self._linear_suffixes()[:12]}")
+        return found
+
+    def _linear_suffixes(self) -> list[str]:
+        seen: list[str] = []
+        for name, mod in self.model.named_modules():
+            if is_linear_like(mod):
+                tail = ".".join(p for p in name.split(".")[-2:] if not p.isdigit())
+                if tail not in seen:
+                    seen.append(tail)
+        return seen
+
+    def replace(self, name: str, new: nn.Module) -> None:
+        parent_name, _, attr = name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        original = getattr(parent, attr)
+        new.train(original.training)   # a model in eval() stays in eval (dropout off)
+        setattr(parent, attr, new)
+        self.replacements.append(Replacement(name, parent, attr, original, new))
+
+    def train(self, params: Iterable[nn.Parameter]) -> None:
+        self.trainable.extend(params)
+
+
+def _check_options(spec, options: dict) -> None:
+    allowed = spec.option_names()
+    for key in options:
+        if key not in allowed:
+            raise TypeError(f"patch(..., {spec.name!r}): unknown option {key!r}; {spec.name} takes "
+                            f"{', '.join(allowed + ['train_head', 'trainable_modules'])}")
+
+
+def _undo(model: nn.Module, replacements: list[Replacement], flags: list[tuple[nn.Parameter, bool]]) -> None:
+    for rep in reversed(replacements):
+        restore = getattr(rep.new, "restore", None)
+        if restore is not None:
+            restore()
+        setattr(rep.parent, rep.attr, rep.original)
+    for p, flag in flags:
+        p.requires_grad_(flag)
+
+
+def patch(model: nn.Module, method: str, *, train_head: bool = True,
+          trainable_modules: Sequence[str] | None = None, **options: Any) -> nn.Module:
+    """Apply ``method`` to ``model`` in place and return it.
+
+    Everything but the method's adapters is frozen, except the task head (``classifier``,
+    ``score``, ...) unless ``train_head=False``, and the modules named in ``trainable_modules``
+    (matched at the end of their qualified names). ``spu_kernels.summary(model)`` (also
+    ``model.spu_summary``) tells what was done; ``unpatch`` undoes it exactly, ``merge`` folds
+    the adapters in. Method options: see ``spu_kernels.describe_method(name)``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch expects a torch.nn.Module, got {type(model).__name__}")
+    if getattr(model, _STATE_ATTR, None) is not None:
+        raise RuntimeError(f"this model is already patched with {getattr(model, _STATE_ATTR).method!r}; "
+                           "call spu_kernels.unpatch(model) (or merge) before patching again")
+    spec = get_method(method)
+    _check_options(spec, options)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    ctx = PatchContext(model)
+    try:
+        spec.fn(ctx, **options)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in ctx.trainable:
+            p.requires_grad_(True)
+        if train_head:
+            for name, child in model.named_children():
+                if name in HEAD_NAMES:
+                    child.requires_grad_(True)
+        for t in trainable_modules or ():
+            mods = [m for n, m in model.named_modules() if n and name_matches(n, re.escape(t))]
+            if not mods:
+                raise ValueError(f"trainable_modules: no module name ends with {t!r}")
+            for m in mods:
+                m.requires_grad_(True)
+    except BaseException:
+        _undo(model, ctx.replacements, flags)
+        raise
+    all_params = list(model.parameters())
+    summary = PatchSummary(
+        method=method, model=type(model).__name__, replaced=[r.name for r in ctx.replacements],
+        trainable_params=sum(p.numel() for p in all_params if p.requires_grad),
+        total_params=sum(p.numel() for p in all_params),
+        options={**spec.defaults(), **options, "train_head": train_head,
+                 "trainable_modules": list(trainable_modules or [])})
+    setattr(model, _STATE_ATTR, PatchState(method, summary.options, ctx.replacements, flags, summary))
+    model.spu_summary = summary
+    log.info("%s", summary)
+    return model
+
+
+def _state(model: nn.Module, what: str) -> PatchState:
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise RuntimeError(f"spu_kernels.{what}: this model is not patched (call spu_kernels.patch first)")
+    return state
+
+
+def _clear(model: nn.Module) -> None:
+    delattr(model, _STATE_ATTR)
+    if "spu_summary" in model.__dict__:
+        del model.__dict__["spu_summary"]
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Put back the original modules, weights and requires_grad flags: outputs are bit-identical
+    to the model's before ``patch``."""
+    state = _state(model, "unpatch")
+    _undo(model, state.replacements, state.requires_grad_before)
+    _clear(model)
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base layer's weight (for inference) and drop the patch: the
+    model holds plain modules again, with the original requires_grad flags."""
+    state = _state(model, "merge")
+    for rep in state.replacements:
+        merge_fn = getattr(rep.new, "merge", None)
+        if merge_fn is None:
+            raise RuntimeError(f"{type(rep.new).__name__} at {rep.name} cannot be merged")
+        setattr(rep.parent, rep.attr, merge_fn())
+    for p, flag in state.requires_grad_before:
+        p.requires_grad_(flag)
+    _clear(model)
+    return model
+
+
+def summary(model: nn.Module) -> PatchSummary:
+    """What ``patch`` did to this model."""
+    return _state(model, "summary").summary
+
+
+def is_patched(model: nn.Module) -> bool:
+    return getattr(model, _STATE_ATTR, None) is not None
+
+
+def patch_state(model: nn.Module, what: str = "patch_state") -> PatchState:
+    return _state(model, what)
+

@@ -1,0 +1,83 @@
+"""The low-rank methods: "lora", "siva" and "siva_kv"."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..modules.lora import LoRALinear
+from ..modules.lowrank_base import linear_dims
+from ..modules.siva import SVD_METHODS, SiVALinear
+from .core import PatchContext, Target
+from .registry import register_method
+
+
+def _check_rank(targets: list[Target], r: int) -> None:
+    """Every target must allow rank r; checked before any module is touched."""
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"r must be a positive int, got {r!r}")
+    for t in targets:
+        k, n = linear_dims(t.module)
+        slices = t.out_slices()
+        rows = min(hi - lo for lo, hi in slices) if slices else n
+        if r > min(rows, k):
+            raise ValueError(f"r={r} is larger than min(N, K) = min({rows}, {k}) of {t.name}; "
+                             f"use r <= {min(rows, k)}")
+
+
+def _dtype(adapter_dtype) -> torch.dtype | None:
+    if adapter_dtype is None or isinstance(adapter_dtype, torch.dtype):
+        return adapter_dtype
+    name = str(adapter_dtype).removeprefix("torch.")
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise ValueError(f"adapter_dtype must be a floating torch dtype (or its name), got {adapter_dtype!r}")
+    return dt
+
+
+@register_method("lora", "LoRA (Hu et al. 2021): frozen W plus a trainable rank-r update (alpha/r)·B·A")
+def lora(ctx: PatchContext, *, r: int = 16, alpha: float | None = None, dropout: float = 0.0,
+         use_rslora: bool = False, target_modules: str | Sequence[str] | None = None,
+         adapter_dtype: str | torch.dtype | None = "float32") -> None:
+    """Default targets: the query and value projections (as PEFT); alpha defaults to 2r."""
+    targets = ctx.find_targets(target_modules, roles=("query", "value"))
+    _check_rank(targets, r)
+    dt = _dtype(adapter_dtype)
+    for t in targets:
+        mod = LoRALinear(t.module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                         out_slices=t.out_slices(), adapter_dtype=dt)
+        ctx.replace(t.name, mod)
+        ctx.train(p for _, p in mod.adapter_parameters())
+
+
+def _siva(ctx: PatchContext, roles, r, dropout, train_s, svd, niter, svd_seed, target_modules, keep_original,
+          adapter_dtype) -> None:
+    if svd not in SVD_METHODS:
+        raise ValueError(f"svd must be one of {', '.join(SVD_METHODS)}, got {svd!r}")
+    targets = ctx.find_targets(target_modules, roles=roles)
+    _check_rank(targets, r)
+    dt = _dtype(adapter_dtype)
+    for t in targets:
+        mod = SiVALinear(t.module, r=r, dropout=dropout, train_s=train_s, svd=svd, niter=niter, svd_seed=svd_seed,
+                         out_slices=t.out_slices(), keep_original=keep_original, adapter_dtype=dt)
+        ctx.replace(t.name, mod)
+        ctx.train(p for _, p in mod.adapter_parameters())
+
+
+@register_method("siva", "SiVA: SVD split, top-r singular factors train, the residual stays frozen")
+def siva(ctx: PatchContext, *, r: int = 16, dropout: float = 0.0, train_s: bool = False, svd: str = "randomized",
+         niter: int = 4, svd_seed: int = 0, target_modules: str | Sequence[str] | None = None,
+         keep_original: bool = True, adapter_dtype: str | torch.dtype | None = "float32") -> None:
+    """Default targets: the query and value projections. Step 0 equals the original model."""
+    _siva(ctx, ("query", "value"), r, dropout, train_s, svd, niter, svd_seed, target_modules, keep_original,
+          adapter_dtype)
+
+
+@register_method("siva_kv", "SiVA on the key and value projections only")
+def siva_kv(ctx: PatchContext, *, r: int = 16, dropout: float = 0.0, train_s: bool = False,
+            svd: str = "randomized", niter: int = 4, svd_seed: int = 0,
+            target_modules: str | Sequence[str] | None = None, keep_original: bool = True,
+            adapter_dtype: str | torch.dtype | None = "float32") -> None:
+    """Default targets: the key and value projections (GPT-2: the k and v thirds of c_attn)."""
+    _siva(ctx, ("key", "value"), r, dropout, train_s, svd, niter, svd_seed, target_modules, keep_original,
+          adapter_dtype)

@@ -1,0 +1,87 @@
+"""Tiny models of each supported architecture family, built from configs with random weights."""
+import torch
+import transformers as tf
+
+VOCAB = 97
+
+
+def _bert():
+    return tf.BertForSequenceClassification(tf.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=64, num_labels=2))
+
+
+def _roberta():
+    return tf.RobertaForSequenceClassification(tf.RobertaConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=70, num_labels=3, pad_token_id=1))
+
+
+def _distilbert():
+    return tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
+        vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=64, num_labels=2))
+
+
+def _t5():
+    return tf.T5ForConditionalGeneration(tf.T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2, num_heads=4,
+        decoder_start_token_id=0, pad_token_id=0))
+
+
+def _gpt2():
+    return tf.GPT2ForSequenceClassification(tf.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, num_labels=2, pad_token_id=0,
+        bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1))
+
+
+def _llama_like(cfg_cls, model_cls):
+    return model_cls(cfg_cls(vocab_size=VOCAB, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+
+
+FAMILY_MODELS = {
+    "bert": _bert,
+    "roberta": _roberta,
+    "distilbert": _distilbert,
+    "t5": _t5,
+    "gpt2": _gpt2,
+    "llama": lambda: _llama_like(tf.LlamaConfig, tf.LlamaForCausalLM),
+    "mistral": lambda: _llama_like(tf.MistralConfig, tf.MistralForCausalLM),
+    "qwen2": lambda: _llama_like(tf.Qwen2Config, tf.Qwen2ForCausalLM),
+}
+
+# what each method adapts by default, as module-name endings
+EXPECTED_TARGETS = {
+    ("bert", "qv"): ("attention.self.query", "attention.self.value"),
+    ("bert", "kv"): ("attention.self.key", "attention.self.value"),
+    ("roberta", "qv"): ("attention.self.query", "attention.self.value"),
+    ("roberta", "kv"): ("attention.self.key", "attention.self.value"),
+    ("distilbert", "qv"): ("q_lin", "v_lin"),
+    ("distilbert", "kv"): ("k_lin", "v_lin"),
+    ("t5", "qv"): ("q", "v"),
+    ("t5", "kv"): ("k", "v"),
+    ("gpt2", "qv"): ("c_attn",),
+    ("gpt2", "kv"): ("c_attn",),
+}
+for fam in ("llama", "mistral", "qwen2"):
+    EXPECTED_TARGETS[(fam, "qv")] = ("q_proj", "v_proj")
+    EXPECTED_TARGETS[(fam, "kv")] = ("k_proj", "v_proj")
+
+
+def make_model(family: str, dtype=torch.float32):
+    torch.manual_seed(0)
+    return FAMILY_MODELS[family]().to(dtype).eval()
+
+
+def make_batch(family: str, batch=2, seq=9, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (batch, seq), generator=g)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    out["attention_mask"][0, -2:] = 0     # some padding
+    if family == "t5":
+        out["decoder_input_ids"] = torch.randint(2, VOCAB, (batch, 5), generator=g)
+    return out
+
+
+def model_output(model, batch) -> torch.Tensor:
+    return model(**batch).logits

@@ -1,0 +1,75 @@
+"""GPU-only checks (skipped without CUDA): large shapes through the autotuned kernels, the default
+backend on CUDA tensors, and the memory the op adds over the frozen layer."""
+import pytest
+import torch
+
+from helpers import assert_close_rel, rel_err
+from spu_kernels.backends import resolve_backend
+from spu_kernels.ops import lowrank_linear, lowrank_linear_reference
+from spu_kernels.ops.lowrank_linear import IMPLEMENTED
+
+pytestmark = pytest.mark.gpu
+
+
+def test_default_backend_on_cuda_is_a_kernel():
+    assert resolve_backend("lowrank_linear", IMPLEMENTED, torch.device("cuda")) in ("cuda", "triton")
+    assert resolve_backend("lowrank_linear", IMPLEMENTED, torch.device("cpu")) == "torch"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("T, K, N, r, p", [(1000, 1024, 3000, 16, 0.0), (4097, 768, 768, 64, 0.1), (1, 4096, 4096, 16, 0.0)])
+def test_large_shapes(dtype, T, K, N, r, p):
+    dev = "cuda"
+    x = torch.randn(T, K, device=dev, dtype=dtype, requires_grad=True)
+    w = torch.randn(N, K, device=dev, dtype=dtype) / K**0.5
+    bias = torch.randn(N, device=dev, dtype=dtype)
+    a = (torch.randn(r, K, device=dev) / K**0.5).requires_grad_()
+    b = (torch.randn(N, r, device=dev) * 0.1).requires_grad_()
+    g = (torch.rand(r, device=dev) + 0.5).requires_grad_()
+    dy = torch.randn(T, N, device=dev, dtype=dtype)
+    y = lowrank_linear(x, w, bias, a, b, scale=2.0, rank_scale=g, dropout_p=p, seed=11)
+    grads = torch.autograd.grad(y, [x, a, b, g], dy)
+    leaves = [t.detach().double().requires_grad_() for t in (x, a, b, g)]
+    y_ref = lowrank_linear_reference(leaves[0], w.double(), bias.double(), leaves[1], leaves[2], 2.0, leaves[3], p, 11)
+    g_ref = torch.autograd.grad(y_ref, leaves, dy.double())
+    assert_close_rel(y, y_ref, dtype, "y")
+    for name, got, want in zip("xabg", grads, g_ref):
+        assert_close_rel(got, want, dtype, f"grad {name}")
+
+
+def test_fp32_follows_torch_tf32_setting():
+    x = torch.randn(512, 1024, device="cuda")
+    w = torch.randn(1024, 1024, device="cuda") / 32
+    a, b = torch.randn(16, 1024, device="cuda") / 32, torch.randn(1024, 16, device="cuda")
+    ref = lowrank_linear_reference(x.double(), w.double(), None, a.double(), b.double())
+    prev = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert rel_err(lowrank_linear(x, w, None, a, b), ref) < 1e-5
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def test_adds_no_activation_sized_memory():
+    """Forward+backward peak over the frozen nn.Linear's: a few T×r and parameter-sized buffers,
+    never a T×N branch output or a T×K mask / dropped x."""
+    T, K, N, r = 8192, 1024, 1024, 16
+    dt = torch.bfloat16
+    x = torch.randn(T, K, device="cuda", dtype=dt, requires_grad=True)
+    w = torch.randn(N, K, device="cuda", dtype=dt)
+    a = torch.randn(r, K, device="cuda", dtype=dt, requires_grad=True)
+    b = torch.zeros(N, r, device="cuda", dtype=dt, requires_grad=True)
+    dy = torch.randn(T, N, device="cuda", dtype=dt)
+
+    def peak(fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    frozen = peak(lambda: torch.autograd.grad(torch.nn.functional.linear(x, w), [x], dy))
+    ours = peak(lambda: torch.autograd.grad(lowrank_linear(x, w, None, a, b, dropout_p=0.1), [x, a, b], dy))
+    t_by_n = T * N * 2
+    assert ours - frozen < t_by_n // 4, (ours, frozen)

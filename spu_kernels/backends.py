@@ -4,8 +4,9 @@ Selection, first match wins:
   1. the op's ``backend=`` argument,
   2. ``spu_kernels.use_backend(name)`` (a context manager; ``use_backend(None)`` clears it),
   3. the environment variable ``SPU_BACKEND=torch|triton|cuda``,
-  4. the default for the tensors' device: on CUDA the fastest one available
-     (cuda, then triton, then torch), on any other device ``torch``.
+  4. the default for the tensors' device: on CUDA the first one available of triton, cuda, torch
+     (the cuda backend comes after triton until a GPU run has measured and verified it: see
+     benchmarks/RESULTS.md), on any other device ``torch``.
 A backend that is asked for (1-3) and cannot run is an error that says why; there is no
 silent fallback.
 """
@@ -21,7 +22,7 @@ from typing import Iterator
 import torch
 
 BACKENDS = ("torch", "triton", "cuda")
-_DEFAULT_ORDER_CUDA = ("cuda", "triton", "torch")
+_DEFAULT_ORDER_CUDA = ("triton", "cuda", "torch")
 
 _local = threading.local()
 
@@ -53,11 +54,11 @@ def _triton_reason() -> str | None:
 
 
 def _cuda_reason() -> str | None:
-    """None when spu_kernels._C is importable and a GPU is visible, else why not."""
-    err = _import_error("spu_kernels._C")
+    """None when spu_kernels._C loads (prebuilt, or SPU_JIT=1) and a GPU is visible, else why not."""
+    from ._extension import extension_error
+    err = extension_error()
     if err is not None:
-        return (f"spu_kernels._C is not built ({err}); build it with nvcc and a CUDA build of torch "
-                "(see README: CUDA backend)")
+        return err
     if not torch.cuda.is_available():
         return "spu_kernels._C is built but no CUDA GPU is visible"
     return None

@@ -73,3 +73,44 @@ def test_adds_no_activation_sized_memory():
     ours = peak(lambda: torch.autograd.grad(lowrank_linear(x, w, None, a, b, dropout_p=0.1), [x, a, b], dy))
     t_by_n = T * N * 2
     assert ours - frozen < t_by_n // 4, (ours, frozen)
+
+
+def _cuda_backend_or_skip():
+    from spu_kernels.backends import backend_status
+    state = backend_status()["cuda"]
+    if state != "available":
+        pytest.skip(f"cuda backend: {state}")
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_cuda_ops_pass_opcheck(p):
+    """Schema, fake (Meta) kernels and autograd registration of the CUDA ops, on real tensors."""
+    _cuda_backend_or_skip()
+    dev, dt = "cuda", torch.bfloat16
+    T, K, N, r = 70, 96, 80, 8
+    x, w, a, b = (torch.randn(T, K, device=dev, dtype=dt), torch.randn(N, K, device=dev, dtype=dt),
+                  torch.randn(r, K, device=dev, dtype=dt), torch.randn(N, r, device=dev, dtype=dt))
+    bias, g = torch.randn(N, device=dev, dtype=dt), torch.rand(r, device=dev, dtype=dt)
+    thr = int(p * 2**32)
+    torch.library.opcheck(torch.ops.spu_kernels.lowrank_linear_fwd.default, (x, w, bias, a, b, g, 0.5, p, 7, thr))
+    _, u = torch.ops.spu_kernels.lowrank_linear_fwd(x, w, bias, a, b, g, 0.5, p, 7, thr)
+    dy = torch.randn(T, N, device=dev, dtype=dt)
+    torch.library.opcheck(torch.ops.spu_kernels.lowrank_linear_bwd.default,
+                          (dy, x, w, a, b, g, u, 0.5, p, 7, thr, True, True, True, True, True))
+
+
+def test_cuda_backend_under_torch_compile():
+    _cuda_backend_or_skip()
+    dev, dt = "cuda", torch.float16
+    x = torch.randn(3, 33, 64, device=dev, dtype=dt, requires_grad=True)
+    w = torch.randn(48, 64, device=dev, dtype=dt) / 8
+    a = (torch.randn(4, 64, device=dev) / 8).requires_grad_()
+    b = torch.randn(48, 4, device=dev).requires_grad_()
+
+    def f(x, a, b):
+        return lowrank_linear(x, w, None, a, b, scale=2.0, backend="cuda").float().square().sum()
+
+    eager = torch.autograd.grad(f(x, a, b), [x, a, b])
+    compiled = torch.autograd.grad(torch.compile(f, fullgraph=True)(x, a, b), [x, a, b])
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e, rtol=2e-2, atol=2e-2)

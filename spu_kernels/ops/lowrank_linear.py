@@ -12,7 +12,8 @@ Three things live here:
     tensor, no copy, and only when A needs a grad) and u = drop(x) Aᵀ (T×r): never a mask, a
     dropped-out x, or a T×N branch output. Grads for x, b, A, B and g as each is needed; none for W.
   * the torch backend (``_TorchImpl``, the same decomposition with cuBLAS / ATen calls) and the
-    dispatch to the triton backend (spu_kernels/triton/lowrank_linear.py).
+    dispatch to the triton backend (spu_kernels/triton/lowrank_linear.py) and the cuda backend
+    (spu_kernels._C, csrc/lowrank_linear.cpp).
 """
 from __future__ import annotations
 
@@ -115,7 +116,32 @@ class _TritonImpl:
         return dx, dbias, da, db, dg
 
 
-_IMPLS = {"torch": _TorchImpl, "triton": _TritonImpl}
+class _CudaImpl:
+    """The cuda backend: torch.ops.spu_kernels.lowrank_linear_{fwd,bwd} from spu_kernels._C
+    (csrc/lowrank_linear.cpp): cuBLAS GEMMs with the rank-r term accumulated into their output
+    (beta = 1), CUDA kernels for the passes over x and dy. Grads come back fp32; an empty tensor
+    stands for a grad that was not asked for."""
+
+    @staticmethod
+    def _ops():
+        from .._extension import load_extension
+        load_extension()   # registers torch.ops.spu_kernels.* (resolve_backend checked it loads)
+        return torch.ops.spu_kernels
+
+    @staticmethod
+    def forward(x, weight, bias, a, b, g, scale, p, seed):
+        thr = dropout_threshold(p) if p > 0 else 0
+        return _CudaImpl._ops().lowrank_linear_fwd(x, weight, bias, a, b, g, scale, p, seed, thr)
+
+    @staticmethod
+    def backward(dy, x, weight, a, b, g, u, scale, p, seed, need_dx, need_dbias, need_da, need_db, need_dg):
+        thr = dropout_threshold(p) if p > 0 else 0
+        need = (need_dx, need_dbias, need_da, need_db, need_dg)
+        out = _CudaImpl._ops().lowrank_linear_bwd(dy, x, weight, a, b, g, u, scale, p, seed, thr, *need)
+        return tuple(t if n else None for t, n in zip(out, need))
+
+
+_IMPLS = {"torch": _TorchImpl, "triton": _TritonImpl, "cuda": _CudaImpl}
 IMPLEMENTED = tuple(_IMPLS)
 
 

@@ -1,7 +1,10 @@
 """Operations: one file per op, each with its plain-torch reference, its autograd.Function and the
 dispatch to the backends (torch | triton | cuda)."""
 from .dropout_rng import dropout_keep_mask, philox4x32
+from .ia3 import ia3_linear, ia3_linear_reference, ia3_scaled_act, ia3_scaled_act_reference
+from .kron_linear import kron_linear, kron_linear_reference
 from .lowrank_linear import LowRankLinearFunction, lowrank_linear, lowrank_linear_reference
 
-__all__ = ["dropout_keep_mask", "philox4x32", "LowRankLinearFunction", "lowrank_linear",
-           "lowrank_linear_reference"]
+__all__ = ["dropout_keep_mask", "philox4x32", "LowRankLinearFunction", "lowrank_linear", "lowrank_linear_reference",
+           "ia3_linear", "ia3_linear_reference", "ia3_scaled_act", "ia3_scaled_act_reference", "kron_linear",
+           "kron_linear_reference"]

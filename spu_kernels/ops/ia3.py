@@ -1,0 +1,319 @@
+"""(IA)³ (Liu et al. 2022): learned per-feature scales, two ops.
+
+    ia3_linear(side="output"):  y = (x Wᵀ + b) ⊙ l        l (N,)   keys, values
+    ia3_linear(side="input"):   y = (x ⊙ l) Wᵀ + b        l (K,)   a gated MLP's down projection
+    ia3_scaled_act:             y = act(h) ⊙ l            l (F,)   FFN hidden; act in gelu, gelu_tanh, relu, silu
+
+x (..., K) tokens; W (N, K) frozen; b (N,) optional; l initialised to ones by the modules, so the
+wrapped layer computes exactly what it did.
+
+What ``IA3LinearFunction`` saves for backward (no copy of anything, nothing T×N that is new):
+  * output side: the output y itself (the next layer, e.g. attention, holds it anyway) plus x, W,
+    b, l. grad_l[n] = Σ_t dy[t, n] z[t, n] with z = x Wᵀ + b = y / l, so it is Σ_t dy ⊙ y divided
+    by l[n] once per column. Where l[n] == 0 exactly, y holds no z: those columns' z is
+    recomputed from x and W (the triton kernel decides per column block on the device, no sync;
+    the torch backend checks on the host). This is why x is kept (a reference to the caller's
+    tensor; for keys and values it is the same hidden state). dx = dy (diag(l) W).
+  * input side: x, W, l. One GEMM g = dy W gives dx = g ⊙ l and grad_l = Σ_t x ⊙ g.
+``IA3ScaledActFunction`` saves h (the pre-activation, which the activation's own backward would
+keep) and l: dh = dy ⊙ l ⊙ act'(h), grad_l = Σ_t dy ⊙ act(h), both from one pass over dy and h.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..backends import resolve_backend
+
+OP_LINEAR = "ia3_linear"
+OP_ACT = "ia3_scaled_act"
+SIDES = ("output", "input")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# references
+# ---------------------------------------------------------------------------------------------
+
+def ia3_linear_reference(x, weight, bias, l, side="output"):
+    """Ground truth: the formula with torch autograd."""
+    if side == "input":
+        return F.linear(x * l, weight, bias)
+    return F.linear(x, weight, bias) * l
+
+
+def activation_reference(h, activation):
+    if activation == "gelu":
+        return F.gelu(h)
+    if activation == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    if activation == "relu":
+        return F.relu(h)
+    if activation == "silu":
+        return F.silu(h)
+    raise ValueError(f"{OP_ACT}: unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+
+
+def ia3_scaled_act_reference(h, l, activation="gelu"):
+    return activation_reference(h, activation) * l
+
+
+def _act_and_grad(h32: torch.Tensor, activation: str):
+    """(act(h), act'(h)) in fp32 (h32 is fp32): the same formulas as the triton kernel."""
+    if activation == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(h32 * 0.7071067811865476))
+        return h32 * cdf, cdf + h32 * 0.3989422804014327 * torch.exp(-0.5 * h32 * h32)
+    if activation == "gelu_tanh":
+        c = 0.7978845608028654
+        th = torch.tanh(c * (h32 + 0.044715 * h32 ** 3))
+        return 0.5 * h32 * (1 + th), 0.5 * (1 + th) + 0.5 * h32 * (1 - th * th) * c * (1 + 0.134145 * h32 * h32)
+    if activation == "relu":
+        return h32.clamp_min(0), (h32 > 0).to(h32.dtype)
+    sig = torch.sigmoid(h32)
+    return h32 * sig, sig * (1 + h32 * (1 - sig))
+
+
+# ---------------------------------------------------------------------------------------------
+# backends
+# ---------------------------------------------------------------------------------------------
+
+class _TorchImpl:
+    """The torch backend: the same decomposition with cuBLAS / ATen calls."""
+
+    @staticmethod
+    def linear_forward(x, weight, bias, l, side):
+        if side == "input":   # x diag(l) Wᵀ = x (W diag(l))ᵀ: scale W's columns (N×K), not x (T×K)
+            wl = weight * l
+            return torch.addmm(bias, x, wl.t()) if bias is not None else x @ wl.t()
+        y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+        return y.mul_(l)      # in place: no unscaled copy survives
+
+    @staticmethod
+    def linear_backward(dy, x, y, weight, bias, l, side, need_dx, need_dbias, need_dl):
+        dx = dbias = dl = None
+        if side == "input":
+            g = dy @ weight
+            if need_dl:
+                dl = (g.float() * x.float()).sum(0)
+            if need_dx:
+                dx = g.mul_(l)
+            if need_dbias:
+                dbias = dy.float().sum(0)
+            return dx, dbias, dl
+        if need_dx:
+            dx = dy @ (weight * l[:, None])
+        if need_dl:
+            lf = l.float()
+            s1 = (dy.float() * y.float()).sum(0)
+            nz = lf != 0
+            dl = s1 / torch.where(nz, lf, 1.0)
+            if not bool(nz.all()):   # columns with l == 0: y has no z there, recompute it
+                idx = (~nz).nonzero().squeeze(1)
+                z = x.float() @ weight[idx].float().t()
+                if bias is not None:
+                    z += bias[idx].float()
+                dl[idx] = (dy[:, idx].float() * z).sum(0)
+        if need_dbias:
+            dbias = dy.float().sum(0) * l.float()
+        return dx, dbias, dl
+
+    @staticmethod
+    def act_forward(h, l, activation):
+        return (_act_and_grad(h.float(), activation)[0] * l.float()).to(h.dtype)
+
+    @staticmethod
+    def act_backward(dy, h, l, activation, need_dh, need_dl):
+        a, d = _act_and_grad(h.float(), activation)
+        dyf = dy.float()
+        dh = (dyf * l.float() * d).to(h.dtype) if need_dh else None
+        dl = (dyf * a).sum(0) if need_dl else None
+        return dh, dl
+
+
+class _TritonImpl:
+    """The triton backend (spu_kernels/triton/ia3.py)."""
+
+    @staticmethod
+    def _k():
+        from ..triton import ia3 as k   # imported on first use
+        return k
+
+    @staticmethod
+    def linear_forward(x, weight, bias, l, side):
+        k = _TritonImpl._k()
+        if side == "input":
+            return k.gemm_scaled(x, weight.t(), bias, k_scale=l)[0]
+        return k.gemm_scaled(x, weight.t(), bias, n_scale=l)[0]
+
+    @staticmethod
+    def linear_backward(dy, x, y, weight, bias, l, side, need_dx, need_dbias, need_dl):
+        k = _TritonImpl._k()
+        dx = dbias = dl = None
+        if side == "input":
+            if need_dx or need_dl:
+                dx, dl = k.gemm_scaled(dy, weight, n_scale=l, reduce_z=x if need_dl else None, store_c=need_dx)
+            if need_dbias:
+                dbias = dy.float().sum(0)
+            return dx, dbias, dl
+        if need_dx:
+            dx = k.gemm_scaled(dy, weight, k_scale=l)[0]
+        if need_dl or need_dbias:
+            dl, dbias = k.ia3_out_grads(dy, y, l, x, weight, bias, need_dbias)
+        return dx, dbias, dl
+
+    @staticmethod
+    def act_forward(h, l, activation):
+        return _TritonImpl._k().scaled_act_fwd(h, l, activation)
+
+    @staticmethod
+    def act_backward(dy, h, l, activation, need_dh, need_dl):
+        return _TritonImpl._k().scaled_act_bwd(dy, h, l, activation, need_dh, need_dl)
+
+
+_IMPLS = {"torch": _TorchImpl, "triton": _TritonImpl}
+IMPLEMENTED = tuple(_IMPLS)
+
+
+def _cast(t, like):
+    return None if t is None else t.to(like.dtype)
+
+
+class IA3LinearFunction(torch.autograd.Function):
+    """Inputs validated and cast by ``ia3_linear``; x may have leading dims."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, l, side, backend):
+        x2 = x.reshape(-1, x.shape[-1])
+        impl = _IMPLS["torch" if x2.shape[0] == 0 else backend]
+        y2 = impl.linear_forward(x2, weight, bias, l, side)
+        need_dx, _, need_db, need_dl = ctx.needs_input_grad[:4]
+        keep_y = side == "output" and need_dl
+        # output side: y (the returned tensor's storage, no copy) and x for the l == 0 columns;
+        # input side: x. W only when a grad needs it.
+        ctx.save_for_backward(x2 if need_dl else None, y2 if keep_y else None,
+                              weight if (need_dx or need_dl) else None, bias if keep_y else None, l)
+        ctx.cfg = (impl, side, x.shape)
+        return y2.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, y2, weight, bias, l = ctx.saved_tensors
+        impl, side, x_shape = ctx.cfg
+        need = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if dy2.dtype != l.dtype:
+            dy2 = dy2.to(l.dtype)
+        dx, dbias, dl = impl.linear_backward(dy2, x2, y2, weight, bias, l, side, need[0], need[2], need[3])
+        if dx is not None:
+            dx = dx.view(x_shape)
+        return dx, None, _cast(dbias, l), _cast(dl, l), None, None
+
+
+class IA3ScaledActFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, l, activation, backend):
+        h2 = h.reshape(-1, h.shape[-1])
+        impl = _IMPLS["torch" if h2.shape[0] == 0 else backend]
+        y2 = impl.act_forward(h2, l, activation)
+        ctx.save_for_backward(h2, l)   # h only: act(h) and act'(h) are recomputed from it
+        ctx.cfg = (impl, activation, h.shape)
+        return y2.view(h.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        h2, l = ctx.saved_tensors
+        impl, activation, h_shape = ctx.cfg
+        need = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if dy2.dtype != h2.dtype:
+            dy2 = dy2.to(h2.dtype)
+        dh, dl = impl.act_backward(dy2, h2, l, activation, need[0], need[1])
+        return (dh.view(h_shape) if dh is not None else None), _cast(dl, l), None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# public ops
+# ---------------------------------------------------------------------------------------------
+
+def _autocast(x, *others):
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        return (x.to(dt),) + tuple(o.to(dt) if o is not None else None for o in others)
+    return (x,) + others
+
+
+def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, l: torch.Tensor, *,
+               side: str = "output", backend: str | None = None) -> torch.Tensor:
+    """(IA)³ on a linear layer, fused: y = (x Wᵀ + b) ⊙ l (side="output", l (N,)) or
+    y = (x ⊙ l) Wᵀ + b (side="input", l (K,)).
+
+    Args:
+        x: (..., K) in fp32, fp16 or bf16; any leading dims, any strides.
+        weight: (N, K), frozen (requires_grad=False). bias: (N,) or None (gets a grad if it wants one).
+        l: the scale vector; cast to x's dtype differentiably (an fp32 master copy gets fp32 grads).
+        side: "output" or "input". backend: "torch", "triton" or "cuda"; default as in spu_kernels.backends.
+    """
+    _check_linear(x, weight, bias, l, side)
+    x, weight, bias = _autocast(x, weight, bias)
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"{OP_LINEAR}: x is {x.dtype} but weight is {weight.dtype}"
+                        + (f" and bias {bias.dtype}" if bias is not None else "")
+                        + "; cast the input or the layer to one dtype, or run under torch.autocast")
+    chosen = resolve_backend(OP_LINEAR, IMPLEMENTED, x.device, backend)
+    with torch.autocast(x.device.type, enabled=False):
+        return IA3LinearFunction.apply(x, weight, bias, l.to(x.dtype), side, chosen)
+
+
+def ia3_scaled_act(h: torch.Tensor, l: torch.Tensor, activation: str = "gelu", *,
+                   backend: str | None = None) -> torch.Tensor:
+    """y = act(h) ⊙ l, fused (one elementwise pass forward, one backward).
+
+    h: (..., F) fp32 / fp16 / bf16; l: (F,); activation: gelu (erf), gelu_tanh, relu or silu."""
+    if not isinstance(h, torch.Tensor) or h.dim() < 1:
+        raise ValueError(f"{OP_ACT}: h must be a tensor of shape (..., F), got {type(h).__name__}")
+    if h.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{OP_ACT}: h must be float32, float16 or bfloat16, got {h.dtype}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{OP_ACT}: unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+    _check_vec(OP_ACT, l, h.shape[-1], "F", h)
+    (h,) = _autocast(h)
+    chosen = resolve_backend(OP_ACT, IMPLEMENTED, h.device, backend)
+    with torch.autocast(h.device.type, enabled=False):
+        return IA3ScaledActFunction.apply(h, l.to(h.dtype), activation, chosen)
+
+
+def _check_vec(op, l, size, dim_name, x):
+    if not isinstance(l, torch.Tensor) or tuple(l.shape) != (size,):
+        got = tuple(l.shape) if isinstance(l, torch.Tensor) else type(l).__name__
+        raise ValueError(f"{op}: the scale l must be ({dim_name}={size},), got {got}")
+    if not l.is_floating_point():
+        raise TypeError(f"{op}: l must be a floating tensor, got {l.dtype}")
+    if l.device != x.device:
+        raise ValueError(f"{op}: l is on {l.device} but the input is on {x.device}; move them to one device")
+
+
+def _check_linear(x, weight, bias, l, side):
+    if side not in SIDES:
+        raise ValueError(f"{OP_LINEAR}: side must be 'output' (scale y) or 'input' (scale x), got {side!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError(f"{OP_LINEAR}: x must be a tensor of shape (..., K), got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{OP_LINEAR}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    k = x.shape[-1]
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != k:
+        raise ValueError(f"{OP_LINEAR}: weight must be (N, K={k}) for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(getattr(weight, 'shape', ()))}")
+    n = weight.shape[0]
+    if weight.requires_grad:
+        raise ValueError(f"{OP_LINEAR}: weight requires grad, but this op computes no grad for the frozen "
+                         "weight; call weight.requires_grad_(False) (spu_kernels.patch does this)")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"{OP_LINEAR}: bias must be (N={n},), got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{OP_LINEAR}: {name} is on {t.device} but x is on {x.device}; move them to one device")
+    if side == "output":
+        _check_vec(OP_LINEAR, l, n, "N", x)
+    else:
+        _check_vec(OP_LINEAR, l, k, "K", x)

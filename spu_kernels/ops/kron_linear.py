@@ -1,0 +1,242 @@
+"""The Kronecker adapter (KronA, Edalati et al. 2022), fused:
+
+    y = x Wᵀ + b + s · x (A ⊗ B)ᵀ        A (a1, a2), B (b1, b2), a1·b1 = N, a2·b2 = K
+
+computed by the vec trick, never forming A ⊗ B: token t's row x_t, read row-major as the (a2, b2)
+matrix X_t, gives the (a1, b1) block Y_t = A X_t Bᵀ of its output row. Several adapters can sit
+on column slices of one output (GPT-2's fused c_attn): A (S, a1, a2), B (S, b1, b2) and
+``out_offsets`` (S first columns, each slice a1·b1 wide); columns outside every slice get no term.
+
+``KronLinearFunction`` saves x (the caller's tensor, no copy; only when A or B needs a grad), W
+(only for dx), A and B: nothing T-sized is created for backward. Backward:
+    dx = dy W + s · vec(Aᵀ dY_t B)
+    grad_A = s Σ_t dY_t (X_t Bᵀ)ᵀ,   grad_B = s Σ_t dY_tᵀ (A X_t)
+The triton backend runs the base GEMMs on cuBLAS (torch.addmm / mm) and adds the Kronecker term
+into their output in place (spu_kernels/triton/kron_linear.py): no T×N temporary.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..backends import resolve_backend
+
+OP_NAME = "kron_linear"
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def split_near_sqrt(n: int) -> tuple[int, int]:
+    """(p, n // p) with p the largest divisor of n that is <= √n: the most square split."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"can only split a positive int, got {n!r}")
+    for p in range(math.isqrt(n), 0, -1):
+        if n % p == 0:
+            return p, n // p
+    raise AssertionError(n)
+
+
+def kron_linear_reference(x, weight, bias, kron_a, kron_b, scale=1.0, out_offsets=None):
+    """Ground truth: forms A ⊗ B (torch.kron) and multiplies, with torch autograd."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    if kron_a.dim() == 2:
+        return y + scale * (x @ torch.kron(kron_a, kron_b).t())
+    offsets = out_offsets if out_offsets is not None else [0]
+    parts, prev = [], 0
+    for s, off in enumerate(offsets):
+        term = scale * (x @ torch.kron(kron_a[s], kron_b[s]).t())
+        parts += [y[..., prev:off], y[..., off:off + term.shape[-1]] + term]
+        prev = off + term.shape[-1]
+    parts.append(y[..., prev:])
+    return torch.cat(parts, dim=-1)
+
+
+class _TorchImpl:
+    """The torch backend: batched matmuls over tokens (these do make (T, a1, b1) temporaries)."""
+
+    @staticmethod
+    def forward(x, weight, bias, a, b, scale, offsets):
+        T = x.shape[0]
+        y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+        X = x.reshape(T, a.shape[2], b.shape[2])
+        for s, off in enumerate(offsets):
+            n = a.shape[1] * b.shape[1]
+            y[:, off:off + n] += scale * (a[s] @ X @ b[s].t()).reshape(T, n)
+        return y
+
+    @staticmethod
+    def backward(dy, x, weight, a, b, scale, offsets, need_dx, need_dbias, need_da, need_db):
+        T = dy.shape[0]
+        S, a1, a2 = a.shape
+        _, b1, b2 = b.shape
+        n = a1 * b1
+        dx = dy @ weight if need_dx else None
+        X = x.reshape(T, a2, b2) if x is not None else None
+        da = torch.zeros_like(a, dtype=torch.float32) if need_da else None
+        db = torch.zeros_like(b, dtype=torch.float32) if need_db else None
+        for s, off in enumerate(offsets):
+            dY = dy[:, off:off + n].reshape(T, a1, b1)
+            if need_dx:
+                dx += scale * (a[s].t() @ dY @ b[s]).reshape(T, a2 * b2)
+            if need_da:
+                da[s] = scale * torch.einsum("tij,tpj->ip", dY.float(), (X @ b[s].t()).float())
+            if need_db:
+                db[s] = scale * torch.einsum("tij,tiq->jq", dY.float(), (a[s] @ X).float())
+        dbias = dy.float().sum(0) if need_dbias else None
+        return dx, dbias, da, db
+
+
+class _TritonImpl:
+    """cuBLAS for the base GEMMs, the Kronecker term in triton kernels (spu_kernels/triton/kron_linear.py)."""
+
+    @staticmethod
+    def _k():
+        from ..triton import kron_linear as k   # imported on first use
+        return k
+
+    @staticmethod
+    def forward(x, weight, bias, a, b, scale, offsets):
+        k = _TritonImpl._k()
+        y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+        n = a.shape[1] * b.shape[1]
+        for s, off in enumerate(offsets):
+            k.kron_apply(x, a[s], b[s], y[:, off:off + n], scale)
+        return y
+
+    @staticmethod
+    def backward(dy, x, weight, a, b, scale, offsets, need_dx, need_dbias, need_da, need_db):
+        k = _TritonImpl._k()
+        S, a1, a2 = a.shape
+        _, b1, b2 = b.shape
+        n = a1 * b1
+        dx = dy @ weight if need_dx else None
+        da = torch.empty((S, a1, a2), device=dy.device, dtype=torch.float32) if need_da else None
+        db = torch.empty((S, b1, b2), device=dy.device, dtype=torch.float32) if need_db else None
+        for s, off in enumerate(offsets):
+            dys = dy[:, off:off + n]
+            if need_dx:   # dX_t = Aᵀ dY_t B: L = Aᵀ, R = Bᵀ (views)
+                k.kron_apply(dys, a[s].t(), b[s].t(), dx, scale)
+            if need_da:
+                da[s] = k.kron_grad_a(x, (a1, a2), b[s], dys, scale)
+            if need_db:
+                db[s] = k.kron_grad_b(x, a[s], (b1, b2), dys, scale)
+        dbias = dy.float().sum(0) if need_dbias else None
+        return dx, dbias, da, db
+
+
+_IMPLS = {"torch": _TorchImpl, "triton": _TritonImpl}
+IMPLEMENTED = tuple(_IMPLS)
+
+
+def _cast(t, like):
+    return None if t is None else t.to(like.dtype)
+
+
+class KronLinearFunction(torch.autograd.Function):
+    """Inputs validated and cast by ``kron_linear``: A (S, a1, a2), B (S, b1, b2), offsets a tuple."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scale, offsets, backend):
+        x2 = x.reshape(-1, x.shape[-1])
+        impl = _IMPLS["torch" if x2.shape[0] == 0 else backend]
+        y2 = impl.forward(x2, weight, bias, a, b, scale, offsets)
+        need_dx, _, _, need_da, need_db = ctx.needs_input_grad[:5]
+        ctx.save_for_backward(x2 if (need_da or need_db) else None, weight if need_dx else None, a, b)
+        ctx.cfg = (impl, scale, offsets, x.shape)
+        return y2.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, a, b = ctx.saved_tensors
+        impl, scale, offsets, x_shape = ctx.cfg
+        need = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if dy2.dtype != a.dtype:
+            dy2 = dy2.to(a.dtype)
+        dx, dbias, da, db = impl.backward(dy2, x2, weight, a, b, scale, offsets, need[0], need[2], need[3], need[4])
+        if dx is not None:
+            dx = dx.view(x_shape)
+        return dx, None, _cast(dbias, a), _cast(da, a), _cast(db, b), None, None, None
+
+
+def kron_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kron_a: torch.Tensor,
+                kron_b: torch.Tensor, *, scale: float = 1.0, out_offsets=None, backend: str | None = None):
+    """y = x Wᵀ + b + scale · x (A ⊗ B)ᵀ, fused (A ⊗ B is never formed).
+
+    Args:
+        x: (..., K) fp32 / fp16 / bf16; any leading dims and strides.
+        weight: (N, K), frozen. bias: (N,) or None.
+        kron_a: A, (a1, a2); kron_b: B, (b1, b2), with a1·b1 = N and a2·b2 = K. Or stacked
+            (S, a1, a2) / (S, b1, b2) with ``out_offsets`` (S ints): slice s adds its term to
+            output columns [out_offsets[s], out_offsets[s] + a1·b1). Cast to x's dtype
+            differentiably (fp32 master copies get fp32 grads).
+        scale: s. backend: "torch", "triton" or "cuda"; default as in spu_kernels.backends.
+    """
+    a3, b3, offsets = _check(x, weight, bias, kron_a, kron_b, scale, out_offsets)
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    elif weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"{OP_NAME}: x is {x.dtype} but weight is {weight.dtype}"
+                        + (f" and bias {bias.dtype}" if bias is not None else "")
+                        + "; cast the input or the layer to one dtype, or run under torch.autocast")
+    chosen = resolve_backend(OP_NAME, IMPLEMENTED, x.device, backend)
+    with torch.autocast(x.device.type, enabled=False):
+        return KronLinearFunction.apply(x, weight, bias, a3.to(x.dtype), b3.to(x.dtype), float(scale), offsets,
+                                        chosen)
+
+
+def _check(x, weight, bias, a, b, scale, out_offsets):
+    """Shapes, dtypes, devices; returns (A 3-D, B 3-D, offsets tuple) with messages that say what to fix."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError(f"{OP_NAME}: x must be a tensor of shape (..., K), got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{OP_NAME}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    k = x.shape[-1]
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != k:
+        raise ValueError(f"{OP_NAME}: weight must be (N, K={k}) for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(getattr(weight, 'shape', ()))}")
+    n = weight.shape[0]
+    if weight.requires_grad:
+        raise ValueError(f"{OP_NAME}: weight requires grad, but this op computes no grad for the frozen "
+                         "weight; call weight.requires_grad_(False) (spu_kernels.patch does this)")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"{OP_NAME}: bias must be (N={n},), got {tuple(bias.shape)}")
+    for name, t in (("kron_a", a), ("kron_b", b)):
+        if not isinstance(t, torch.Tensor) or t.dim() not in (2, 3):
+            raise ValueError(f"{OP_NAME}: {name} must be a 2-D (or stacked 3-D) tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if a.dim() != b.dim() or (a.dim() == 3 and a.shape[0] != b.shape[0]):
+        raise ValueError(f"{OP_NAME}: kron_a {tuple(a.shape)} and kron_b {tuple(b.shape)} must both be 2-D, "
+                         "or both 3-D with the same number of slices")
+    a3, b3 = (a, b) if a.dim() == 3 else (a.unsqueeze(0), b.unsqueeze(0))
+    S, a1, a2 = a3.shape
+    _, b1, b2 = b3.shape
+    if a2 * b2 != k:
+        raise ValueError(f"{OP_NAME}: A is (a1={a1}, a2={a2}) and B is (b1={b1}, b2={b2}), but a2·b2 = {a2 * b2} "
+                         f"must equal K = {k} (x's last dim)")
+    width = a1 * b1
+    if out_offsets is None:
+        if S != 1 or width != n:
+            raise ValueError(f"{OP_NAME}: a1·b1 = {a1}·{b1} = {width} must equal N = {n} (weight rows)"
+                             + ("" if S == 1 else f"; with {S} stacked slices pass out_offsets"))
+        offsets = (0,)
+    else:
+        offsets = tuple(int(o) for o in out_offsets)
+        if len(offsets) != S:
+            raise ValueError(f"{OP_NAME}: out_offsets has {len(offsets)} entries for {S} slices")
+        prev = 0
+        for o in offsets:
+            if o < prev or o + width > n:
+                raise ValueError(f"{OP_NAME}: out_offsets {list(offsets)} must be increasing, non-overlapping "
+                                 f"slices of width a1·b1 = {width} inside N = {n}")
+            prev = o + width
+    for name, t in (("weight", weight), ("bias", bias), ("kron_a", a), ("kron_b", b)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{OP_NAME}: {name} is on {t.device} but x is on {x.device}; move them to one device")
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{OP_NAME}: {name} must be a floating tensor, got {t.dtype}")
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"{OP_NAME}: scale must be a finite number, got {scale!r}")
+    return a3, b3, offsets

@@ -1,6 +1,6 @@
 """Which modules of which architecture a method replaces, and the replace / restore logic.
 Nothing here knows about kernels. Importing this package registers the built-in methods."""
-from . import ia3_methods, krona_methods, lowrank_methods  # noqa: F401  (register the methods)
+from . import ia3_methods, krona_methods, ladder_methods, lowrank_methods  # noqa: F401  (register the methods)
 from .checkpoint import load_adapter, save_adapter
 from .core import PatchContext, is_patched, merge, patch, summary, unpatch
 from .registry import get_method, known_methods, register_method

@@ -326,6 +326,9 @@ class LadderBackbone(nn.Module):
         new = type(out)(**fields)
         return new if return_dict is not False else new.to_tuple()
 
+    # why core.merge() refuses this module (checked before anything is merged)
+    merge_error = ("a ladder side network cannot be merged into the backbone: it is a separate network that reads "
+                   "the backbone's hidden states; keep the patched model, or unpatch() it")
+
     def merge(self):
-        raise RuntimeError("a ladder side network cannot be merged into the backbone: it is a separate network "
-                           "that reads the backbone's hidden states; keep the patched model, or unpatch() it")
+        raise RuntimeError(self.merge_error)

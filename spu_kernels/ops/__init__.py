@@ -6,8 +6,9 @@ from .kron_linear import kron_linear, kron_linear_reference
 from .ladder_cross_attention import (LadderCrossAttentionFunction, ladder_cross_attention,
                                      ladder_cross_attention_reference)
 from .lowrank_linear import LowRankLinearFunction, lowrank_linear, lowrank_linear_reference
+from .zo_perturb import zo_axpby_, zo_normal
 
 __all__ = ["dropout_keep_mask", "philox4x32", "LowRankLinearFunction", "lowrank_linear", "lowrank_linear_reference",
            "ia3_linear", "ia3_linear_reference", "ia3_scaled_act", "ia3_scaled_act_reference", "kron_linear",
            "kron_linear_reference", "LadderCrossAttentionFunction", "ladder_cross_attention",
-           "ladder_cross_attention_reference"]
+           "ladder_cross_attention_reference", "zo_axpby_", "zo_normal"]

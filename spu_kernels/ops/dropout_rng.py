@@ -33,21 +33,30 @@ def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (p1 >> 16) + (s >> 32), s & _M32
 
 
-def philox4x32(seed: int, counter: torch.Tensor, rounds: int = PHILOX_ROUNDS) -> torch.Tensor:
-    """First 32-bit output word of Philox4x32 for 64-bit ``counter`` values (int64 tensor, >= 0),
-    as int64 values in [0, 2**32)."""
+def philox4x32_words(seed: int, counter: torch.Tensor, stream: int = 0,
+                     rounds: int = PHILOX_ROUNDS) -> tuple[torch.Tensor, ...]:
+    """The four 32-bit output words of Philox4x32 with key (seed_lo, seed_hi) and counter
+    (counter_lo, counter_hi, stream, 0), for 64-bit ``counter`` values (int64 tensor, >= 0); each
+    word an int64 tensor with values in [0, 2**32). ``stream`` (a uint32) separates the random
+    streams of different uses of one seed (dropout uses 0)."""
     if counter.dtype != torch.int64:
         raise TypeError(f"philox4x32: counter must be int64, got {counter.dtype}")
     k0, k1 = seed & _M32, (seed >> 32) & _M32
     c0, c1 = counter & _M32, (counter >> 32) & _M32
-    c2 = torch.zeros_like(counter)
+    c2 = torch.full_like(counter, stream & _M32)
     c3 = torch.zeros_like(counter)
     for _ in range(rounds):
         hi_b, lo_b = _mulhilo(_ROUND_B, c2)
         hi_a, lo_a = _mulhilo(_ROUND_A, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
-    return c0
+    return c0, c1, c2, c3
+
+
+def philox4x32(seed: int, counter: torch.Tensor, rounds: int = PHILOX_ROUNDS) -> torch.Tensor:
+    """First 32-bit output word of Philox4x32 for 64-bit ``counter`` values (int64 tensor, >= 0),
+    as int64 values in [0, 2**32): the word the dropout mask tests."""
+    return philox4x32_words(seed, counter, 0, rounds)[0]
 
 
 def dropout_threshold(p: float) -> int:

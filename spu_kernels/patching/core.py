@@ -149,7 +149,7 @@ def _check_options(spec, options: dict) -> None:
     for key in options:
         if key not in allowed:
             raise TypeError(f"patch(..., {spec.name!r}): unknown option {key!r}; {spec.name} takes "
-                            f"{', '.join(allowed + ['train_head', 'trainable_modules'])}")
+                            f"{', '.join(allowed + ['train_head', 'trainable_modules', 'soft_prompt'])}")
 
 
 def _undo(model: nn.Module, replacements: list[Replacement], flags: list[tuple[nn.Parameter, bool]]) -> None:
@@ -163,12 +163,15 @@ def _undo(model: nn.Module, replacements: list[Replacement], flags: list[tuple[n
 
 
 def patch(model: nn.Module, method: str, *, train_head: bool = True,
-          trainable_modules: Sequence[str] | None = None, **options: Any) -> nn.Module:
+          trainable_modules: Sequence[str] | None = None, soft_prompt: int | dict | None = None,
+          **options: Any) -> nn.Module:
     """Apply ``method`` to ``model`` in place and return it.
 
     Everything but the method's adapters is frozen, except the task head (``classifier``,
     ``score``, ...) unless ``train_head=False``, and the modules named in ``trainable_modules``
-    (matched at the end of their qualified names). ``spu_kernels.summary(model)`` (also
+    (matched at the end of their qualified names). ``soft_prompt=n`` (or a dict of the "prompt"
+    method's options) adds a trainable soft prompt beside the method's adapters.
+    ``spu_kernels.summary(model)`` (also
     ``model.spu_summary``) tells what was done; ``unpatch`` undoes it exactly, ``merge`` folds
     the adapters in. Method options: see ``spu_kernels.describe_method(name)``.
     """
@@ -179,10 +182,19 @@ def patch(model: nn.Module, method: str, *, train_head: bool = True,
                            "call spu_kernels.unpatch(model) (or merge) before patching again")
     spec = get_method(method)
     _check_options(spec, options)
+    if soft_prompt is not None:
+        from .prompt_methods import soft_prompt_options
+        if method == "prompt":
+            raise ValueError("patch(..., 'prompt') is the soft prompt already; give its options directly "
+                             "(n_tokens=...), not soft_prompt=")
+        prompt_opts = soft_prompt_options(soft_prompt)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     ctx = PatchContext(model)
     try:
         spec.fn(ctx, **options)
+        if soft_prompt is not None:
+            from .prompt_methods import add_soft_prompt
+            add_soft_prompt(ctx, **prompt_opts)
         for p in model.parameters():
             p.requires_grad_(False)
         for p in ctx.trainable:
@@ -206,7 +218,7 @@ def patch(model: nn.Module, method: str, *, train_head: bool = True,
         trainable_params=sum(p.numel() for p in all_params if p.requires_grad),
         total_params=sum(p.numel() for p in all_params),
         options={**spec.defaults(), **options, "train_head": train_head,
-                 "trainable_modules": list(trainable_modules or [])})
+                 "trainable_modules": list(trainable_modules or []), "soft_prompt": soft_prompt})
     setattr(model, _STATE_ATTR, PatchState(method, summary.options, ctx.replacements, flags, summary))
     model.spu_summary = summary
     log.info("%s", summary)
@@ -239,11 +251,13 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base layer's weight (for inference) and drop the patch: the
     model holds plain modules again, with the original requires_grad flags."""
     state = _state(model, "merge")
+    # every module must be mergeable before any is merged: merging writes into base weights in place
     for rep in state.replacements:
-        merge_fn = getattr(rep.new, "merge", None)
-        if merge_fn is None:
-            raise RuntimeError(f"{type(rep.new).__name__} at {rep.name} cannot be merged")
-        setattr(rep.parent, rep.attr, merge_fn())
+        reason = getattr(rep.new, "merge_error", None)
+        if getattr(rep.new, "merge", None) is None or reason:
+            raise RuntimeError(reason or f"{type(rep.new).__name__} at {rep.name} cannot be merged")
+    for rep in state.replacements:
+        setattr(rep.parent, rep.attr, rep.new.merge())
     for p, flag in state.requires_grad_before:
         p.requires_grad_(flag)
     _clear(model)

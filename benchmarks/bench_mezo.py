@@ -32,8 +32,7 @@ def main():
                            intermediate_size=4 * args.hidden, max_position_embeddings=args.seq + 2, num_labels=2)
     batch = dict(input_ids=torch.randint(3, cfg.vocab_size, (args.batch, args.seq), device="cuda"),
                  labels=torch.randint(0, 2, (args.batch,), device="cuda"))
-    rows = []
-    for trainable in ("full", "lora"):
+    def measure(trainable):
         torch.manual_seed(0)
         model = tf.RobertaForSequenceClassification(cfg).to("cuda", torch.bfloat16)
         if trainable == "lora":
@@ -58,10 +57,12 @@ def main():
         infer_mb, step_mb = peak(forward), peak(step)
         fwd_ms = do_bench(forward, warmup=10, rep=100, return_mode="median")
         step_ms = do_bench(step, warmup=10, rep=100, return_mode="median")
-        rows.append(dict(trainable=trainable, infer_peak_mib=infer_mb, step_peak_mib=step_mb,
-                         mem_ratio=step_mb / infer_mb, forward_ms=fwd_ms, step_ms=step_ms,
-                         step_over_two_forwards=step_ms / (2 * fwd_ms)))
-        del model, opt
+        return dict(trainable=trainable, infer_peak_mib=infer_mb, step_peak_mib=step_mb, mem_ratio=step_mb / infer_mb,
+                    forward_ms=fwd_ms, step_ms=step_ms, step_over_two_forwards=step_ms / (2 * fwd_ms))
+
+    rows = []
+    for trainable in ("full", "lora"):
+        rows.append(measure(trainable))
         torch.cuda.empty_cache()
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=__import__("triton").__version__,
                spu_kernels=spu_kernels.__version__, layers=args.layers, hidden=args.hidden, batch=args.batch,

@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from ..backends import resolve_backend
+from ._checks import FLOAT_DTYPES, check_frozen_linear
 
 OP_LINEAR = "ia3_linear"
 OP_ACT = "ia3_scaled_act"
 SIDES = ("output", "input")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +272,7 @@ def ia3_scaled_act(h: torch.Tensor, l: torch.Tensor, activation: str = "gelu", *
     h: (..., F) fp32 / fp16 / bf16; l: (F,); activation: gelu (erf), gelu_tanh, relu or silu."""
     if not isinstance(h, torch.Tensor) or h.dim() < 1:
         raise ValueError(f"{OP_ACT}: h must be a tensor of shape (..., F), got {type(h).__name__}")
-    if h.dtype not in _FLOAT_DTYPES:
+    if h.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{OP_ACT}: h must be float32, float16 or bfloat16, got {h.dtype}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"{OP_ACT}: unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
@@ -296,23 +296,7 @@ def _check_vec(op, l, size, dim_name, x):
 def _check_linear(x, weight, bias, l, side):
     if side not in SIDES:
         raise ValueError(f"{OP_LINEAR}: side must be 'output' (scale y) or 'input' (scale x), got {side!r}")
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise ValueError(f"{OP_LINEAR}: x must be a tensor of shape (..., K), got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{OP_LINEAR}: x must be float32, float16 or bfloat16, got {x.dtype}")
-    k = x.shape[-1]
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != k:
-        raise ValueError(f"{OP_LINEAR}: weight must be (N, K={k}) for x of shape {tuple(x.shape)}, "
-                         f"got {tuple(getattr(weight, 'shape', ()))}")
-    n = weight.shape[0]
-    if weight.requires_grad:
-        raise ValueError(f"{OP_LINEAR}: weight requires grad, but this op computes no grad for the frozen "
-                         "weight; call weight.requires_grad_(False) (spu_kernels.patch does this)")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"{OP_LINEAR}: bias must be (N={n},), got {tuple(bias.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{OP_LINEAR}: {name} is on {t.device} but x is on {x.device}; move them to one device")
+    k, n = check_frozen_linear(OP_LINEAR, x, weight, bias)
     if side == "output":
         _check_vec(OP_LINEAR, l, n, "N", x)
     else:

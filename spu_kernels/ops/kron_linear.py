@@ -21,9 +21,9 @@ import math
 import torch
 
 from ..backends import resolve_backend
+from ._checks import check_frozen_linear
 
 OP_NAME = "kron_linear"
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def split_near_sqrt(n: int) -> tuple[int, int]:
@@ -189,20 +189,7 @@ def kron_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 def _check(x, weight, bias, a, b, scale, out_offsets):
     """Shapes, dtypes, devices; returns (A 3-D, B 3-D, offsets tuple) with messages that say what to fix."""
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise ValueError(f"{OP_NAME}: x must be a tensor of shape (..., K), got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{OP_NAME}: x must be float32, float16 or bfloat16, got {x.dtype}")
-    k = x.shape[-1]
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != k:
-        raise ValueError(f"{OP_NAME}: weight must be (N, K={k}) for x of shape {tuple(x.shape)}, "
-                         f"got {tuple(getattr(weight, 'shape', ()))}")
-    n = weight.shape[0]
-    if weight.requires_grad:
-        raise ValueError(f"{OP_NAME}: weight requires grad, but this op computes no grad for the frozen "
-                         "weight; call weight.requires_grad_(False) (spu_kernels.patch does this)")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"{OP_NAME}: bias must be (N={n},), got {tuple(bias.shape)}")
+    k, n = check_frozen_linear(OP_NAME, x, weight, bias)
     for name, t in (("kron_a", a), ("kron_b", b)):
         if not isinstance(t, torch.Tensor) or t.dim() not in (2, 3):
             raise ValueError(f"{OP_NAME}: {name} must be a 2-D (or stacked 3-D) tensor, got "

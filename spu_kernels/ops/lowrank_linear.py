@@ -22,10 +22,10 @@ import math
 import torch
 
 from ..backends import resolve_backend
+from ._checks import check_frozen_linear
 from .dropout_rng import dropout_keep_mask, dropout_threshold, new_seed
 
 OP_NAME = "lowrank_linear"
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def lowrank_linear_reference(x, weight, bias, lora_a, lora_b, scale=1.0, rank_scale=None, dropout_p=0.0,
@@ -198,7 +198,7 @@ def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         backend: "torch", "triton" or "cuda"; default as in spu_kernels.backends.
     Under torch.autocast every input is cast to the autocast dtype first, as nn.Linear would be.
     """
-    k = _check(x, weight, bias, lora_a, lora_b, rank_scale, scale, dropout_p)
+    _check(x, weight, bias, lora_a, lora_b, rank_scale, scale, dropout_p)
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dt), weight.to(dt)
@@ -218,24 +218,11 @@ def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                                            int(seed or 0), chosen)
 
 
-def _check(x, weight, bias, a, b, g, scale, p) -> int:
-    """Shape / dtype / device checks with messages that say what to change. Returns K."""
+def _check(x, weight, bias, a, b, g, scale, p) -> None:
+    """Shape / dtype / device checks with messages that say what to change."""
     def shape(t):
         return tuple(t.shape)
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise ValueError(f"{OP_NAME}: x must be a tensor of shape (..., K), got {type(x).__name__}"
-                         + (f" of shape {shape(x)}" if isinstance(x, torch.Tensor) else ""))
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{OP_NAME}: x must be float32, float16 or bfloat16, got {x.dtype}")
-    k = x.shape[-1]
-    if weight.dim() != 2 or weight.shape[1] != k:
-        raise ValueError(f"{OP_NAME}: weight must be (N, K={k}) for x of shape {shape(x)}, got {shape(weight)}")
-    n = weight.shape[0]
-    if weight.requires_grad:
-        raise ValueError(f"{OP_NAME}: weight requires grad, but this op computes no grad for the frozen "
-                         "weight; call weight.requires_grad_(False) (spu_kernels.patch does this)")
-    if bias is not None and shape(bias) != (n,):
-        raise ValueError(f"{OP_NAME}: bias must be (N={n},), got {shape(bias)}")
+    k, n = check_frozen_linear(OP_NAME, x, weight, bias)
     if a.dim() != 2 or a.shape[1] != k or a.shape[0] < 1:
         raise ValueError(f"{OP_NAME}: lora_a (A) must be (r, K={k}) with r >= 1, got {shape(a)}")
     r = a.shape[0]
@@ -252,4 +239,3 @@ def _check(x, weight, bias, a, b, g, scale, p) -> int:
         raise ValueError(f"{OP_NAME}: dropout_p must be a number in [0, 1), got {p!r}")
     if not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"{OP_NAME}: scale must be a finite number, got {scale!r}")
-    return k

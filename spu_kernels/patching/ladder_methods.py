@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ..modules.ladder import LadderBackbone, LadderSideNetwork, SideBlock, prune_indices
+from ..modules.ladder import LadderBackbone, LadderSideNetwork, prune_indices
 from .core import PatchContext
 from .registry import register_method
 

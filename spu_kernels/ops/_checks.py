@@ -1,0 +1,30 @@
+"""Input checks shared by the ops on a frozen linear layer (lowrank_linear, ia3_linear,
+kron_linear): the messages say what was wrong and how to fix it."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_frozen_linear(op: str, x, weight, bias) -> tuple[int, int]:
+    """x (..., K) float, weight (N, K) frozen, bias (N,) or None, all on x's device. Returns (K, N)."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError(f"{op}: x must be a tensor of shape (..., K), got {type(x).__name__}"
+                         + (f" of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else ""))
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    k = x.shape[-1]
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != k:
+        raise ValueError(f"{op}: weight must be (N, K={k}) for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(getattr(weight, 'shape', ()))}")
+    n = weight.shape[0]
+    if weight.requires_grad:
+        raise ValueError(f"{op}: weight requires grad, but this op computes no grad for the frozen "
+                         "weight; call weight.requires_grad_(False) (spu_kernels.patch does this)")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"{op}: bias must be (N={n},), got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; move them to one device")
+    return k, n

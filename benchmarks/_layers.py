@@ -39,6 +39,20 @@ def build(kind: str, k: int, n: int, dropout: float, device="cuda", dtype=torch.
     raise ValueError(kind)
 
 
+def time_and_peak(f) -> tuple[float, float]:
+    """(median ms, peak MiB allocated beyond what was live before) of the callable ``f``, after warm-up."""
+    from triton.testing import do_bench
+    for _ in range(3):
+        f()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    f()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return do_bench(f, warmup=50, rep=300, return_mode="median"), peak
+
+
 def step_fn(m: nn.Module, T: int, k: int, n: int, device="cuda", dtype=torch.bfloat16):
     """One forward+backward of ``m`` (inputs prepared outside the timed region)."""
     import spu_kernels

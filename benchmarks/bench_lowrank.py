@@ -12,25 +12,13 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _layers import SHAPES, TARGETS, build, step_fn  # noqa: E402
+from _layers import SHAPES, TARGETS, build, step_fn, time_and_peak  # noqa: E402
 
 
 def measure(kind, T, k, n, p):
-    from triton.testing import do_bench
-    m = build(kind, k, n, p)
-    f = step_fn(m, T, k, n)
-    for _ in range(3):
-        f()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    f()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    ms = do_bench(f, warmup=50, rep=300, return_mode="median")
-    del m, f
+    result = time_and_peak(step_fn(build(kind, k, n, p), T, k, n))
     torch.cuda.empty_cache()
-    return ms, peak
+    return result
 
 
 def main():

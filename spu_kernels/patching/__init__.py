@@ -2,6 +2,7 @@
 Nothing here knows about kernels. Importing this package registers the built-in methods."""
 # importing the method files registers their methods
 from . import ia3_methods, krona_methods, ladder_methods, lowrank_methods, prompt_methods  # noqa: F401
+from . import freeze_methods  # noqa: F401  (last_n, bitfit)
 from .checkpoint import load_adapter, save_adapter
 from .core import PatchContext, is_patched, merge, patch, summary, unpatch
 from .registry import get_method, known_methods, register_method

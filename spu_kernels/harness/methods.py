@@ -1,0 +1,106 @@
+"""The harness's method registry: name -> how to apply it to a model.
+
+Adding a method to the harness is one line in ``METHODS``: ``"name": HarnessMethod("patch
+method", learning_rate, {default args})``. ``patch=None`` means full fine-tuning (nothing is
+patched, everything trains). Every other entry calls ``spu_kernels.patch(model, patch, **args)``.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass, field
+
+import spu_kernels
+
+
+@dataclass(frozen=True)
+class HarnessMethod:
+    patch: str | None                 # the spu_kernels.patch method, None = full fine-tuning
+    learning_rate: float              # default peak learning rate (training.learning_rate overrides)
+    args: dict = field(default_factory=dict)   # default options (method.args override them)
+
+
+METHODS: dict[str, HarnessMethod] = {
+    "full": HarnessMethod(None, 5e-5),
+    "lora": HarnessMethod("lora", 1e-3, {"r": 16}),
+    "siva": HarnessMethod("siva", 1e-3, {"r": 16}),
+    "siva_kv": HarnessMethod("siva_kv", 1e-3, {"r": 16}),
+    "krona": HarnessMethod("krona", 1e-3),
+    "ia3": HarnessMethod("ia3", 3e-3),
+    "lst": HarnessMethod("lst", 3e-3, {"r": 8}),
+    "klst": HarnessMethod("klst", 3e-3, {"r": 8, "k": 3}),
+    "last_n": HarnessMethod("last_n", 1e-4, {"n": 2}),
+    "bitfit": HarnessMethod("bitfit", 1e-3),
+}
+
+
+def _error(msg: str):
+    from .config import ConfigError
+    return ConfigError(msg)
+
+
+def get(name: str) -> HarnessMethod:
+    if name not in METHODS:
+        close = difflib.get_close_matches(str(name), list(METHODS), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise _error(f"method {name!r} is not available{hint}; the harness has {', '.join(METHODS)} "
+                     "(add one with a line in spu_kernels/harness/methods.py METHODS)")
+    m = METHODS[name]
+    if m.patch is not None and m.patch not in spu_kernels.known_methods():
+        raise _error(f"method {name!r}: spu_kernels.patch has no method {m.patch!r} in this install "
+                     f"(it has {', '.join(spu_kernels.known_methods())})")
+    return m
+
+
+def options_of(name: str) -> dict:
+    """Option name -> default for a harness method (empty for full)."""
+    m = get(name)
+    if m.patch is None:
+        return {}
+    from spu_kernels.patching.registry import get_method
+    spec = get_method(m.patch)
+    out = {k: spec.defaults().get(k) for k in spec.option_names()}
+    # the options patch() itself takes for every method (train_head, trainable_modules, ...)
+    for p in inspect.signature(spu_kernels.patch).parameters.values():
+        if p.kind is p.KEYWORD_ONLY:
+            out[p.name] = p.default
+    return out
+
+
+def check_method(name: str, args: dict, where: str) -> None:
+    """A ConfigError naming ``where.args.KEY`` for an unknown option or one of the wrong type."""
+    from .config import ConfigError, check_value
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}.name: must be a string, got {name!r}")
+    try:
+        get(name)
+    except ConfigError as e:
+        raise ConfigError(f"{where}.name: {e}") from None
+    allowed = options_of(name)
+    for key, value in (args or {}).items():
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), list(allowed), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            takes = ", ".join(allowed) if allowed else "no options (full fine-tuning trains every parameter)"
+            raise ConfigError(f"{where}.args.{key}: unknown option for {name}{hint}; {name} takes {takes}")
+        default = allowed[key]
+        kind = {bool: "bool", int: "int", float: "float", str: "str"}.get(type(default))
+        if kind is not None and value is not None:
+            if kind == "str" and not isinstance(value, str):
+                continue          # options like svd / init are strings; others (dtypes) may be objects
+            check_value(f"{where}.args.{key}", value, kind)
+
+
+def resolve(name: str, args: dict | None, learning_rate: float | None) -> tuple[HarnessMethod, dict, float]:
+    m = get(name)
+    return m, {**m.args, **(args or {})}, float(learning_rate if learning_rate is not None else m.learning_rate)
+
+
+def apply(model, name: str, args: dict):
+    """Apply the method to ``model`` in place; returns the model."""
+    m = get(name)
+    if m.patch is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    return spu_kernels.patch(model, m.patch, **args)

@@ -299,3 +299,75 @@ def test_cli_check_methods_schema(tiny_config, tmp_path, capsys):
     assert cli.main(["check", str(f)]) == 2
     assert "did you mean 'learning_rate'" in capsys.readouterr().err
     assert (REPO / "spu_kernels" / "__main__.py").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# prompt-based fine-tuning, MeZO, soft prompts, two-phase recipes
+# --------------------------------------------------------------------------------------------
+PROMPT = {"template": "{text} It was [MASK].", "label_words": ["terrible", "great"]}
+
+
+@pytest.mark.parametrize("method", [{"name": "lora", "args": {"r": 2}}, {"name": "klst", "args": {"k": 3, "r": 4}},
+                                    {"name": "last_n", "args": {"n": 1}}])
+def test_prompt_based_run(tiny_config, method):
+    tiny_config["prompt"] = PROMPT
+    tiny_config["method"] = method
+    res = run(from_dict(tiny_config))
+    assert res.steps == 2 and 0 <= res.accuracy <= 1 and 0 < res.trainable_params < res.total_params
+
+
+def test_prompt_scores_are_the_label_words(tiny_model):
+    from spu_kernels.harness.config import PromptConfig
+    from spu_kernels.harness.train import collate, encode, load_model
+    from spu_kernels.harness.data import Example
+    model, tok, _, template = load_model(tiny_model, 2, PromptConfig(**PROMPT), 32)
+    items = encode(tok, [Example("a fine film", 1), Example("dull", 0)], 32, template)
+    batch = collate(items, tok.pad_token_id, "cpu")
+    logits = model(**batch).logits
+    lm_logits = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    pos = [ids.index(tok.mask_token_id) for ids, _, _ in items]
+    words = tok.convert_tokens_to_ids(["terrible", "great"])
+    torch.testing.assert_close(logits, torch.stack([lm_logits[i, p, words] for i, p in enumerate(pos)]))
+
+
+def test_mezo_run_and_soft_prompt(tiny_config):
+    tiny_config["method"] = {"name": "lora", "args": {"r": 2, "soft_prompt": 4}}
+    tiny_config["training"].update(optimizer="mezo", learning_rate=1e-3, mezo_eps=1e-2)
+    res = run(from_dict(tiny_config))
+    assert res.steps == 2 and res.learning_rate == 1e-3
+    tiny_config["method"] = {"name": "prompt", "args": {"n_tokens": 3}}
+    assert run(from_dict(tiny_config)).steps == 2
+
+
+def test_two_phase_recipe(tiny_config):
+    tiny_config["prompt"] = PROMPT
+    tiny_config["training"]["max_steps"] = 1
+    tiny_config["phases"] = [{"method": {"name": "full"}, "training": {"optimizer": "mezo", "learning_rate": 1e-6}},
+                             {"method": {"name": "lora", "args": {"r": 2}}},
+                             {"method": {"name": "klst", "args": {"k": 3, "r": 4}}, "training": {"max_steps": 2}}]
+    cfg = from_dict(tiny_config)
+    assert cfg.phase_names == "full(mezo)+lora+klst"
+    res = run(cfg)
+    assert res.method == "full(mezo)+lora+klst" and res.steps == 4
+    assert [h["phase"] for h in res.history] == [1, 2, 3]
+    assert (Path(res.output_dir) / "best" / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="no per-epoch checkpoints"):
+        run(cfg, resume=True)
+
+
+@pytest.mark.parametrize("raw, pattern", [
+    ({"phases": [{"method": {"name": "full"}}]}, r"phases: give two or more phases"),
+    ({"phases": [{"method": {"name": "full"}, "trainig": {}}, {"method": {"name": "lora"}}]},
+     r"phases\[0\]\.trainig: unknown key \(did you mean 'training'\?\)"),
+    ({"phases": [{"method": {"name": "full"}}, {"method": {"name": "lora"}, "training": {"optimizer": "sgd"}}]},
+     r"phases\[1\]\.training\.optimizer: 'sgd' is not allowed; choose one of adamw, mezo"),
+    ({"phases": [{"method": {"name": "full"}}, {"training": {}}]}, r"phases\[1\]\.method: missing"),
+    ({"prompt": {"label_words": ["a", "b"]}}, r"prompt\.label_words: only with prompt\.template"),
+    ({"prompt": {"template": "{text} It was.", "label_words": ["a", "b"]}}, r"prompt\.template: must contain \[MASK\]"),
+    ({"prompt": {"template": "{text} [MASK]", "label_words": ["a"]}}, r"prompt\.label_words: give one word"),
+    ({"method": {"name": "lora", "args": {"soft_prompts": 4}}}, r"method\.args\.soft_prompts: unknown option for lora "
+                                                                r"\(did you mean 'soft_prompt'\?\)"),
+])
+def test_prompt_mezo_phase_config_errors(raw, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        from_dict(raw)

@@ -6,9 +6,13 @@ A config has these sections (every key optional except where noted; ``spu-kernel
     name: siva_minilm_rt              # run name (default: the file's stem)
     dataset:  name | path | hf (exactly one), n_train, n_val, n_test, max_length, ...
     model:    path (null = the built-in all-MiniLM-L6-v2), num_labels
-    method:   name (full, lora, siva, ..., last_n, bitfit), args: {r: 16, ...}
+    method:   name (full, lora, siva, ..., last_n, bitfit, prompt), args: {r: 16, soft_prompt: 20, ...}
     training: epochs, learning_rate, batch_size, eval_batch_size, weight_decay, warmup_ratio,
-              seed, eval_every_epoch, precision, device, output_dir, ...
+              seed, eval_every_epoch, precision, device, output_dir, optimizer (adamw | mezo), ...
+    prompt:   template: "{text} It was [MASK].", label_words: [terrible, great]   # prompt-based
+              fine-tuning: the LM scores the label words at [MASK] (combines with every method)
+    phases:   [{method: {name: full}, training: {optimizer: mezo, epochs: 1}},
+               {method: {name: klst, args: {k: 3}}, training: {epochs: 2}}]       # run in order
     metric:   accuracy | f1          # picks the best epoch on the validation split
     compare:  {lora: {args: {r: 8}, learning_rate: 1e-3}, ...}   # per-method settings for --methods
     cpu:      {dataset: {n_train: 2000}, training: {epochs: 1}}  # applied when running on a CPU
@@ -91,10 +95,24 @@ class TrainingConfig:
     tensorboard: bool = _opt("bool", True, "write TensorBoard logs to output_dir/tb")
     log_every: int = _opt("int", 10, "steps between TensorBoard / progress-bar loss updates", minimum=1)
     progress: bool = _opt("bool", True, "tqdm progress bars")
+    optimizer: str = _opt("str", "adamw", "adamw (backprop), or mezo (zeroth-order, Malladi et al. 2023: two "
+                                          "forward passes a step, no backward, no optimizer state; dropout off "
+                                          "during its passes)", ["adamw", "mezo"])
+    mezo_eps: float = _opt("float", 1e-3, "MeZO's perturbation size epsilon", minimum=0)
 
 
-_SECTIONS = {"dataset": DatasetConfig, "model": ModelConfig, "method": MethodConfig, "training": TrainingConfig}
-_TOP = {"name": "str?", "description": "str?", "metric": "str", "compare": "dict", "cpu": "dict"}
+@dataclass
+class PromptConfig:
+    template: str | None = _opt("str?", None, "prompt-based fine-tuning: a template with the text field and one "
+                                              "[MASK], e.g. '{text} It was [MASK].' (null = a classifier head)")
+    label_words: list | None = _opt("list?", None, "one word per class, e.g. [terrible, great]")
+    causal: bool | None = _opt("bool?", None, "score the label word as the next token (causal LMs); null = "
+                                              "decided by the tokenizer (no mask token -> causal)")
+
+
+_SECTIONS = {"dataset": DatasetConfig, "model": ModelConfig, "method": MethodConfig, "training": TrainingConfig,
+             "prompt": PromptConfig}
+_TOP = {"name": "str?", "description": "str?", "metric": "str", "compare": "dict", "cpu": "dict", "phases": "list"}
 METRICS = ("accuracy", "f1")
 
 
@@ -106,16 +124,26 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
     metric: str = "accuracy"
     compare: dict = field(default_factory=dict)
     cpu: dict = field(default_factory=dict)
+    phases: list = field(default_factory=list)     # [(MethodConfig, TrainingConfig)] once validated
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"name": self.name, "description": self.description}
         for sec in _SECTIONS:
             out[sec] = {f.name: copy.deepcopy(getattr(getattr(self, sec), f.name)) for f in fields(_SECTIONS[sec])}
-        out.update(metric=self.metric, compare=copy.deepcopy(self.compare), cpu=copy.deepcopy(self.cpu))
+        out.update(metric=self.metric, compare=copy.deepcopy(self.compare), cpu=copy.deepcopy(self.cpu),
+                   phases=[{"method": {"name": m.name, "args": copy.deepcopy(m.args)},
+                            "training": {f.name: getattr(t, f.name) for f in fields(TrainingConfig)}}
+                           for m, t in self.phases])
         return out
+
+    @property
+    def phase_names(self) -> str:
+        """e.g. "full(mezo)+klst": the row name of a multi-phase recipe."""
+        return "+".join(m.name + ("(mezo)" if t.optimizer == "mezo" else "") for m, t in self.phases)
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,12 +252,48 @@ def from_dict(raw: dict, where: str = "config") -> Config:
     check_method(cfg.method.name, cfg.method.args, "method")
     for mname, entry in cfg.compare.items():
         check_compare_entry(mname, entry)
+    pr = cfg.prompt
+    if pr.template is not None:
+        if "[MASK]" not in pr.template or pr.template.count("[MASK]") != 1:
+            raise ConfigError(f"prompt.template: must contain [MASK] exactly once, got {pr.template!r}")
+        if not pr.label_words or len(pr.label_words) < 2 or not all(isinstance(w, str) for w in pr.label_words):
+            raise ConfigError(f"prompt.label_words: give one word (a string) per class, at least 2, got "
+                              f"{pr.label_words!r}")
+    elif pr.label_words is not None:
+        raise ConfigError("prompt.label_words: only with prompt.template")
+    cfg.phases = _phases(raw.get("phases") or [], raw.get("training") or {})
     for key, over in cfg.cpu.items():
         if key not in _SECTIONS:
             raise ConfigError(f"cpu.{key}: unknown section{_suggest(key, _SECTIONS)}; cpu overrides "
                               f"{', '.join(_SECTIONS)}")
         _section(f"cpu.{key}", _SECTIONS[key], over)     # validates keys and types
     return cfg
+
+
+def _phases(raw: list, training: dict) -> list:
+    """[(MethodConfig, TrainingConfig)]: each phase's training keys override the top-level ones."""
+    from .methods import check_method
+    out = []
+    for i, ph in enumerate(raw):
+        where = f"phases[{i}]"
+        if not isinstance(ph, dict):
+            raise ConfigError(f"{where}: must be a mapping with method (and training), got {ph!r}")
+        for key in ph:
+            if key not in ("method", "training"):
+                raise ConfigError(f"{where}.{key}: unknown key{_suggest(key, ['method', 'training'])}; a phase "
+                                  "takes method, training")
+        if "method" not in ph:
+            raise ConfigError(f"{where}.method: missing (e.g. method: {{name: klst, args: {{k: 3}}}})")
+        method = _section(f"{where}.method", MethodConfig, ph["method"])
+        check_method(method.name, method.args, f"{where}.method")
+        over = ph.get("training") or {}
+        if not isinstance(over, dict):
+            raise ConfigError(f"{where}.training: must be a mapping, got {over!r}")
+        _section(f"{where}.training", TrainingConfig, over)            # names the phase's own bad keys
+        out.append((method, _section("training", TrainingConfig, {**training, **over})))
+    if len(out) == 1:
+        raise ConfigError("phases: give two or more phases (one phase is just method + training)")
+    return out
 
 
 def check_compare_entry(mname: str, entry) -> None:
@@ -300,6 +364,8 @@ def schema_text() -> str:
     lines = ["name: str or null (default: the config file's stem)", "description: str or null",
              f"metric: {' | '.join(METRICS)} (default accuracy): selects the best epoch on validation",
              "compare: {method: {args: {...}, learning_rate: x}} for --methods",
+             "phases: [{method: {name, args}, training: {overrides}}, ...] run in order on one model (e.g. MeZO "
+             "on the backbone, then k-LST with backprop); the row is named after them",
              "cpu: {section: {key: value}} merged in when the run is on a CPU"]
     for sec, cls in _SECTIONS.items():
         lines.append(f"{sec}:")

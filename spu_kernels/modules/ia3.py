@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 
 from ..ops.ia3 import ACTIVATIONS, ia3_linear, ia3_scaled_act
-from .lowrank_base import is_linear_like, linear_dims, normalise_slices, weight_nk
+from .lowrank_base import WrappedLinear, is_linear_like, linear_dims, normalise_slices, weight_nk
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(WrappedLinear):
     """y = (x Wᵀ + b) ⊙ l (side="output") or y = (x ⊙ l) Wᵀ + b (side="input"), fused.
 
     ``out_slices`` (output side only): scale just these output row ranges (GPT-2's k and v thirds
@@ -50,14 +50,6 @@ class IA3Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Module, side: str = "output", **kwargs) -> "IA3Linear":
         return cls(linear, side=side, **kwargs)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         yield "ia3_l", self.ia3_l

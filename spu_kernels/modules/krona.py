@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.kron_linear import kron_linear, split_near_sqrt
-from .lowrank_base import is_linear_like, linear_dims, normalise_slices, weight_nk
+from .lowrank_base import WrappedLinear, is_linear_like, linear_dims, normalise_slices, weight_nk
 
 
 def kron_shapes(n: int, k: int, a_shape: Sequence[int] | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -38,7 +38,7 @@ def _divisors(n: int, limit: int = 12) -> str:
     return ", ".join(map(str, ds[:limit])) + (", ..." if len(ds) > limit else "")
 
 
-class KronALinear(nn.Module):
+class KronALinear(WrappedLinear):
     """A frozen ``nn.Linear`` / ``Conv1D`` plus a trainable Kronecker update s · (A ⊗ B).
 
     A (``krona_A``, (S, a1, a2)) starts uniform in ±1/√a2 and B (``krona_B``, (S, b1, b2)) at
@@ -75,14 +75,6 @@ class KronALinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Module, a_shape=None, scale: float = 1.0, **kwargs) -> "KronALinear":
         return cls(linear, a_shape=a_shape, scale=scale, **kwargs)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         yield "krona_A", self.krona_A

@@ -67,7 +67,20 @@ def normalise_slices(out_slices: Sequence[tuple[int, int]] | None, n: int) -> tu
     return sl
 
 
-class LowRankAdapterLinear(nn.Module):
+class WrappedLinear(nn.Module):
+    """An adapter around a frozen ``base_layer`` (nn.Linear / Conv1D) that still shows the base
+    layer's ``weight`` and ``bias`` in its own layout, as transformers code expects of a Linear."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+
+class LowRankAdapterLinear(WrappedLinear):
     """Base class: subclasses define the parameters and ``lowrank_factors()``."""
 
     def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float,
@@ -108,15 +121,6 @@ class LowRankAdapterLinear(nn.Module):
         return self.base_layer
 
     # -- shared ------------------------------------------------------------------------------
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's weight, in its own layout (as transformers code expects of a Linear)."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
-
     def _rows(self) -> int:
         return sum(hi - lo for lo, hi in self.out_slices) if self.out_slices else self.out_features
 

@@ -63,3 +63,31 @@ def rank_pad(r: int) -> int:
 
 def device_index(t: torch.Tensor) -> int:
     return t.device.index if t.device.type == "cuda" and t.device.index is not None else 0
+
+
+def gemm_configs() -> list:
+    """Autotune configs of the package's tiled GEMMs (one config under the interpreter: autotuning
+    needs a GPU). Every config compiles for sm_80 / sm_90 (tests/triton_gpu_compile.py)."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+    cfg = []
+    for bm, bn, bk, warps, stages in [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 3),
+                                      (128, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                                      (64, 64, 64, 4, 4), (128, 128, 32, 4, 4), (64, 64, 32, 4, 5)]:
+        cfg.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                                 num_warps=warps, num_stages=stages))
+    return cfg
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` in grouped ordering: GROUP_M row blocks share each column
+    block of the right operand while it is in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n

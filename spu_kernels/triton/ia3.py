@@ -25,26 +25,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, device_index, input_precision, mma, num_sms, upcast_dot
+from ._common import INTERPRET, device_index, gemm_configs, grouped_tile, input_precision, mma, num_sms, upcast_dot
 
 # ---------------------------------------------------------------------------------------------
 # the GEMM with scales
 # ---------------------------------------------------------------------------------------------
 
 
-def _gemm_configs():
-    if INTERPRET:   # one config: autotuning needs a GPU
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
-    cfg = []
-    for bm, bn, bk, warps, stages in [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 3),
-                                      (128, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-                                      (64, 64, 64, 4, 4), (128, 128, 32, 4, 4), (64, 64, 32, 4, 5)]:
-        cfg.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                 num_warps=warps, num_stages=stages))
-    return cfg
-
-
-@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "HAS_BIAS", "K_SCALE", "N_SCALE", "REDUCE_Z"],
+@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "HAS_BIAS", "K_SCALE", "N_SCALE", "REDUCE_Z"],
                  reset_to_zero=["gl_ptr"])
 @triton.jit
 def _gemm_scaled_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, ks_ptr, ns_ptr, z_ptr, gl_ptr,
@@ -55,15 +43,7 @@ def _gemm_scaled_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, ks_ptr, ns_ptr, z_ptr, gl
                         UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, device_index, dropout_keep, input_precision, mma, num_sms, rank_pad,
-                      upcast_dot)
+from ._common import (INTERPRET, device_index, dropout_keep, gemm_configs, grouped_tile, input_precision, mma,
+                      num_sms, rank_pad, upcast_dot)
 
 # ---------------------------------------------------------------------------------------------
 # 1. u = drop(x) Aᵀ
@@ -104,19 +104,7 @@ def lowrank_down(x: torch.Tensor, a: torch.Tensor, dropout_p: float, seed: int, 
 # ---------------------------------------------------------------------------------------------
 
 
-def _gemm_configs():
-    if INTERPRET:   # one config: autotuning needs a GPU
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
-    cfg = []
-    for bm, bn, bk, warps, stages in [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 3),
-                                      (128, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-                                      (64, 64, 64, 4, 4), (128, 128, 32, 4, 4), (64, 64, 32, 4, 5)]:
-        cfg.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                 num_warps=warps, num_stages=stages))
-    return cfg
-
-
-@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "HAS_DROPOUT", "HAS_BIAS"])
+@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "HAS_DROPOUT", "HAS_BIAS"])
 @triton.jit(do_not_specialize=["seed", "threshold"])
 def _gemm_lowrank_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, rm_ptr, g_ptr,
                          M, N, K, R, M_BUCKET,
@@ -127,16 +115,7 @@ def _gemm_lowrank_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, rm_ptr, g_ptr,
                          R_PAD: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_M: tl.constexpr):
-    # grouped ordering: GROUP_M row blocks share each column block of B_op while it is in L2
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

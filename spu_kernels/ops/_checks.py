@@ -28,3 +28,16 @@ def check_frozen_linear(op: str, x, weight, bias) -> tuple[int, int]:
         if t is not None and t.device != x.device:
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; move them to one device")
     return k, n
+
+
+def frozen_linear_dtypes(op: str, x, weight, bias):
+    """(x, weight, bias) in one dtype: under torch.autocast all cast to the autocast dtype, as
+    nn.Linear would be; otherwise they must already agree (an error saying how to fix it)."""
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        return x.to(dt), weight.to(dt), (bias.to(dt) if bias is not None else None)
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"{op}: x is {x.dtype} but weight is {weight.dtype}"
+                        + (f" and bias {bias.dtype}" if bias is not None else "")
+                        + "; cast the input or the layer to one dtype, or run under torch.autocast")
+    return x, weight, bias

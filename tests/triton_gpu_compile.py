@@ -3,8 +3,9 @@
 The Triton interpreter (what CI runs the kernels with) checks their numerics but not that they
 compile for a real GPU, where tile shapes, dtypes and autotune configs differ. This script drives
 each op's triton backend, forward and backward, on CPU tensors with Triton's GPU code path: a
-stand-in driver reports the target architecture, every launch is turned into a compile-only
-warm-up (nothing runs; outputs are garbage and unused), and autotuned kernels compile every config.
+stand-in driver (spu_kernels/triton/stub_driver.py) reports the target architecture, every launch
+is turned into a compile-only warm-up (nothing runs; outputs are garbage and unused), and autotuned
+kernels compile every config.
 Compilation (Triton → PTX → cubin through ptxas) needs no GPU.
 
     python tests/triton_gpu_compile.py [--arch 90] [--dtypes bf16,fp16,fp32]
@@ -22,57 +23,10 @@ os.environ.pop("TRITON_INTERPRET", None)     # the GPU code path, not the interp
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime import driver  # noqa: E402
-from triton.runtime.autotuner import Autotuner  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+
+from spu_kernels.triton.stub_driver import COMPILED, compile_only  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-class CompileOnlyDriver:
-    """What JITFunction.run asks of the driver, for a GPU that is not there."""
-
-    def __init__(self, target):
-        self.target = target
-
-    def get_current_target(self):
-        return self.target
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
-
-COMPILED: list[tuple[str, float]] = []
-
-
-def install(arch: int) -> None:
-    driver.set_active(CompileOnlyDriver(GPUTarget("cuda", arch, 32)))
-    jit_run = JITFunction.run
-
-    def run(self, *args, grid, warmup, **kwargs):
-        t = time.time()
-        kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
-        COMPILED.append((self.fn.__name__, time.time() - t))
-        return kernel
-
-    def autotuned(self, *args, **kwargs):       # every config, no benchmarking
-        kwargs.pop("grid", None)
-        kwargs.pop("warmup", None)
-        for cfg in self.configs:
-            self.fn.run(*args, grid=None, warmup=True, **{**kwargs, **cfg.all_kwargs()})
-
-    JITFunction.run = run
-    Autotuner.run = autotuned
-    import spu_kernels.backends as backends
-    reason = backends._reason
-    backends._reason = lambda name, device: None if name == "triton" else reason(name, device)
 
 
 def _grads(y, *leaves):
@@ -135,7 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90, help="compute capability as an int, e.g. 80, 90")
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
     args = ap.parse_args(argv)
-    install(args.arch)
+    compile_only(args.arch)
     total = time.time()
     for dname in args.dtypes.split(","):
         for name, fn in ops(DTYPES[dname]):

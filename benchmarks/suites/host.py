@@ -60,7 +60,8 @@ def cases(smoke: bool, device: str) -> list[Case]:
                                            if b in implemented(op_module) and not (smoke and m != "lora")]
             suffix = f"/p{p:g}" if group == "lowrank" else ""
             out.append(Case(name=f"{group}{suffix}",
-                            config=f"T={T} K={K} N={N} r={RANK}" + (f" dropout={p:g}" if group == "lowrank" else ""),
+                            config=f"T={T} K={K} N={N}" + (f" r={RANK}" if group in ("lowrank", "krona") else "")
+                            + (f" dropout={p:g}" if group == "lowrank" else ""),
                             variants=[_layer(k, p, op_module if k.startswith("spu_") else None) for k in kinds],
                             reference="base", target=BASE_TARGET, target_kinds=("spu_",), **common))
     if not smoke:

@@ -9,7 +9,7 @@ Part 1 starts a new run: it builds spu_kernels._C in place for the visible GPU (
 and it is not built yet), runs the test suite on the GPU (``make test-gpu``: every backend against
 the reference; its pass/fail counts become rows of the run, and a failure makes this exit 1: fix
 that first) and so warms Triton's cache. Parts 2 and on resume the run: they run the suites in
-order (layers, mezo, ladder, models, host) and stop starting new measurements after ``--budget-s``
+order (layers, models, mezo, ladder, host) and stop starting new measurements after ``--budget-s``
 (default 420 s), so a part ends in under 8 minutes; the next part goes on where it stopped. Each
 part ends by regenerating RESULTS.md and the plots and, when ``$OUT`` is set (the device tool),
 copying the CSVs, RESULTS.md, the plots and the test log there. Exit 0: done, 3: more parts to
@@ -28,7 +28,7 @@ import xml.etree.ElementTree as ET
 
 from benchmarks import report, run, schema
 
-ORDER = ["layers", "mezo", "ladder", "models", "host"]
+ORDER = ["layers", "models", "mezo", "ladder", "host"]      # host last: it needs no GPU
 BUDGET_S = 420.0
 ROOT = schema.ROOT
 LOG = os.path.join(schema.RESULTS_DIR, "logs")
@@ -83,27 +83,35 @@ def gpu_tests(log: str, run_id: str, timeout: float | None, have_extension: bool
         cmd += ["-n", "8"]        # Triton compiles in parallel; the GPU is shared by the workers
     except ImportError:
         pass
-    status = _sh(cmd, log, timeout=timeout, env={"SPU_EXPECT_CUDA_EXT": "1" if have_extension else "0"})
-    counts = {"passed": 0.0, "failed": 0.0, "skipped": 0.0}
-    failing = []
     if os.path.exists(junit):
-        root = ET.parse(junit).getroot()
-        for suite in root.iter("testsuite"):
-            tests, skipped = int(suite.get("tests", 0)), int(suite.get("skipped", 0))
-            bad = int(suite.get("failures", 0)) + int(suite.get("errors", 0))
-            counts["passed"] += tests - skipped - bad
-            counts["failed"] += bad
-            counts["skipped"] += skipped
-        for case in root.iter("testcase"):
-            if case.find("failure") is not None or case.find("error") is not None:
-                failing.append(f"{case.get('classname')}::{case.get('name')}")
-    note = ("timed out; " if status == 124 else "") + ", ".join(failing[:15]) + (" …" if len(failing) > 15 else "")
+        os.remove(junit)
+    status = _sh(cmd, log, timeout=timeout, env={"SPU_EXPECT_CUDA_EXT": "1" if have_extension else "0"})
+    if os.path.exists(junit):
+        counts, failing = junit_counts(junit)
+        note = ("timed out; " if status == 124 else "") + ", ".join(failing[:15]) + (" …" if len(failing) > 15 else "")
+    else:
+        counts, note = {"passed": 0.0, "failed": 0.0, "skipped": 0.0}, f"pytest exited {status} without a report"
     env_cols = schema.environment("cuda")
     rows = [dict(run_id=run_id, suite="gpu-tests", case="pytest tests", kind="all", config="make test-gpu",
                  dtype="all", metric=m, value=v, unit="count", note=note if m == "failed" else "", **env_cols)
             for m, v in counts.items()]
     schema.append_rows(os.path.join(schema.RESULTS_DIR, schema.csv_name(env_cols)), rows)
     return 0 if status == 0 and not counts["failed"] else 1
+
+
+def junit_counts(path: str) -> tuple[dict[str, float], list[str]]:
+    """({passed, failed, skipped}, failing test ids) of a pytest JUnit XML report (errors count as failed)."""
+    counts = {"passed": 0.0, "failed": 0.0, "skipped": 0.0}
+    root = ET.parse(path).getroot()
+    for suite in root.iter("testsuite"):
+        tests, skipped = int(suite.get("tests", 0)), int(suite.get("skipped", 0))
+        bad = int(suite.get("failures", 0)) + int(suite.get("errors", 0))
+        counts["passed"] += tests - skipped - bad
+        counts["failed"] += bad
+        counts["skipped"] += skipped
+    failing = [f"{case.get('classname')}::{case.get('name')}" for case in root.iter("testcase")
+               if case.find("failure") is not None or case.find("error") is not None]
+    return counts, failing
 
 
 def finish(log: str) -> None:

@@ -125,78 +125,69 @@ def _group_of(r: dict) -> str:
     return parts[0] + (" " + parts[2] if len(parts) > 2 and parts[2].startswith("p") else "")
 
 
+def _per_variant(run: list[dict], cells, width: int) -> list[list[str]]:
+    """[config, kind, *cells(metrics)] per measured (case, kind) in ``run``; a skipped or failed
+    variant's cells say so and why."""
+    body = []
+    for (case, kind), m in _index(run).items():
+        config = next(r["config"] for r in run if r["case"] == case)
+        st = _status(m)
+        body.append([config, kind] + ([st] + [""] * (width - 1) if st else cells(m)))
+    return body
+
+
+def _value(r: dict | None, fmt: str) -> str:
+    return format(_num(r["value"]), fmt) if r else "–"
+
+
 def render_models(run: list[dict]) -> str:
-    idx = _index(run)
+    def cells(m):
+        sps, peak, gb = m.get("samples_per_s"), m.get("peak_mib"), m.get("graph_breaks")
+        return [_value(sps, ".1f"), _x(sps), _value(peak, ".0f"), _x(peak), _value(m.get("time_ms"), ".2f"),
+                _value(gb, ".0f") if gb else ""]
     out = [header(run)]
     for case in _unique(r["case"] for r in run):
-        config = next(r["config"] for r in run if r["case"] == case)
-        body = []
-        for kind in _unique(r["kind"] for r in run if r["case"] == case):
-            m = idx[(case, kind)]
-            st = _status(m)
-            if st:
-                body.append([kind, st, "", "", "", "", ""])
-                continue
-            sps, peak, gb = m.get("samples_per_s"), m.get("peak_mib"), m.get("graph_breaks")
-            body.append([kind, f"{_num(sps['value']):.1f}" if sps else "–", _x(sps),
-                         f"{_num(peak['value']):.0f}" if peak else "–", _x(peak),
-                         f"{_num(m['time_ms']['value']):.2f}", f"{_num(gb['value']):.0f}" if gb else ""])
-        out.append(f"\n*{config}* (ratios to full fine-tuning in the same run)\n\n"
+        rows = [r for r in run if r["case"] == case]
+        body = [row[1:] for row in _per_variant(rows, cells, 6)]
+        out.append(f"\n*{rows[0]['config']}* (ratios to full fine-tuning in the same run)\n\n"
                    + _table(["method", "samples/s", "× full", "peak MiB", "× full", "ms/step", "graph breaks"], body))
     return "".join(out)
 
 
+def _target(r: dict | None, fmt) -> str:
+    return fmt(_num(r["target"])) if r and r["target"] else ""
+
+
 def render_mezo(run: list[dict]) -> str:
-    idx = _index(run)
-    body = []
-    for (case, kind), m in idx.items():
-        config = next(r["config"] for r in run if r["case"] == case)
-        st = _status(m)
-        if st:
-            body.append([config, kind, st, "", "", "", ""])
-            continue
+    def cells(m):
         t, p = m.get("time_ms"), m.get("peak_mib")
-        tgt = p["target"] if p and p["target"] else ""
-        body.append([config, kind, f"{_num(t['value']):.2f}", _x(t), f"{_num(p['value']):.0f}" if p else "–", _x(p),
-                     f"≤ {_num(tgt):.2f}×" if tgt else ""])
+        return [_value(t, ".2f"), _x(t), _value(p, ".0f"), _x(p), _target(p, lambda v: f"≤ {v:.2f}×")]
     return header(run) + "\n" + _table(["case", "kind", "ms", "× 2 forwards", "peak MiB", "× 2 forwards",
-                                        "memory target"], body)
+                                        "memory target"], _per_variant(run, cells, 5))
 
 
 def render_ladder(run: list[dict]) -> str:
-    idx = _index(run)
-    body = []
-    for (case, kind), m in idx.items():
-        config = next(r["config"] for r in run if r["case"] == case)
-        st = _status(m)
-        if st:
-            body.append([config, kind, st, "", "", "", ""])
-            continue
+    def cells(m):
         t, g, h = m.get("time_ms"), m.get("gbps"), m.get("hbm_share")
-        tgt = h["target"] if h and h["target"] else ""
-        body.append([config, kind, f"{_num(t['value']):.4g}", _x(t), f"{_num(g['value']):.0f}" if g else "–",
-                     f"{100 * _num(h['value']):.0f} %" if h else "–", f"≥ {100 * _num(tgt):.0f} %" if tgt else ""])
-    return header(run) + "\n" + _table(["case", "kind", "ms", "× torch", "GB/s", "HBM share", "target"], body)
+        return [_value(t, ".4g"), _x(t), _value(g, ".0f"), f"{100 * _num(h['value']):.0f} %" if h else "–",
+                _target(h, lambda v: f"≥ {100 * v:.0f} %")]
+    return header(run) + "\n" + _table(["case", "kind", "ms", "× torch", "GB/s", "HBM share", "target"],
+                                        _per_variant(run, cells, 5))
 
 
 def render_host(run: list[dict]) -> str:
-    idx = _index(run)
     body = []
     for case in _unique(r["case"] for r in run):
         rows = [r for r in run if r["case"] == case]
-        config = rows[0]["config"]
-        peft = next((idx[(case, r["kind"])].get("host_us") for r in rows if r["kind"].startswith("peft_")), None)
-        for kind in _unique(r["kind"] for r in rows):
-            m = idx[(case, kind)]
-            st = _status(m)
-            if st:
-                body.append([case, config, kind, st, "", "", "", ""])
-                continue
+        peft = next((r for r in rows if r["kind"].startswith("peft_") and r["metric"] == "host_us"), None)
+        peft_us = _num(peft["value"]) if peft else math.nan
+
+        def cells(m, peft_us=peft_us):
             h, launches = m["host_us"], m.get("launches")
-            vs_peft = (f"{_num(h['value']) / _num(peft['value']):.2f}×"
-                       if peft and peft["value"] not in ("", "nan") and kind.startswith("spu_") else "")
-            body.append([case, config, kind, f"{_num(h['value']):.0f}", f"{_num(h['p20']):.0f}–{_num(h['p80']):.0f}",
-                         _x(h), vs_peft, f"{_num(launches['value']):.0f}" if launches else ""])
+            vs_peft = f"{_num(h['value']) / peft_us:.2f}×" if h["kind"].startswith("spu_") and peft_us == peft_us else ""
+            return [_value(h, ".0f"), f"{_num(h['p20']):.0f}–{_num(h['p80']):.0f}", _x(h), vs_peft,
+                    _value(launches, ".0f") if launches else ""]
+        body += [[case] + row for row in _per_variant(rows, cells, 5)]
     return header(run) + "\n" + _table(["case", "config", "kind", "host µs (median)", "20–80 %", "× base",
                                         "× PEFT", "launches"], body)
 

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         run_id = max(same_device) if args.resume and same_device else schema.new_run_id()
     done = {(r["suite"], r["case"], r["kind"]) for r in existing if r["run_id"] == run_id}
     # reference values of this run, for the ratios: (suite, case, metric) -> value
-    refs = {}
+    refs: dict[tuple[str, str, str], float] = {}
     for r in existing:
         if r["run_id"] == run_id and r["kind"] == r["reference"] and r["value"] not in ("", "nan"):
             refs[(r["suite"], r["case"], r["metric"])] = float(r["value"])
@@ -112,14 +112,7 @@ def main(argv=None) -> int:
                     return BUDGET_REACHED
                 for kind, rows, failed in _measure_batch(case, batch, device, args.smoke):
                     failures += failed
-                    for row in rows:
-                        if kind == case.reference and row["value"] == row["value"]:
-                            refs[(suite_name, case.name, row["metric"])] = row["value"]
-                        ref = refs.get((suite_name, case.name, row["metric"]))
-                        row["ratio"] = row["value"] / ref if ref and row["value"] == row["value"] else None
-                        row.update(run_id=run_id, suite=suite_name, case=case.name, config=case.config,
-                                   dtype=case.dtype, reference=case.reference, unit=schema.UNITS[row["metric"]],
-                                   target=case.target if _targeted(case, kind, row["metric"]) else None, **env)
+                    _complete_rows(rows, case, kind, refs, run_id=run_id, **env)
                     schema.append_rows(csv_path, rows)
                     print(_progress_line(case, kind, rows), flush=True)
                 release()
@@ -128,6 +121,21 @@ def main(argv=None) -> int:
     print(f"benchmarks.run: done in {time.monotonic() - start:.0f} s; {failures} failed variant(s); rows in {csv_path}",
           flush=True)
     return 1 if failures and args.strict else 0
+
+
+def _complete_rows(rows: list[dict], case, kind: str, refs: dict, **columns) -> None:
+    """Fill in the ratio to the case's reference (remembering the reference's own values), the target
+    where it applies, and the case, run and environment columns."""
+    from benchmarks.schema import UNITS
+    for row in rows:
+        key = (case.suite, case.name, row["metric"])
+        measured = row["value"] == row["value"]
+        if kind == case.reference and measured:
+            refs[key] = row["value"]
+        row["ratio"] = row["value"] / refs[key] if measured and refs.get(key) else None
+        row.update(suite=case.suite, case=case.name, config=case.config, dtype=case.dtype, reference=case.reference,
+                   unit=UNITS[row["metric"]], target=case.target if _targeted(case, kind, row["metric"]) else None,
+                   **columns)
 
 
 def _targeted(case, kind: str, metric: str) -> bool:

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from benchmarks import report, run, schema
+from benchmarks import gpu_report, report, run, schema
 
 ROOT = schema.ROOT
 
@@ -101,3 +101,15 @@ def test_bad_input_is_a_clear_error(tmp_path):
         schema.read_rows([str(bad)])
     with pytest.raises(ValueError, match="no generated block for gpu-tests, models"):
         report.render([], "<!-- generated: layers -->\n<!-- /generated: layers -->\n")
+
+
+def test_gpu_test_counts_come_from_the_junit_report(tmp_path):
+    xml = tmp_path / "junit.xml"
+    xml.write_text('<testsuites><testsuite name="pytest" errors="1" failures="1" skipped="2" tests="10">'
+                   '<testcase classname="tests.test_a" name="test_ok"/>'
+                   '<testcase classname="tests.test_a" name="test_bad"><failure message="x"/></testcase>'
+                   '<testcase classname="tests.test_b" name="test_err"><error message="y"/></testcase>'
+                   '</testsuite></testsuites>')
+    counts, failing = gpu_report.junit_counts(str(xml))
+    assert counts == {"passed": 6.0, "failed": 2.0, "skipped": 2.0}
+    assert failing == ["tests.test_a::test_bad", "tests.test_b::test_err"]

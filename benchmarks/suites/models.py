@@ -12,10 +12,12 @@ Methods: full fine-tuning (the reference), PEFT LoRA (query+value r=8; all linea
 IA3, spu lora (q+v r=8, and all linears r=16), siva (q+v r=16, and all linears), siva_kv, ia3,
 krona, lst, klst (k = 3, 5, 9), last_n (n = 3), bitfit, prompt (20 tokens), and MeZO (all
 parameters; spu LoRA). AdamW for everything but MeZO. ``+compile`` kinds run the same step with
-``torch.compile(model)`` (default Inductor) for a few methods per model; they also report the
-graph breaks dynamo counted.
+``torch.compile(model)`` (default Inductor) for a few methods per model (``SPU_BENCH_COMPILE_ALL=1``:
+every method but MeZO); they also report the graph breaks dynamo counted.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -77,7 +79,8 @@ METHODS = {
     "mezo_full": ("mezo", {}),
     "mezo_spu_lora": ("mezo", dict(patch="lora", r=8)),
 }
-# the methods also timed under torch.compile, per model (compilation takes tens of seconds each)
+# the methods also timed under torch.compile, per model (compilation takes tens of seconds each, so a
+# gpu-report times a few; SPU_BENCH_COMPILE_ALL=1 compiles every method but MeZO)
 COMPILED = {"roberta-large": ("full_ft", "peft_lora_qv", "spu_lora_qv", "spu_siva_all", "spu_klst3"),
             "distilbert-base": ("full_ft", "spu_siva_all"),
             "llama-8x2048": ("full_ft", "spu_siva_all")}
@@ -192,7 +195,10 @@ def cases(smoke: bool, device: str) -> list[Case]:
     out = []
     for name, (family, batch, seq, _) in MODELS.items():
         kinds = list(SMOKE_METHODS if smoke and family != "roberta" else METHODS)
-        kinds += [f"{k}+compile" for k in (SMOKE_COMPILED if smoke else COMPILED).get(name, ())]
+        compiled = (SMOKE_COMPILED if smoke else COMPILED).get(name, ())
+        if not smoke and os.environ.get("SPU_BENCH_COMPILE_ALL") == "1":
+            compiled = [k for k in METHODS if METHODS[k][0] != "mezo"]
+        kinds += [f"{k}+compile" for k in compiled]
         if smoke:
             batch, seq = SMOKE_BATCH, SMOKE_SEQ
         out.append(Case(

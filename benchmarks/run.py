@@ -2,7 +2,7 @@
 
 Runs the suites' cases variant by variant, appends one row per metric to ``DIR/<device>.csv``
 (benchmarks/schema.py) as soon as it is measured, and prints a line per variant. Ratios divide by
-the case's reference kind measured in the same run. ``--resume`` continues the device's newest run,
+the case's reference kind measured in the same run. ``--resume`` continues the device's newest run (if it measured the same sources),
 skipping what it already has (how ``make gpu-report PART=N`` splits the work into parts);
 ``--budget-s`` stops before starting a variant once that many seconds have passed (exit status 3).
 ``--smoke`` runs every suite on tiny shapes (on a CPU: torch backend, one Triton case under the
@@ -72,10 +72,7 @@ def main(argv=None) -> int:
     env = schema.environment(device)
     csv_path = os.path.join(out_dir, schema.csv_name(env))
     existing = schema.read_rows([csv_path]) if os.path.exists(csv_path) else []
-    run_id = args.run_id
-    if run_id is None:
-        same_device = [r["run_id"] for r in existing if r["gpu"] == env["gpu"]]
-        run_id = max(same_device) if args.resume and same_device else schema.new_run_id()
+    run_id = args.run_id or _resumable_run(existing, env, args.resume) or schema.new_run_id()
     done = {(r["suite"], r["case"], r["kind"]) for r in existing if r["run_id"] == run_id}
     # reference values of this run, for the ratios: (suite, case, metric) -> value
     refs: dict[tuple[str, str, str], float] = {}
@@ -121,6 +118,20 @@ def main(argv=None) -> int:
     print(f"benchmarks.run: done in {time.monotonic() - start:.0f} s; {failures} failed variant(s); rows in {csv_path}",
           flush=True)
     return 1 if failures and args.strict else 0
+
+
+def _resumable_run(existing: list[dict], env: dict, resume: bool) -> str | None:
+    """With --resume, the newest run on this device if it measured these same sources (rows of one run
+    come from one version of the code), else None (a new run)."""
+    runs = {r["run_id"]: r["commit"] for r in existing if r["gpu"] == env["gpu"]}
+    if not resume or not runs:
+        return None
+    newest = max(runs)
+    if runs[newest].split("src:")[-1] != env["commit"].split("src:")[-1]:
+        print(f"benchmarks.run: the newest run {newest} measured other sources ({runs[newest]}); starting a new run",
+              flush=True)
+        return None
+    return newest
 
 
 def _complete_rows(rows: list[dict], case, kind: str, refs: dict, **columns) -> None:

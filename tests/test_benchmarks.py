@@ -82,6 +82,13 @@ def test_resume_skips_what_the_run_has_and_budget_stops(tmp_path):
     proc = _run("benchmarks.run", "mezo", "--smoke", "--out", str(tmp_path), "--resume")
     assert proc.returncode == 0
     assert _rows(tmp_path) == first                                     # nothing measured twice
+    # a run measured on other sources is not continued: a new run starts
+    path = glob.glob(str(tmp_path / "*.csv"))[0]
+    text = open(path).read().replace(first[0]["commit"], "0000000 src:0000000000")
+    open(path, "w").write(text)
+    proc = _run("benchmarks.run", "mezo", "--smoke", "--out", str(tmp_path), "--resume")
+    assert proc.returncode == 0 and "starting a new run" in proc.stdout
+    assert len({r["run_id"] for r in _rows(tmp_path)}) == 2
 
 
 def test_bad_input_is_a_clear_error(tmp_path):

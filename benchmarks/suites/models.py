@@ -27,7 +27,7 @@ from benchmarks.measure import Case, Skip, Variant
 MODELS = {
     "llama-8x2048": ("llama", 4, 2048, dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=8,
                                             num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
-                                            max_position_embeddings=2048, pad_token_id=0)),
+                                            max_position_embeddings=4096, pad_token_id=0)),
     "distilbert-base": ("distilbert", 16, 128, dict()),
     "roberta-large": ("roberta", 16, 128, dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                                                intermediate_size=4096, vocab_size=50265, max_position_embeddings=514)),

@@ -163,3 +163,29 @@ def test_bad_input_is_a_clear_error():
     if "cuda" not in available_backends():
         with pytest.raises(RuntimeError, match="backend 'cuda'.*not implemented"):
             ia3_linear(x, torch.randn(6, 8), None, torch.ones(6), backend="cuda")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("side", ["output", "input"])
+def test_ia3_linear_bias_only_grad(backend, side):
+    """x and l frozen, only the bias trains: grad_b = Σ_t dy ⊙ l (output side) or Σ_t dy (input side)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 5, 12, generator=g).to(DEVICE)
+    w = torch.randn(9, 12, generator=g).to(DEVICE)
+    b = torch.randn(9, generator=g).to(DEVICE).requires_grad_(True)
+    l = (torch.rand(9 if side == "output" else 12, generator=g) + 0.5).to(DEVICE)
+    dy = torch.randn(2, 5, 9, generator=g).to(DEVICE)
+    (db,) = torch.autograd.grad(ia3_linear(x, w, b, l, side=side, backend=backend), [b], dy)
+    bd = b.detach().double().requires_grad_(True)
+    (db_ref,) = torch.autograd.grad(ia3_linear_reference(x.double(), w.double(), bd, l.double(), side), [bd],
+                                    dy.double())
+    torch.testing.assert_close(db.double(), db_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_scaled_act_at_l_one_is_the_activation_bit_for_bit(dtype, activation):
+    """Step 0 of (IA)³ on the torch backend: act(h) ⊙ 1 is exactly torch's own activation."""
+    h = (3 * torch.randn(64, 48)).to(dtype)
+    got = ia3_scaled_act(h, torch.ones(48), activation, backend="torch")
+    assert torch.equal(got, ia3_scaled_act_reference(h, torch.ones((), dtype=dtype), activation))

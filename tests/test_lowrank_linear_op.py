@@ -1,5 +1,7 @@
 """The fused low-rank op, every available backend against the fp64 reference: forward and every
 grad, awkward shapes, all dtypes, dropout; what it saves; what it refuses."""
+import re
+
 import pytest
 import torch
 
@@ -214,3 +216,13 @@ def test_backend_selection(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="backend .triton. .from backend=. cannot run on cpu tensors"):
         lowrank_linear(x, w, None, a, b, backend="triton")
+
+
+@pytest.mark.parametrize("backend", LOWRANK_BACKENDS)
+@pytest.mark.parametrize("seed", [-1, 2**63, 2**64, 1.5, True])
+def test_dropout_seed_must_be_in_the_philox_key_range(backend, seed):
+    x, w, a, b = torch.randn(4, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*63\).*got " + re.escape(repr(seed))):
+        lowrank_linear(x, w, None, a, b, dropout_p=0.5, seed=seed, backend=backend)
+    y = lowrank_linear(x, w, None, a, b, dropout_p=0.5, seed=2**63 - 1, backend=backend)   # the largest valid
+    assert torch.isfinite(y).all()

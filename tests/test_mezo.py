@@ -1,6 +1,8 @@
 """The seeded perturbation op (every backend vs the z spec) and the MeZO optimiser: restore to
 rounding, the projected gradient equal to autograd's directional derivative, convergence on a
 convex problem, repeatability, errors."""
+import re
+
 import pytest
 import torch
 
@@ -153,3 +155,106 @@ def test_mezo_step_memory_is_inference_memory():
         infer = peak(lambda: model(**batch).loss)
     step = peak(lambda: opt.step(lambda: model(**batch).loss))
     assert step <= 1.1 * infer, (step, infer)
+
+
+class _Boom(Exception):
+    pass
+
+
+def _params(dtype):
+    g = torch.Generator().manual_seed(3)
+    return [torch.nn.Parameter(torch.randn(5, 7, generator=g).to(DEVICE, dtype)),
+            torch.nn.Parameter(torch.randn(11, generator=g).to(DEVICE, dtype))]
+
+
+def _assert_restored(ps, before, dtype):
+    for p, b in zip(ps, before):
+        if dtype == torch.float32:   # fp32 steps back by −εz: to rounding
+            assert ((p - b).abs() <= 4 * ULP[dtype] * b.abs() + 1e-7).all()
+        else:                        # half precision: from the saved copy, bit for bit
+            assert torch.equal(p, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("failing_call", [1, 2])
+def test_mezo_closure_error_restores_parameters(backend, dtype, failing_call):
+    ps = _params(dtype)
+    before = [p.detach().clone() for p in ps]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == failing_call:
+            raise _Boom("data loader died")
+        return sum(p.float().square().sum() for p in ps)
+
+    opt = MeZO(ps, lr=0.1, eps=1e-2, backend=backend)
+    with pytest.raises(_Boom, match="data loader died"):
+        opt.step(closure)
+    _assert_restored(ps, before, dtype)
+    assert opt.last_step is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("bad_call, value", [(1, float("nan")), (2, float("inf")), (2, float("-inf"))])
+def test_mezo_non_finite_loss_restores_and_names_the_loss(backend, dtype, bad_call, value):
+    ps = _params(dtype)
+    before = [p.detach().clone() for p in ps]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return torch.tensor(value if len(calls) == bad_call else 1.0)
+
+    which = "L₊" if bad_call == 1 else "L₋"
+    with pytest.raises(FloatingPointError, match=rf"{which}.* is {value}.*smaller eps"):
+        MeZO(ps, lr=0.1, eps=1e-2, backend=backend).step(closure)
+    _assert_restored(ps, before, dtype)
+
+
+@pytest.mark.parametrize("dtype, eps", [(torch.float16, 1e4), (torch.float32, 1e38), (torch.float32, 1e308)])
+def test_mezo_eps_that_would_overflow_is_refused_before_moving(dtype, eps):
+    ps = _params(dtype)
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(ValueError, match=rf"eps={re.escape(f'{eps:g}')} .*overflow {dtype}.*smaller eps"):
+        MeZO(ps, lr=0.1, eps=eps).step(lambda: ps[0].float().sum())
+    assert all(torch.equal(p, b) for p, b in zip(ps, before))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_mezo_lr0_half_precision_restores_exactly(backend, dtype):
+    ps = _params(dtype)
+    before = [p.detach().clone() for p in ps]
+    opt = MeZO(ps, lr=0.0, eps=1e-2, weight_decay=0.1, backend=backend)
+    for _ in range(20):
+        opt.step(lambda: sum(p.float().square().sum() for p in ps))
+    assert all(torch.equal(p, b) for p, b in zip(ps, before))
+
+
+def test_mezo_half_precision_update_is_one_rounding_from_the_saved_theta():
+    ps = _params(torch.bfloat16)
+    before = [p.detach().clone() for p in ps]
+    opt = MeZO(ps, lr=0.05, eps=1e-2, weight_decay=0.2)
+    opt.step(lambda: sum(p.float().square().sum() for p in ps))
+    seed, g = opt.last_step["seed"], opt.last_step["projected_grad"]
+    for p, b, base in zip(ps, before, base_offsets(ps)):
+        z = zo_normal(seed, base, p.numel(), DEVICE).view(p.shape)
+        assert torch.equal(p, (b.float() * (1 - 0.05 * 0.2) + z * (-0.05 * g)).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mezo_non_contiguous_parameter_moves_like_a_contiguous_one(backend):
+    g = torch.Generator().manual_seed(4)
+    w_t = torch.nn.Parameter(torch.randn(7, 5, generator=g).to(DEVICE).t())    # (5, 7), not contiguous
+    w_c = torch.nn.Parameter(w_t.detach().contiguous())
+    assert not w_t.is_contiguous()
+    target = torch.randn(5, 7, generator=g).to(DEVICE)
+    for w in (w_t, w_c):
+        torch.manual_seed(0)
+        opt = MeZO([w], lr=0.05, eps=1e-3, backend=backend)
+        for _ in range(3):
+            opt.step(lambda: ((w.contiguous() - target) ** 2).sum())    # one summation order for both
+    assert not w_t.is_contiguous() and torch.equal(w_t, w_c)

@@ -1,4 +1,6 @@
 """patch / unpatch / merge / save_adapter / load_adapter on tiny models of every supported family."""
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -207,3 +209,50 @@ def test_kernel_backends_step0(family, backend):
         perturb_adapters(model)
         got = model_output(model, batch)
     assert rel_diff(got, model_output(model, batch)) < 1e-5    # the torch backend agrees
+
+
+def test_target_modules_string_is_a_full_name_regex_and_the_error_says_so():
+    model = make_model("bert")
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"a string is a regex matched against the full module name.*"
+                                         r"target_modules=\['query'\]"):
+        spu_kernels.patch(model, "lora", target_modules="query")
+    assert not spu_kernels.is_patched(model)
+    assert_same_as(model, snap, model_output(model, make_batch("bert")), make_batch("bert"))
+
+
+@pytest.mark.parametrize("name", ["attention.self.value", "value.base_layer", "layer.0.attention.self"])
+def test_trainable_modules_may_not_unfreeze_an_adapted_layer(name):
+    model = make_model("bert")
+    batch = make_batch("bert")
+    out = model_output(model, batch)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=rf"trainable_modules: {re.escape(repr(name))} .*adapted.*frozen"):
+        spu_kernels.patch(model, "lora", r=2, trainable_modules=[name])
+    assert not spu_kernels.is_patched(model)
+    assert_same_as(model, snap, out, batch)
+
+
+def test_load_adapter_that_does_not_fit_leaves_the_model_as_it_was(tmp_path):
+    model = make_model("roberta")
+    spu_kernels.patch(model, "lora", r=3)
+    path = spu_kernels.save_adapter(model, tmp_path / "adapter.safetensors")
+    other = make_model("roberta")
+    other.classifier.out_proj = nn.Linear(32, 2)      # a head for another number of labels
+    batch = make_batch("roberta")
+    out = model_output(other, batch)
+    snap = snapshot(other)
+    with pytest.raises(ValueError, match=r"classifier.out_proj.weight has shape \(3, 32\), the model's is \(2, 32\)"):
+        spu_kernels.load_adapter(other, path)
+    assert not spu_kernels.is_patched(other)
+    assert_same_as(other, snap, out, batch)
+    # already patched the same way: every shape is checked before any tensor is copied
+    spu_kernels.patch(other, "lora", r=3)
+    with torch.no_grad():
+        for p in other.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    state = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="classifier.out_proj.weight has shape"):
+        spu_kernels.load_adapter(other, path)
+    assert all(torch.equal(v, state[k]) for k, v in other.state_dict().items())

@@ -1,5 +1,6 @@
 """(IA)³ modules (Liu et al. 2022): learned per-feature scales, initialised to ones so the wrapped
-model computes exactly what it did.
+model computes what it did (to rounding; on the torch backend the scaled activation is torch's
+F.gelu / F.silu / F.relu bit for bit).
 
 * ``IA3Linear``: a frozen ``nn.Linear`` / ``Conv1D`` whose output (keys, values; side="output")
   or input (a gated MLP's down projection; side="input") is scaled by l.

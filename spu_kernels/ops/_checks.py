@@ -1,6 +1,9 @@
 """Input checks shared by the ops on a frozen linear layer (lowrank_linear, ia3_linear,
-kron_linear): the messages say what was wrong and how to fix it."""
+kron_linear) and by the seeded ops (dropout, zo_axpby): the messages say what was wrong and how
+to fix it."""
 from __future__ import annotations
+
+import operator
 
 import torch
 
@@ -41,3 +44,18 @@ def frozen_linear_dtypes(op: str, x, weight, bias):
                         + (f" and bias {bias.dtype}" if bias is not None else "")
                         + "; cast the input or the layer to one dtype, or run under torch.autocast")
     return x, weight, bias
+
+
+SEED_LIMIT = 2**63   # the Philox key is 64 bits, but the cuda op takes an int64: [0, 2**63) on every backend
+
+
+def check_seed(op: str, seed) -> int:
+    """A Philox seed as an int in [0, 2**63) (ints and numpy ints; not bools or floats)."""
+    try:
+        value = operator.index(seed) if not isinstance(seed, bool) else None
+    except TypeError:
+        value = None
+    if value is None or not 0 <= value < SEED_LIMIT:
+        raise ValueError(f"{op}: seed must be an int in [0, 2**63) (the Philox key every backend takes), "
+                         f"got {seed!r}; e.g. spu_kernels.ops.dropout_rng.new_seed(), or seed % 2**63")
+    return value

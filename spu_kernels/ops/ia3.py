@@ -5,7 +5,9 @@
     ia3_scaled_act:             y = act(h) ⊙ l            l (F,)   FFN hidden; act in gelu, gelu_tanh, relu, silu
 
 x (..., K) tokens; W (N, K) frozen; b (N,) optional; l initialised to ones by the modules, so the
-wrapped layer computes exactly what it did.
+wrapped layer computes what it did: at l = 1 the torch backend's ``ia3_scaled_act`` is torch's own
+activation bit for bit (act(h) as F.gelu / F.silu / F.relu compute it, then one product with l);
+the linears, and every triton kernel (its own erf / exp, GEMM tiling), agree to rounding.
 
 What ``IA3LinearFunction`` saves for backward (no copy of anything, nothing T×N that is new):
   * output side: the output y itself (the next layer, e.g. attention, holds it anyway) plus x, W,
@@ -93,7 +95,7 @@ class _TorchImpl:
     def linear_backward(dy, x, y, weight, bias, l, side, need_dx, need_dbias, need_dl):
         dx = dbias = dl = None
         if side == "input":
-            g = dy @ weight
+            g = dy @ weight if (need_dx or need_dl) else None
             if need_dl:
                 dl = (g.float() * x.float()).sum(0)
             if need_dx:
@@ -120,7 +122,8 @@ class _TorchImpl:
 
     @staticmethod
     def act_forward(h, l, activation):
-        return (_act_and_grad(h.float(), activation)[0] * l.float()).to(h.dtype)
+        # torch's own activation (in h's dtype), then one fp32 product: at l = 1 exactly act(h)
+        return (activation_reference(h, activation).float() * l.float()).to(h.dtype)
 
     @staticmethod
     def act_backward(dy, h, l, activation, need_dh, need_dl):
@@ -158,8 +161,10 @@ class _TritonImpl:
             return dx, dbias, dl
         if need_dx:
             dx = k.gemm_scaled(dy, weight, k_scale=l)[0]
-        if need_dl or need_dbias:
+        if need_dl:
             dl, dbias = k.ia3_out_grads(dy, y, l, x, weight, bias, need_dbias)
+        elif need_dbias:   # bias only: y and x were not saved
+            dbias = dy.float().sum(0) * l.float()
         return dx, dbias, dl
 
     @staticmethod

@@ -22,7 +22,7 @@ import math
 import torch
 
 from ..backends import resolve_backend
-from ._checks import check_frozen_linear, frozen_linear_dtypes
+from ._checks import check_frozen_linear, check_seed, frozen_linear_dtypes
 from .dropout_rng import dropout_keep_mask, dropout_threshold, new_seed
 
 OP_NAME = "lowrank_linear"
@@ -194,21 +194,19 @@ def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         lora_a: A, (r, K). lora_b: B, (N, r). rank_scale: g, (r,) or None. These are cast to x's
             dtype (differentiably: fp32 master copies get fp32 grads).
         scale: s. dropout_p: p in [0, 1), applied to the adapter's input only.
-        seed: dropout seed (drawn from torch's CPU generator when None).
+        seed: dropout seed, an int in [0, 2**63) (drawn from torch's CPU generator when None).
         backend: "torch", "triton" or "cuda"; default as in spu_kernels.backends.
     Under torch.autocast every input is cast to the autocast dtype first, as nn.Linear would be.
     """
     _check(x, weight, bias, lora_a, lora_b, rank_scale, scale, dropout_p)
+    seed = check_seed(OP_NAME, seed) if seed is not None else (new_seed() if dropout_p > 0 else 0)
     x, weight, bias = frozen_linear_dtypes(OP_NAME, x, weight, bias)
     dt = x.dtype
     a, b = lora_a.to(dt), lora_b.to(dt)
     g = rank_scale.to(dt) if rank_scale is not None else None
     chosen = resolve_backend(OP_NAME, IMPLEMENTED, x.device, backend)
-    if dropout_p > 0 and seed is None:
-        seed = new_seed()
     with torch.autocast(x.device.type, enabled=False):
-        return LowRankLinearFunction.apply(x, weight, bias, a, b, g, float(scale), float(dropout_p),
-                                           int(seed or 0), chosen)
+        return LowRankLinearFunction.apply(x, weight, bias, a, b, g, float(scale), float(dropout_p), seed, chosen)
 
 
 def _check(x, weight, bias, a, b, g, scale, p) -> None:

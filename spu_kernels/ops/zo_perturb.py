@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 
 from ..backends import resolve_backend
+from ._checks import check_seed
 from .dropout_rng import philox4x32_words
 
 OP_NAME = "zo_axpby"
@@ -31,6 +32,7 @@ ZO_STREAM = 0x4D655A4F          # "MeZO": keeps z independent of dropout masks d
 _TWO_M32 = 2.0 ** -32
 _TWO_PI = 2.0 * math.pi
 _CHUNK = 1 << 20                # the torch backend generates z in chunks: bounded extra memory
+Z_MAX = 6.8                     # |z| <= sqrt(−2 ln 2⁻³³) = 6.764: u1 >= 2⁻³³
 
 
 def zo_normal(seed: int, start: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -87,9 +89,9 @@ def zo_axpby_(tensors: Sequence[torch.Tensor], seed: int, alpha: float, beta: fl
             raise ValueError(f"{OP_NAME}: tensor {i} is on {t.device} but tensor 0 is on {device}; "
                              "call once per device")
         if not t.is_contiguous():
-            raise ValueError(f"{OP_NAME}: tensor {i} is not contiguous; pass .data of contiguous parameters")
-    if not (isinstance(seed, int) and 0 <= seed < 2**63):
-        raise ValueError(f"{OP_NAME}: seed must be an int in [0, 2**63), got {seed!r}")
+            raise ValueError(f"{OP_NAME}: tensor {i} is not contiguous; update a contiguous copy and copy it "
+                             "back (spu_kernels.MeZO does this for its parameters)")
+    seed = check_seed(OP_NAME, seed)
     for name, v in (("alpha", alpha), ("beta", beta)):
         if not math.isfinite(v):
             raise ValueError(f"{OP_NAME}: {name} must be finite, got {v!r}")

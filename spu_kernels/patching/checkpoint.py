@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .core import is_patched, patch, patch_state
+from .core import is_patched, patch, patch_state, unpatch
 
 _FORMAT = "spu_kernels.adapter.v1"
 
@@ -48,7 +48,8 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
 
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Patch ``model`` as the file says (unless it already is, with the same method) and load the
-    trained tensors. Missing or unexpected names, or shape mismatches, are errors."""
+    trained tensors. Missing or unexpected names, or shape mismatches, are errors raised before
+    any tensor is copied; on any error the model is left as it was (a patch done here is undone)."""
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
@@ -56,18 +57,34 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
             raise ValueError(f"{path} is not an spu_kernels adapter file (format {meta.get('format')!r})")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     method, options = meta["method"], json.loads(meta["options"])
-    if not is_patched(model):
+    patched_here = not is_patched(model)
+    if patched_here:   # what the unpatched model already has (the head, trainable_modules) must fit first
+        own = dict(model.named_parameters())
+        _check_shapes(path, {n: t for n, t in tensors.items() if n in own}, own)
         patch(model, method, **options)
     elif patch_state(model).method != method:
         raise ValueError(f"{path} holds a {method!r} adapter but the model is patched with "
                          f"{patch_state(model).method!r}; unpatch it first")
-    own = adapter_state_dict(model)
-    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    try:
+        own = adapter_state_dict(model)
+        missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        _check_shapes(path, tensors, own)
+    except BaseException:
+        if patched_here:
+            unpatch(model)
+        raise
     with torch.no_grad():
         for name, t in tensors.items():
-            if own[name].shape != t.shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, the model's is {tuple(own[name].shape)}")
             own[name].copy_(t)
     return model
+
+
+def _check_shapes(path, tensors: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> None:
+    bad = [f"{n} has shape {tuple(t.shape)}, the model's is {tuple(own[n].shape)}"
+           for n, t in tensors.items() if own[n].shape != t.shape]
+    if bad:
+        raise ValueError(f"{path} does not fit this model: " + "; ".join(bad[:5])
+                         + (f"; ... ({len(bad)} in all)" if len(bad) > 5 else "")
+                         + ". Load it into the model it was trained on (same architecture and head)")

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence
 
 import torch.nn as nn
 
-from ..modules.lowrank_base import is_linear_like, linear_dims
+from ..modules.lowrank_base import WrappedLinear, is_linear_like, linear_dims
 from .architectures import (HEAD_NAMES, Family, family_of, model_type_of, name_matches, role_targets,
                             supported_model_types)
 from .registry import get_method
@@ -119,9 +119,16 @@ class PatchContext:
                     break
         if not found:
             wanted = target_modules if target_modules is not None else [p for p, _ in specs]
-            raise ValueError(f"no module of this {model_type_of(self.model)} model matched target_modules={wanted!r}; "
-                             f"its linear layers end with: {self._linear_suffixes()[:12]}")
+            example = next(iter(self._linear_names()), "")
+            hint = (f" (a string is a regex matched against the full module name, e.g. {example!r}; "
+                    f"to match name endings pass a list: target_modules=[{target_modules!r}])"
+                    if isinstance(target_modules, str) else "")
+            raise ValueError(f"no module of this {model_type_of(self.model)} model matched target_modules={wanted!r}"
+                             f"{hint}; its linear layers end with: {self._linear_suffixes()[:12]}")
         return found
+
+    def _linear_names(self) -> list[str]:
+        return [n for n, m in self.model.named_modules() if is_linear_like(m) and n.split(".")[0] not in HEAD_NAMES]
 
     def _linear_suffixes(self) -> list[str]:
         seen: list[str] = []
@@ -162,6 +169,28 @@ def _undo(model: nn.Module, replacements: list[Replacement], flags: list[tuple[n
         p.requires_grad_(flag)
 
 
+def _trainable_modules(model: nn.Module, replacements: list[Replacement], names: Sequence[str],
+                       method: str) -> list[nn.Module]:
+    """The modules ``trainable_modules`` names, checked before any flag changes: each name must
+    match, and none may hold an adapted layer's frozen base weight (the op refuses a base weight
+    that requires grad)."""
+    frozen = {id(rep.new.base_layer.weight): rep.name for rep in replacements if isinstance(rep.new, WrappedLinear)}
+    out = []
+    for t in names:
+        mods = [(n, m) for n, m in model.named_modules() if n and name_matches(n, re.escape(t))]
+        if not mods:
+            raise ValueError(f"trainable_modules: no module name ends with {t!r}")
+        for n, m in mods:
+            hit = next((frozen[id(p)] for p in m.parameters() if id(p) in frozen), None)
+            if hit is not None:
+                raise ValueError(f"trainable_modules: {t!r} matches {n!r}, which holds the base weight of the "
+                                 f"{method}-adapted layer {hit!r}; that weight must stay frozen (the adapter "
+                                 f"trains instead). Name other modules, or leave {hit!r} out of target_modules "
+                                 "to train it fully")
+            out.append(m)
+    return out
+
+
 def patch(model: nn.Module, method: str, *, train_head: bool = True,
           trainable_modules: Sequence[str] | None = None, soft_prompt: int | dict | None = None,
           **options: Any) -> nn.Module:
@@ -195,6 +224,7 @@ def patch(model: nn.Module, method: str, *, train_head: bool = True,
         if soft_prompt is not None:
             from .prompt_methods import add_soft_prompt
             add_soft_prompt(ctx, **prompt_opts)
+        extra = _trainable_modules(model, ctx.replacements, trainable_modules or (), method)
         for p in model.parameters():
             p.requires_grad_(False)
         for p in ctx.trainable:
@@ -203,12 +233,8 @@ def patch(model: nn.Module, method: str, *, train_head: bool = True,
             for name, child in model.named_children():
                 if name in HEAD_NAMES:
                     child.requires_grad_(True)
-        for t in trainable_modules or ():
-            mods = [m for n, m in model.named_modules() if n and name_matches(n, re.escape(t))]
-            if not mods:
-                raise ValueError(f"trainable_modules: no module name ends with {t!r}")
-            for m in mods:
-                m.requires_grad_(True)
+        for m in extra:
+            m.requires_grad_(True)
     except BaseException:
         _undo(model, ctx.replacements, flags)
         raise

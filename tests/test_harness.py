@@ -289,6 +289,59 @@ def test_resume_continues_where_it_stopped(tiny_config, tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("how", ["killed_while_saving", "stale_truncated_dir"])
+def test_resume_takes_the_newest_complete_checkpoint(tiny_config, tmp_path, monkeypatch, capsys, how):
+    """A checkpoint cut short (the run killed while writing it) is skipped: resume continues from
+    the previous epoch's and ends as the uninterrupted run does."""
+    import shutil
+    from spu_kernels.harness import train
+    tiny_config["training"].update(epochs=2, max_steps=None, batch_size=16)
+    tiny_config["method"] = {"name": "lora", "args": {"r": 2, "dropout": 0.1}}
+    straight = run(from_dict(tiny_config), output_dir=tmp_path / "a")
+    ckpts = tmp_path / "b" / "checkpoints"
+    if how == "killed_while_saving":          # epoch 2's trainer state: half written, then the kill
+        real_save, calls = torch.save, []
+
+        def killed(obj, f, *a, **k):
+            if Path(f).name.startswith("trainer_state"):
+                calls.append(1)
+                if len(calls) == 2:
+                    buf = io.BytesIO()
+                    real_save(obj, buf)
+                    Path(f).write_bytes(buf.getvalue()[:200])
+                    raise KeyboardInterrupt
+            return real_save(obj, f, *a, **k)
+        monkeypatch.setattr(torch, "save", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run(from_dict(tiny_config), output_dir=tmp_path / "b")
+        monkeypatch.setattr(torch, "save", real_save)
+    else:                                     # a newer directory holding a truncated trainer state
+        real_eval, calls = train.evaluate, []
+
+        def interrupt(*a, **k):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return real_eval(*a, **k)
+        monkeypatch.setattr(train, "evaluate", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            run(from_dict(tiny_config), output_dir=tmp_path / "b")
+        monkeypatch.setattr(train, "evaluate", real_eval)
+        (ckpts / "epoch_2").mkdir()
+        shutil.copy(ckpts / "epoch_1" / "adapter.safetensors", ckpts / "epoch_2")
+        (ckpts / "epoch_2" / "trainer_state.pt").write_bytes((ckpts / "epoch_1" / "trainer_state.pt").read_bytes()[:200])
+    capsys.readouterr()
+    resumed = run(from_dict(tiny_config), output_dir=tmp_path / "b", resume=True)
+    err = capsys.readouterr().err
+    assert "incomplete checkpoint" in err and f"resumed from {ckpts / 'epoch_1'}" in err
+    assert resumed.history == straight.history and resumed.accuracy == straight.accuracy
+    from safetensors.torch import load_file
+    a = load_file(tmp_path / "a" / "best" / "adapter.safetensors")
+    b = load_file(tmp_path / "b" / "best" / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch_2"]      # the incomplete one is gone
+
+
 def test_cli_check_methods_schema(tiny_config, tmp_path, capsys):
     f = tmp_path / "c.yaml"
     f.write_text(yaml.safe_dump(tiny_config))

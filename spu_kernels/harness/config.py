@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,11 @@ class ConfigError(ValueError):
     """A config that does not fit the schema; the message names the key."""
 
 
-def _opt(kind, default=None, doc="", choices=None, minimum=None):
+def _opt(kind, default=None, doc="", choices=None, minimum=None, above=None, maximum=None):
+    """A config key: its type, default, meaning, choices and range (>= minimum, > above, <= maximum)."""
     return field(default_factory=lambda: copy.deepcopy(default),
-                 metadata={"kind": kind, "doc": doc, "choices": choices, "min": minimum})
+                 metadata={"kind": kind, "doc": doc, "choices": choices,
+                           "range": {"minimum": minimum, "above": above, "maximum": maximum}})
 
 
 @dataclass
@@ -76,13 +79,13 @@ class MethodConfig:
 class TrainingConfig:
     epochs: int = _opt("int", 3, "passes over the training split", minimum=1)
     max_steps: int | None = _opt("int?", None, "stop after this many optimizer steps (null = no limit)", minimum=1)
-    learning_rate: float | None = _opt("float?", None, "peak learning rate (null = the method's default)")
+    learning_rate: float | None = _opt("float?", None, "peak learning rate (null = the method's default)", above=0)
     batch_size: int = _opt("int", 32, "training batch size", minimum=1)
     eval_batch_size: int = _opt("int", 128, "evaluation batch size", minimum=1)
     weight_decay: float = _opt("float", 0.01, "AdamW weight decay (not on biases and norms)", minimum=0)
     warmup_ratio: float = _opt("float", 0.06, "linear warm-up over this fraction of the steps, then linear "
-                                              "decay to 0", minimum=0)
-    max_grad_norm: float | None = _opt("float?", 1.0, "gradient clipping (null = none)")
+                                              "decay to 0", minimum=0, maximum=1)
+    max_grad_norm: float | None = _opt("float?", 1.0, "gradient clipping (null = none)", above=0)
     seed: int = _opt("int", 0, "seed of the model's new head, the adapters and the batch order")
     eval_every_epoch: bool = _opt("bool", True, "evaluate on the validation split after each epoch")
     precision: str = _opt("str", "auto", "auto (bf16 on a GPU that has it, else fp32), bf16, fp16 (GPU only), "
@@ -98,7 +101,7 @@ class TrainingConfig:
     optimizer: str = _opt("str", "adamw", "adamw (backprop), or mezo (zeroth-order, Malladi et al. 2023: two "
                                           "forward passes a step, no backward, no optimizer state; dropout off "
                                           "during its passes)", ["adamw", "mezo"])
-    mezo_eps: float = _opt("float", 1e-3, "MeZO's perturbation size epsilon", minimum=0)
+    mezo_eps: float = _opt("float", 1e-3, "MeZO's perturbation size epsilon", above=0)
 
 
 @dataclass
@@ -160,8 +163,9 @@ def _type_name(kind: str) -> str:
     return base + (" or null" if kind.endswith("?") else "")
 
 
-def check_value(key: str, value, kind: str, choices=None, minimum=None):
-    """``value`` converted to ``kind`` ('int', 'float?', ...) or a ConfigError naming ``key``."""
+def check_value(key: str, value, kind: str, choices=None, minimum=None, above=None, maximum=None):
+    """``value`` converted to ``kind`` ('int', 'float?', ...) or a ConfigError naming ``key``; numbers
+    must be finite and within the range (>= minimum, > above, <= maximum)."""
     if value is None:
         if kind.endswith("?"):
             return None
@@ -185,8 +189,13 @@ def check_value(key: str, value, kind: str, choices=None, minimum=None):
     if choices is not None and value not in choices:
         raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, choices))}"
                           + _suggest(value, choices))
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{key}: must be >= {minimum}, got {value!r}")
+    if base == "float" and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+    for bad, bound in ((minimum is not None and value < minimum, f">= {minimum}"),
+                       (above is not None and value <= above, f"> {above}"),
+                       (maximum is not None and value > maximum, f"<= {maximum}")):
+        if bad:
+            raise ConfigError(f"{key}: must be {bound}{' or null' if kind.endswith('?') else ''}, got {value!r}")
     return value
 
 
@@ -204,7 +213,7 @@ def _section(name: str, cls, raw) -> Any:
     for key, f in spec.items():
         if key in raw:
             md = f.metadata
-            values[key] = check_value(f"{name}.{key}", raw[key], md["kind"], md["choices"], md["min"])
+            values[key] = check_value(f"{name}.{key}", raw[key], md["kind"], md["choices"], **md["range"])
     return cls(**values)
 
 
@@ -266,7 +275,10 @@ def from_dict(raw: dict, where: str = "config") -> Config:
         if key not in _SECTIONS:
             raise ConfigError(f"cpu.{key}: unknown section{_suggest(key, _SECTIONS)}; cpu overrides "
                               f"{', '.join(_SECTIONS)}")
-        _section(f"cpu.{key}", _SECTIONS[key], over)     # validates keys and types
+        sec = _section(f"cpu.{key}", _SECTIONS[key], over)     # validates keys, types and ranges
+        if key == "method" and over:
+            check_method(sec.name if "name" in over else cfg.method.name,
+                         sec.args if "args" in over else cfg.method.args, "cpu.method")     # as deep_merge does
     return cfg
 
 
@@ -308,7 +320,7 @@ def check_compare_entry(mname: str, entry) -> None:
                               "compare.<method> takes args, learning_rate")
     check_method(mname, check_value(f"compare.{mname}.args", entry.get("args", {}) or {}, "dict"),
                  f"compare.{mname}")
-    check_value(f"compare.{mname}.learning_rate", entry.get("learning_rate"), "float?")
+    check_value(f"compare.{mname}.learning_rate", entry.get("learning_rate"), "float?", above=0)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> tuple[Config, dict]:
@@ -373,5 +385,7 @@ def schema_text() -> str:
             md = f.metadata
             default = f.default_factory() if f.default_factory is not None else f.default  # type: ignore[misc]
             choices = f" [{' | '.join(md['choices'])}]" if md["choices"] else ""
-            lines.append(f"  {f.name}: {_type_name(md['kind'])}{choices}, default {default!r} -- {md['doc']}")
+            rng = ", ".join(f"{op} {v}" for op, v in zip((">=", ">", "<="), md["range"].values()) if v is not None)
+            rng = f" ({rng})" if rng else ""
+            lines.append(f"  {f.name}: {_type_name(md['kind'])}{choices}{rng}, default {default!r} -- {md['doc']}")
     return "\n".join(lines)

@@ -45,7 +45,7 @@ import random
 import subprocess
 import sys
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 VADER_SPEC = "vaderSentiment==3.3.2"
@@ -65,6 +65,7 @@ BUILTIN = ("rotten_tomatoes",)
 class Example:
     text: str
     label: int
+    origin: str = field(default="", compare=False, repr=False)     # "file line N", for error messages
 
 
 @dataclass
@@ -183,7 +184,8 @@ def load_rotten_tomatoes(labels: str = "source", cache: str | Path | None = None
 # --------------------------------------------------------------------------------------------
 # files and Hugging Face datasets
 # --------------------------------------------------------------------------------------------
-def _records_from_file(path: Path) -> list[dict]:
+def _records_from_file(path: Path) -> list[tuple[str, dict]]:
+    """(origin "PATH line N", record) per row of a JSONL / CSV / TSV file."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         out = []
@@ -191,64 +193,119 @@ def _records_from_file(path: Path) -> list[dict]:
             for lineno, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        out.append(json.loads(line))
+                        record = json.loads(line)
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{path} line {lineno}: not JSON ({e.msg}); expected one object per line") from None
+                    if not isinstance(record, dict):
+                        raise ValueError(f"{path} line {lineno}: expected a JSON object, got {line.strip()[:80]}")
+                    out.append((f"{path} line {lineno}", record))
         return out
     if suffix in (".csv", ".tsv"):
         with open(path, encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            out = [(f"{path} line {reader.line_num}", row) for row in reader]
+        n_header = len(reader.fieldnames or ())
+        for origin, row in out:            # DictReader fills a short row with None, puts extra fields under None
+            n = n_header - sum(v is None for k, v in row.items() if k is not None) + len(row.get(None) or ())
+            if n != n_header:
+                raise ValueError(f"{origin}: {n} field(s) but the header has {n_header} "
+                                 f"({', '.join(reader.fieldnames)}); fix the row (a missing or unquoted "
+                                 "delimiter?) or drop it")
+        return out
     raise ValueError(f"dataset.path {path}: unsupported file type {suffix!r} (use .csv, .tsv or .jsonl)")
 
 
-def _to_examples(records, text_column: str, label_column: str, where: str,
+def _as_int(v) -> int | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+        return int(v)
+    return None
+
+
+def _field(record: dict, column: str, origin: str, empty_ok: bool = False):
+    """``record[column]``; missing, null or (unless ``empty_ok``) empty is an error naming ``origin``."""
+    if column not in record:
+        raise ValueError(f"{origin}: no {column!r} field; every row needs one (fill it in or drop the row)")
+    value = record[column]
+    if value is None or (isinstance(value, str) and not value.strip() and not empty_ok):
+        raise ValueError(f"{origin}: the {column!r} field is {'null' if value is None else 'empty'}; every row "
+                         "needs one (fill it in or drop the row)")
+    return value
+
+
+def is_int_labels(label_names: list[str]) -> bool:
+    """Integer labels (class ids as they are) rather than strings mapped to ids in sorted order."""
+    return label_names == [str(i) for i in range(len(label_names))]
+
+
+def _label_names(raw: list, origins: list[str]) -> list[str]:
+    """The label map a training split defines: "0".."C-1" for integer labels, else its strings sorted."""
+    ints = [_as_int(v) for v in raw]
+    if not all(i is not None for i in ints):
+        return sorted({str(v) for v in raw})
+    neg = next((k for k, i in enumerate(ints) if i < 0), None)
+    if neg is not None:
+        raise ValueError(f"{origins[neg]}: label {ints[neg]} is negative; integer labels are class ids 0..C-1, "
+                         "and -1 often marks an unlabelled row: drop those rows, or map the labels to 0..C-1 "
+                         "(e.g. -1/+1 -> 0/1)")
+    return [str(i) for i in range(max(ints) + 1)]
+
+
+def _label_id(value, label_names: list[str], origin: str) -> int:
+    """``value``'s class id under the training split's label map."""
+    if is_int_labels(label_names):
+        i = _as_int(value)
+        if i is None or i < 0:
+            what = "negative" if i is not None else "not an integer"
+            raise ValueError(f"{origin}: label {value!r} is {what}, but the training split's labels are the class "
+                             f"ids 0..{len(label_names) - 1}; every split must use them")
+        return i                          # checked against num_labels by check_labels
+    try:
+        return label_names.index(str(value))
+    except ValueError:
+        raise ValueError(f"{origin}: label {value!r} is not one of the training split's labels {label_names}; "
+                         "every split must use the training split's labels (fix or drop the row)") from None
+
+
+def _to_examples(rows: list[tuple[str, dict]], text_column: str, label_column: str, where: str,
                  label_names: list[str] | None) -> tuple[list[Example], list[str]]:
-    if not records:
+    """Examples of (origin, record) rows. ``label_names`` None: this is the training split, whose
+    labels define the map; otherwise the training split's map, applied to these rows."""
+    if not rows:
         raise ValueError(f"{where}: no rows")
-    first = records[0]
+    first = rows[0][1]
     for col in (text_column, label_column):
         if col not in first:
-            raise ValueError(f"{where}: no column {col!r}; columns are {sorted(first)} "
+            raise ValueError(f"{where}: no column {col!r}; columns are {sorted(k for k in first if k is not None)} "
                              f"(set dataset.text_column / dataset.label_column)")
-    raw = [r[label_column] for r in records]
-
-    def as_int(v):
-        if isinstance(v, bool):
-            return None
-        if isinstance(v, int):
-            return v
-        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-            return int(v)
-        return None
-    ints = [as_int(v) for v in raw]
+    texts = [_field(r, text_column, origin, empty_ok=True) for origin, r in rows]
+    raw = [_field(r, label_column, origin) for origin, r in rows]
+    origins = [origin for origin, _ in rows]
     if label_names is None:
-        if all(i is not None and i >= 0 for i in ints):
-            label_names = [str(i) for i in range(max(ints) + 1)]
-        else:
-            label_names = sorted({str(v) for v in raw})
-    if all(i is not None for i in ints):
-        labels = ints
-    else:
-        index = {name: i for i, name in enumerate(label_names)}
-        labels = [index.get(str(v)) for v in raw]
-    bad = [v for v, lab in zip(raw, labels) if lab is None or not 0 <= lab < len(label_names)]
-    if bad:
-        raise ValueError(f"{where}: label {bad[0]!r} is not one of {label_names}")
-    return [Example(str(r[text_column]), lab) for r, lab in zip(records, labels)], label_names
+        label_names = _label_names(raw, origins)
+    return ([Example(str(t), _label_id(v, label_names, o), o) for t, v, o in zip(texts, raw, origins)],
+            label_names)
 
 
-def load_file(path: str | Path, text_column: str = "text", label_column: str = "label") -> tuple[list[Example], list[str]]:
+def load_file(path: str | Path, text_column: str = "text", label_column: str = "label",
+              label_names: list[str] | None = None) -> tuple[list[Example], list[str]]:
     """A CSV / TSV (header row) or JSONL file with a text and a label column. Labels may be ints
-    0..C-1 or strings (mapped to 0..C-1 in sorted order)."""
+    0..C-1 or strings (mapped to 0..C-1 in sorted order); ``label_names`` (the training split's)
+    maps the labels of a validation or test file."""
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"dataset.path: {path} does not exist")
-    return _to_examples(_records_from_file(path), text_column, label_column, str(path), None)
+    return _to_examples(_records_from_file(path), text_column, label_column, str(path), label_names)
 
 
-def load_hf(name: str, config: str | None, text_column: str, label_column: str) -> dict[str, list[Example]]:
+def load_hf(name: str, config: str | None, text_column: str, label_column: str,
+            train_split: str = "train") -> tuple[dict[str, list[Example]], list[str]]:
     """A Hugging Face ``datasets`` dataset (needs the optional ``datasets`` package, and the data
-    cached locally or the Hub reachable). Returns its splits by name."""
+    cached locally or the Hub reachable). Returns its splits by name and the label names (the
+    training split's label map, applied to every split)."""
     try:
         import datasets
     except ImportError:
@@ -256,18 +313,33 @@ def load_hf(name: str, config: str | None, text_column: str, label_column: str) 
                           "installed (pip install datasets); or export the data to CSV/JSONL and use "
                           "dataset.path") from None
     ds = datasets.load_dataset(name, config)
-    label_names = None
-    for split in ds.values():
-        feat = split.features.get(label_column)
-        if getattr(feat, "names", None):
-            label_names = list(feat.names)
-        break
-    out = {}
-    for split_name, split in ds.items():
-        examples, label_names = _to_examples(list(split), text_column, label_column, f"{name}[{split_name}]",
-                                             label_names)
-        out[split_name] = examples
-    return out
+    out, label_names = {}, None
+    for split_name in sorted(ds, key=lambda s: s != train_split):     # the training split first
+        rows = [(f"{name}[{split_name}] row {i}", r) for i, r in enumerate(ds[split_name])]
+        out[split_name], label_names = _to_examples(rows, text_column, label_column, f"{name}[{split_name}]",
+                                                    label_names)
+    class_names = getattr(ds[next(iter(out))].features.get(label_column), "names", None)
+    if class_names and is_int_labels(label_names) and len(class_names) >= len(label_names):
+        label_names = list(class_names)            # a ClassLabel: its names and its class count
+    return out, label_names
+
+
+def check_labels(splits: "Splits", num_labels: int | None = None) -> int:
+    """The number of classes (``num_labels``, i.e. model.num_labels, or the training split's);
+    a label outside 0..num_labels-1 in any split is an error naming its file and line."""
+    n = num_labels or splits.num_labels
+    why = ("model.num_labels" if num_labels else
+           f"the training split's labels are 0..{n - 1}" if is_int_labels(splits.label_names) else
+           f"the training split's labels are {splits.label_names}")
+    for split_name, split in (("training", splits.train), ("validation", splits.val), ("test", splits.test)):
+        bad = next((e for e in split if not 0 <= e.label < n), None)
+        if bad is not None:
+            name = splits.label_names[bad.label] if 0 <= bad.label < len(splits.label_names) else str(bad.label)
+            label = bad.label if name == str(bad.label) else f"{name!r} (class id {bad.label})"
+            raise ValueError(f"{bad.origin or f'the {split_name} split'}: label {label} is not below num_labels = {n} "
+                             f"({why}); "
+                             "set model.num_labels to the number of classes, or fix or drop the row")
+    return n
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,26 +372,23 @@ def load_splits(ds) -> Splits:
     elif ds.path is not None:
         files = {"train": ds.path, "val": ds.val_path, "test": ds.test_path}
         main, label_names = load_file(ds.path, ds.text_column, ds.label_column)
-        if ds.val_path or ds.test_path:
+        val, test = (load_file(p, ds.text_column, ds.label_column, label_names)[0] if p else None
+                     for p in (ds.val_path, ds.test_path))
+        train, v2, te2 = split_examples(main, ds.split_seed)
+        if val is not None and test is not None:
             train = main
-            val = load_file(ds.val_path, ds.text_column, ds.label_column)[0] if ds.val_path else []
-            test = load_file(ds.test_path, ds.text_column, ds.label_column)[0] if ds.test_path else []
-            if not val or not test:
-                t2, v2, te2 = split_examples(main, ds.split_seed)
-                train = t2 if (not val and not test) else train
-                val, test = val or v2, test or te2
-        else:
-            train, val, test = split_examples(main, ds.split_seed)
+        elif val is not None or test is not None:     # the split not given is carved out of the training file
+            train = train + (v2 if val is not None else te2)
+        val, test = (v2 if val is None else val), (te2 if test is None else test)
         source = ", ".join(f"{k}={v}" for k, v in files.items() if v)
     else:
-        splits = load_hf(ds.hf, ds.hf_config, ds.text_column, ds.label_column)
+        splits, label_names = load_hf(ds.hf, ds.hf_config, ds.text_column, ds.label_column, ds.hf_splits[0])
         names = {"train": ds.hf_splits[0], "val": ds.hf_splits[1], "test": ds.hf_splits[2]}
         missing = [v for v in names.values() if v not in splits]
         if missing:
             raise ValueError(f"dataset.hf {ds.hf!r} has splits {sorted(splits)}, not {missing} "
                              "(set dataset.hf_splits: [train, validation, test])")
         train, val, test = (splits[names[k]] for k in ("train", "val", "test"))
-        label_names = [str(i) for i in range(1 + max(e.label for e in train + val + test))]
         source = f"hf:{ds.hf}" + (f"/{ds.hf_config}" if ds.hf_config else "")
     train, val, test = _head(train, ds.n_train), _head(val, ds.n_val), _head(test, ds.n_test)
     for split_name, split in (("train", train), ("validation", val), ("test", test)):

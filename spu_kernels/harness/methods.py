@@ -73,7 +73,8 @@ def options_of(name: str) -> dict:
 
 
 def check_method(name: str, args: dict, where: str) -> None:
-    """A ConfigError naming ``where.args.KEY`` for an unknown option or one of the wrong type."""
+    """A ConfigError naming ``where.args.KEY`` for an unknown option, one of the wrong type, or one
+    out of its range (``spu_kernels.patching.registry.check_options``)."""
     from .config import ConfigError, check_value
     if not isinstance(name, str):
         raise ConfigError(f"{where}.name: must be a string, got {name!r}")
@@ -94,6 +95,13 @@ def check_method(name: str, args: dict, where: str) -> None:
             if kind == "str" and not isinstance(value, str):
                 continue          # options like svd / init are strings; others (dtypes) may be objects
             check_value(f"{where}.args.{key}", value, kind)
+    patch_name = get(name).patch
+    if args and patch_name is not None:
+        from spu_kernels.patching.registry import check_options
+        try:
+            check_options(patch_name, args)
+        except ValueError as e:                       # "OPTION: must be ..." -> where.args.OPTION: ...
+            raise ConfigError(f"{where}.args.{e}") from None
 
 
 def resolve(name: str, args: dict | None, learning_rate: float | None,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -33,9 +34,10 @@ import torch
 
 from . import methods as hmethods
 from .config import Config
-from .data import Example, Splits, load_splits
+from .data import Example, Splits, check_labels, load_splits
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+CHECKPOINT_DONE = "COMPLETE"          # written last into a checkpoint directory
 
 
 @dataclass
@@ -266,6 +268,13 @@ def _lm(model):
     return model.model if isinstance(model, PromptClassifier) else model
 
 
+def _write_replace(path: Path, write) -> None:
+    """``write(tmp)`` under a temporary name beside ``path``, renamed into place once complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def _save_weights(model, method: str, path: Path) -> None:
     import spu_kernels
     if hmethods.get(method).patch is None or not spu_kernels.is_patched(_lm(model)):
@@ -279,9 +288,10 @@ def _save_weights(model, method: str, path: Path) -> None:
                 continue
             seen[key] = k
             out[k] = v.clone() if key is None else v
-        save_file(out, str(path / "model.safetensors"), metadata={"format": "spu_kernels.full.v1"})
+        _write_replace(path / "model.safetensors",
+                       lambda tmp: save_file(out, str(tmp), metadata={"format": "spu_kernels.full.v1"}))
     else:
-        spu_kernels.save_adapter(_lm(model), path / "adapter.safetensors")
+        _write_replace(path / "adapter.safetensors", lambda tmp: spu_kernels.save_adapter(_lm(model), tmp))
 
 
 def _load_weights(model, method: str, path: Path) -> None:
@@ -295,12 +305,60 @@ def _load_weights(model, method: str, path: Path) -> None:
         spu_kernels.load_adapter(_lm(model), path / "adapter.safetensors")
 
 
+def save_checkpoint(root: Path, epoch: int, model, method: str, trainer_state: dict, best_weights) -> Path:
+    """``root/epoch_N``: written as ``epoch_N.tmp`` (each file under a temporary name, renamed into
+    place when complete; the COMPLETE marker last), then renamed; older checkpoints are removed."""
+    final, tmp = root / f"epoch_{epoch}", root / f"epoch_{epoch}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _save_weights(model, method, tmp)
+    _write_replace(tmp / "trainer_state.pt", lambda p: torch.save(trainer_state, p))
+    if best_weights is not None:
+        _write_replace(tmp / "best.pt", lambda p: torch.save(best_weights, p))
+    _write_replace(tmp / CHECKPOINT_DONE, lambda p: p.write_text(json.dumps({"epoch": epoch, "method": method})))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in root.iterdir():                        # keep the newest only
+        if old.is_dir() and old != final:
+            shutil.rmtree(old, ignore_errors=True)
+        elif old.name == "best.pt":                   # where older versions kept the best weights
+            old.unlink()
+    return final
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint (``epoch_N`` with its COMPLETE marker); incomplete ones (the run
+    stopped while writing them) are skipped with a one-line message."""
     root = output_dir / "checkpoints"
-    if not root.is_dir():
-        return None
-    done = [p for p in root.glob("epoch_*") if (p / "trainer_state.pt").exists()]
-    return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
+    found = []
+    for p in sorted(root.iterdir()) if root.is_dir() else ():
+        m = re.fullmatch(r"epoch_(\d+)(\.tmp)?", p.name)
+        if m is None or not p.is_dir():
+            continue
+        if m.group(2) or not (p / CHECKPOINT_DONE).exists():
+            _log(f"resume: skipping the incomplete checkpoint {p} (the run stopped while writing it)")
+        else:
+            found.append((int(m.group(1)), p))
+    return max(found, default=(None, None))[1]
+
+
+def _resume(ckpt: Path, model, method: str, opt, sched, scaler, device) -> tuple[dict, dict | None]:
+    """Load a checkpoint into the model, optimizer, scheduler, scaler and RNGs; (state, best weights)."""
+    try:
+        _load_weights(model, method, ckpt)
+        saved = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+        best = (torch.load(ckpt / "best.pt", map_location="cpu", weights_only=True)
+                if (ckpt / "best.pt").exists() else None)
+    except Exception as e:                             # a damaged file: say which, not a traceback
+        raise ValueError(f"--resume: cannot read the checkpoint {ckpt} ({type(e).__name__}: {e}); delete it to "
+                         "resume from an older one, or run without --resume") from e
+    opt.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    scaler.load_state_dict(saved["scaler"])
+    torch.set_rng_state(saved["rng_cpu"])
+    if device.type == "cuda" and saved.get("rng_cuda") is not None:
+        torch.cuda.set_rng_state(saved["rng_cuda"], device)
+    return saved["state"], best
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,6 +374,19 @@ def _param_groups(model, weight_decay: float):
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def _open_output(out: Path, tensorboard: bool, method: str):
+    """Create ``out``; the TensorBoard writer (None when off or not installed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter(str(out / "tb"))
+    except ImportError as e:
+        _log(f"[{method}] TensorBoard logs off: {e} (pip install tensorboard)")
+        return None
 
 
 def _optimizer(model, tr, lr: float):
@@ -353,10 +424,9 @@ def run(cfg: Config, method: str | None = None, method_args: dict | None = None,
     if tr0.threads:
         torch.set_num_threads(tr0.threads)
     out = Path(output_dir or tr0.output_dir or Path("runs") / (cfg.name or "run") / method)
-    out.mkdir(parents=True, exist_ok=True)
 
     splits = splits or load_splits(cfg.dataset)
-    num_labels = cfg.model.num_labels or splits.num_labels
+    num_labels = check_labels(splits, cfg.model.num_labels)
     mem = PeakMemory(device)
     torch.manual_seed(tr0.seed)
     model, tok, model_name, template = load_model(cfg.model.path, num_labels, cfg.prompt, cfg.dataset.max_length)
@@ -365,14 +435,7 @@ def run(cfg: Config, method: str | None = None, method_args: dict | None = None,
     test_data = encode(tok, splits.test, cfg.dataset.max_length, template)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     model.to(device)
-
     writer = None
-    if tr0.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(str(out / "tb"))
-        except ImportError as e:
-            _log(f"[{method}] TensorBoard logs off: {e} (pip install tensorboard)")
 
     def sync():
         if device.type == "cuda":
@@ -397,6 +460,8 @@ def run(cfg: Config, method: str | None = None, method_args: dict | None = None,
         if not params:
             raise ValueError(f"method {pname!r} with {args} leaves nothing to train")
         opt, use_mezo = _optimizer(model, tr, lr)
+        if pi == 0:                                   # nothing is written before the run is set up
+            writer = _open_output(out, tr0.tensorboard, method)
         _log(f"[{tag}] {model_name} on {device} ({_precision_name(amp_dtype)}); {splits.source}: "
              f"{len(train_data)} train / {len(val_data)} val / {len(test_data)} test, max_length "
              f"{cfg.dataset.max_length}; trainable {trainable:,} of {total:,} params; "
@@ -418,18 +483,8 @@ def run(cfg: Config, method: str | None = None, method_args: dict | None = None,
             if ckpt is None:
                 _log(f"[{tag}] resume: no checkpoint in {out}/checkpoints; starting from scratch")
             else:
-                _load_weights(model, pname, ckpt)
-                saved = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
-                opt.load_state_dict(saved["optimizer"])
-                sched.load_state_dict(saved["scheduler"])
-                scaler.load_state_dict(saved["scaler"])
-                torch.set_rng_state(saved["rng_cpu"])
-                if device.type == "cuda" and saved.get("rng_cuda") is not None:
-                    torch.cuda.set_rng_state(saved["rng_cuda"], device)
-                state = saved["state"]
+                state, best_weights = _resume(ckpt, model, pname, opt, sched, scaler, device)
                 pstate = {k: state[k] for k in pstate}
-                if (ckpt.parent / "best.pt").exists():
-                    best_weights = torch.load(ckpt.parent / "best.pt", map_location="cpu", weights_only=True)
                 _log(f"[{tag}] resumed from {ckpt} (epoch {state['epoch']}, step {state['step']})")
 
         named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -504,19 +559,11 @@ def run(cfg: Config, method: str | None = None, method_args: dict | None = None,
                     best_weights = {n: p.detach().to("cpu", copy=True) for n, p in named_trainable}
             state["history"].append(record)
             if tr.save_checkpoints and not multi:
-                root = out / "checkpoints"
-                ckpt = root / f"epoch_{epoch + 1}"
-                ckpt.mkdir(parents=True, exist_ok=True)
-                _save_weights(model, pname, ckpt)
-                torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                            "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
-                            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                            "state": state, "method": pname, "args": args}, ckpt / "trainer_state.pt")
-                if best_weights is not None and state["best_epoch"] == epoch + 1:
-                    torch.save(best_weights, root / "best.pt")
-                for old in root.glob("epoch_*"):       # keep the newest only
-                    if old != ckpt:
-                        shutil.rmtree(old, ignore_errors=True)
+                save_checkpoint(out / "checkpoints", epoch + 1, model, pname,
+                                {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                 "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
+                                 "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                                 "state": state, "method": pname, "args": args}, best_weights)
 
         if best_weights is not None:                  # this phase's best epoch
             with torch.no_grad():

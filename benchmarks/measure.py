@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -83,18 +84,20 @@ def cpu_times(fns: list[Callable], warmup_ms: float, rep_ms: float, min_reps: in
     return times
 
 
-def _cuda_peak_mib(fn: Callable, absolute: bool) -> float:
-    """Peak memory allocated during one call (beyond what was live before it, unless ``absolute``)."""
+def _cuda_peak_mib(fn: Callable, floor: int | None) -> float:
+    """Peak memory allocated during one call beyond what was live before it, or, with ``floor`` (what
+    was allocated before the variant was set up), beyond that: the whole footprint of a training step
+    (weights, optimizer state, activations), not what an earlier variant may have left behind."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     fn()
     torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - (0 if absolute else before)) / 2**20
+    return (torch.cuda.max_memory_allocated() - (before if floor is None else floor)) / 2**20
 
 
-def measure(case: Case, fn: Callable, device: str, smoke: bool,
-            times: list[float] | None = None) -> list[tuple[str, float, float | None, float | None]]:
+def measure(case: Case, fn: Callable, device: str, smoke: bool, times: list[float] | None = None,
+            allocated_before_setup: int = 0) -> list[tuple[str, float, float | None, float | None]]:
     """(metric, value, p20, p80) of one variant's callable, already set up and not yet called; with
     ``times`` (seconds per call, from ``cpu_times`` over several variants) it is not timed again."""
     if times is None:
@@ -103,7 +106,8 @@ def measure(case: Case, fn: Callable, device: str, smoke: bool,
     out = []
     if device == "cuda" and case.memory:
         absolute = case.memory == "absolute"
-        out.append(("peak_mib" if absolute else "peak_extra_mib", _cuda_peak_mib(fn, absolute), None, None))
+        out.append(("peak_mib" if absolute else "peak_extra_mib",
+                    _cuda_peak_mib(fn, allocated_before_setup if absolute else None), None, None))
     if times is not None:
         med, p20, p80 = (1e3 * t for t in _quantiles(times))
     elif device == "cuda" and not case.host_timing:
@@ -127,8 +131,16 @@ def measure(case: Case, fn: Callable, device: str, smoke: bool,
     return out
 
 
+def allocated() -> int:
+    """CUDA memory allocated now (0 without a GPU)."""
+    return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+
+
 def release() -> None:
-    """Free what the last variant left behind before the next one is built."""
+    """Free what the last variant left behind before the next one is built (torch.compile's caches
+    hold on to compiled models: reset them too)."""
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -157,8 +157,9 @@ def _targeted(case, kind: str, metric: str) -> bool:
 def _measure_batch(case, batch, device, smoke):
     """[(kind, rows without the run / environment columns, 1 if it failed else 0)] in ``batch``'s order:
     one variant, or several whose host timings take turns (measure.cpu_times)."""
-    from benchmarks.measure import Skip, cpu_times, measure
+    from benchmarks.measure import Skip, allocated, cpu_times, measure
     results, ready = {}, []
+    floor = allocated()                       # before any setup: a whole step's footprint is measured above it
     for variant in batch:
         try:
             fn = variant.setup()
@@ -175,7 +176,8 @@ def _measure_batch(case, batch, device, smoke):
                           3 if smoke else 20, rounds=1 if smoke else 10)
     for i, (kind, fn) in enumerate(ready):
         try:
-            metrics = measure(case, fn, device, smoke, times=None if times is None else times[i])
+            metrics = measure(case, fn, device, smoke, times=None if times is None else times[i],
+                              allocated_before_setup=floor)
             if case.probe is not None:
                 metrics += [(m, v, None, None) for m, v in case.probe(kind, fn).items()]
             results[kind] = ([dict(kind=kind, metric=m, value=float(v), p20=p20, p80=p80, note="")

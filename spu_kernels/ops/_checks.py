@@ -3,6 +3,7 @@ kron_linear) and by the seeded ops (dropout, zo_axpby): the messages say what wa
 to fix it."""
 from __future__ import annotations
 
+import contextlib
 import operator
 
 import torch
@@ -33,11 +34,24 @@ def check_frozen_linear(op: str, x, weight, bias) -> tuple[int, int]:
     return k, n
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The torch.autocast dtype in force for tensors on ``device``, else None (meta tensors, used for
+    shape inference, never autocast)."""
+    if device.type == "meta" or not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def autocast_off(device: torch.device):
+    """The context an op's autograd call runs in: autocast off (its inputs are cast already)."""
+    return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
+
+
 def frozen_linear_dtypes(op: str, x, weight, bias):
     """(x, weight, bias) in one dtype: under torch.autocast all cast to the autocast dtype, as
     nn.Linear would be; otherwise they must already agree (an error saying how to fix it)."""
-    if torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
+    dt = autocast_dtype(x.device)
+    if dt is not None:
         return x.to(dt), weight.to(dt), (bias.to(dt) if bias is not None else None)
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         raise TypeError(f"{op}: x is {x.dtype} but weight is {weight.dtype}"

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backends import resolve_backend
-from ._checks import FLOAT_DTYPES, check_frozen_linear, frozen_linear_dtypes
+from ._checks import FLOAT_DTYPES, autocast_dtype, autocast_off, check_frozen_linear, frozen_linear_dtypes
 
 OP_LINEAR = "ia3_linear"
 OP_ACT = "ia3_scaled_act"
@@ -110,7 +110,8 @@ class _TorchImpl:
             s1 = (dy.float() * y.float()).sum(0)
             nz = lf != 0
             dl = s1 / torch.where(nz, lf, 1.0)
-            if not bool(nz.all()):   # columns with l == 0: y has no z there, recompute it
+            # columns with l == 0: y has no z there, recompute it (meta tensors have no values: shapes only)
+            if lf.device.type != "meta" and not bool(nz.all()):
                 idx = (~nz).nonzero().squeeze(1)
                 z = x.float() @ weight[idx].float().t()
                 if bias is not None:
@@ -241,13 +242,6 @@ class IA3ScaledActFunction(torch.autograd.Function):
 # public ops
 # ---------------------------------------------------------------------------------------------
 
-def _autocast(x, *others):
-    if torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
-        return (x.to(dt),) + tuple(o.to(dt) if o is not None else None for o in others)
-    return (x,) + others
-
-
 def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, l: torch.Tensor, *,
                side: str = "output", backend: str | None = None) -> torch.Tensor:
     """(IA)³ on a linear layer, fused: y = (x Wᵀ + b) ⊙ l (side="output", l (N,)) or
@@ -262,7 +256,7 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     _check_linear(x, weight, bias, l, side)
     x, weight, bias = frozen_linear_dtypes(OP_LINEAR, x, weight, bias)
     chosen = resolve_backend(OP_LINEAR, IMPLEMENTED, x.device, backend)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device):
         return IA3LinearFunction.apply(x, weight, bias, l.to(x.dtype), side, chosen)
 
 
@@ -278,9 +272,10 @@ def ia3_scaled_act(h: torch.Tensor, l: torch.Tensor, activation: str = "gelu", *
     if activation not in ACTIVATIONS:
         raise ValueError(f"{OP_ACT}: unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
     _check_vec(OP_ACT, l, h.shape[-1], "F", h)
-    (h,) = _autocast(h)
+    dt = autocast_dtype(h.device)
+    h = h.to(dt) if dt is not None else h
     chosen = resolve_backend(OP_ACT, IMPLEMENTED, h.device, backend)
-    with torch.autocast(h.device.type, enabled=False):
+    with autocast_off(h.device):
         return IA3ScaledActFunction.apply(h, l.to(h.dtype), activation, chosen)
 
 

@@ -21,7 +21,7 @@ import math
 import torch
 
 from ..backends import resolve_backend
-from ._checks import check_frozen_linear, frozen_linear_dtypes
+from ._checks import autocast_off, check_frozen_linear, frozen_linear_dtypes
 
 OP_NAME = "kron_linear"
 
@@ -175,7 +175,7 @@ def kron_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     a3, b3, offsets = _check(x, weight, bias, kron_a, kron_b, scale, out_offsets)
     x, weight, bias = frozen_linear_dtypes(OP_NAME, x, weight, bias)
     chosen = resolve_backend(OP_NAME, IMPLEMENTED, x.device, backend)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device):
         return KronLinearFunction.apply(x, weight, bias, a3.to(x.dtype), b3.to(x.dtype), float(scale), offsets,
                                         chosen)
 

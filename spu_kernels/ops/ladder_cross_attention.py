@@ -27,6 +27,7 @@ import math
 import torch
 
 from ..backends import resolve_backend
+from ._checks import autocast_dtype, autocast_off
 
 OP_NAME = "ladder_cross_attention"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -154,8 +155,8 @@ def ladder_cross_attention(q: torch.Tensor, c: torch.Tensor, w_k: torch.Tensor, 
     Under torch.autocast every input is cast to the autocast dtype first.
     """
     _check(q, c, w_k, w_v)
-    if torch.is_autocast_enabled(q.device.type):
-        dt = torch.get_autocast_dtype(q.device.type)
+    dt = autocast_dtype(q.device)
+    if dt is not None:
         q, c = q.to(dt), c.to(dt)
     elif c.dtype != q.dtype:
         raise TypeError(f"{OP_NAME}: q is {q.dtype} but c is {c.dtype}; cast them to one dtype or run under "
@@ -166,7 +167,7 @@ def ladder_cross_attention(q: torch.Tensor, c: torch.Tensor, w_k: torch.Tensor, 
     if not math.isfinite(scale):
         raise ValueError(f"{OP_NAME}: scale must be finite, got {scale!r}")
     chosen = resolve_backend(OP_NAME, IMPLEMENTED, q.device, backend)
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q.device):
         return LadderCrossAttentionFunction.apply(q, c, wk, wv, scale, chosen)
 
 

@@ -22,7 +22,7 @@ import math
 import torch
 
 from ..backends import resolve_backend
-from ._checks import check_frozen_linear, check_seed, frozen_linear_dtypes
+from ._checks import autocast_off, check_frozen_linear, check_seed, frozen_linear_dtypes
 from .dropout_rng import dropout_keep_mask, dropout_threshold, new_seed
 
 OP_NAME = "lowrank_linear"
@@ -205,7 +205,7 @@ def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     a, b = lora_a.to(dt), lora_b.to(dt)
     g = rank_scale.to(dt) if rank_scale is not None else None
     chosen = resolve_backend(OP_NAME, IMPLEMENTED, x.device, backend)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device):
         return LowRankLinearFunction.apply(x, weight, bias, a, b, g, float(scale), float(dropout_p), seed, chosen)
 
 

@@ -59,7 +59,7 @@ class DatasetConfig:
     n_val: int | None = _opt("int?", None, "first n validation examples (null = all)", minimum=1)
     n_test: int | None = _opt("int?", None, "first n test examples (null = all)", minimum=1)
     max_length: int = _opt("int", 64, "tokens per example (truncated)", minimum=8)
-    split_seed: int = _opt("int", 0, "seed of the train/val/test shuffle")
+    split_seed: int = _opt("int", 0, "seed of the train/val/test shuffle", minimum=0, maximum=2**32 - 1)
 
 
 @dataclass
@@ -86,7 +86,8 @@ class TrainingConfig:
     warmup_ratio: float = _opt("float", 0.06, "linear warm-up over this fraction of the steps, then linear "
                                               "decay to 0", minimum=0, maximum=1)
     max_grad_norm: float | None = _opt("float?", 1.0, "gradient clipping (null = none)", above=0)
-    seed: int = _opt("int", 0, "seed of the model's new head, the adapters and the batch order")
+    seed: int = _opt("int", 0, "seed of the model's new head, the adapters and the batch order", minimum=0,
+                     maximum=2**32 - 1)
     eval_every_epoch: bool = _opt("bool", True, "evaluate on the validation split after each epoch")
     precision: str = _opt("str", "auto", "auto (bf16 on a GPU that has it, else fp32), bf16, fp16 (GPU only), "
                                          "fp32", ["auto", "bf16", "fp16", "fp32"])

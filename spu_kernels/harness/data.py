@@ -42,6 +42,7 @@ import io
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import tarfile
@@ -185,7 +186,14 @@ def load_rotten_tomatoes(labels: str = "source", cache: str | Path | None = None
 # files and Hugging Face datasets
 # --------------------------------------------------------------------------------------------
 def _records_from_file(path: Path) -> list[tuple[str, dict]]:
-    """(origin "PATH line N", record) per row of a JSONL / CSV / TSV file."""
+    """(origin "PATH line N", record) per row of a JSONL / CSV / TSV file (UTF-8)."""
+    try:
+        return _read_records(path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+
+
+def _read_records(path: Path) -> list[tuple[str, dict]]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         out = []
@@ -220,7 +228,7 @@ def _as_int(v) -> int | None:
         return None
     if isinstance(v, int):
         return v
-    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+    if isinstance(v, str) and re.fullmatch(r"-?[0-9]+", v.strip()):    # ASCII digits only: not '³', not '--3'
         return int(v)
     return None
 

@@ -173,7 +173,7 @@ def load_model(path: str | None, num_labels: int, prompt=None, max_length: int =
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     transformers.logging.set_verbosity_error()     # the fresh classifier head is expected
     where = path or default_model_path()
     if path is not None and not Path(path).expanduser().is_dir():
@@ -193,7 +193,12 @@ def load_model(path: str | None, num_labels: int, prompt=None, max_length: int =
         lm_cls = AutoModelForCausalLM if template.causal else AutoModelForMaskedLM
         model = PromptClassifier(lm_cls.from_pretrained(where), template)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(where, num_labels=num_labels)
+        saved = AutoConfig.from_pretrained(where).num_labels
+        if saved != num_labels:     # a head saved for another label count is replaced, not a size-mismatch crash
+            _log(f"{where} was saved with num_labels={saved}; this run has {num_labels} classes "
+                 "(model.num_labels or the data): its classification head, if it has one, starts new")
+        model = AutoModelForSequenceClassification.from_pretrained(where, num_labels=num_labels,
+                                                                   ignore_mismatched_sizes=True)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
     return model, tok, (DEFAULT_MODEL_NAME if path is None else where), template

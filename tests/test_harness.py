@@ -262,12 +262,10 @@ def test_comparison_mode_writes_table(tiny_config, tmp_path, capsys):
     assert rc == 0 and cli.main(["finetune", str(cfg_file), "--methods", "full,nope"]) == 2
 
 
-def test_resume_continues_where_it_stopped(tiny_config, tmp_path, monkeypatch):
+def _run_interrupted_in_epoch_2(config, output_dir, monkeypatch):
+    """Run ``config`` until epoch 2's evaluation, where a KeyboardInterrupt stops it (epoch 1's
+    checkpoint is written by then)."""
     from spu_kernels.harness import train
-    tiny_config["training"].update(epochs=2, max_steps=None, batch_size=16)
-    tiny_config["method"] = {"name": "lora", "args": {"r": 2, "dropout": 0.1}}
-    straight = run(from_dict(tiny_config), output_dir=tmp_path / "a")
-    # the same run, interrupted during epoch 2's evaluation, then resumed
     real_eval, calls = train.evaluate, []
 
     def interrupt(*a, **k):
@@ -277,8 +275,16 @@ def test_resume_continues_where_it_stopped(tiny_config, tmp_path, monkeypatch):
         return real_eval(*a, **k)
     monkeypatch.setattr(train, "evaluate", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        run(from_dict(tiny_config), output_dir=tmp_path / "b")
+        run(from_dict(config), output_dir=output_dir)
     monkeypatch.setattr(train, "evaluate", real_eval)
+
+
+def test_resume_continues_where_it_stopped(tiny_config, tmp_path, monkeypatch):
+    tiny_config["training"].update(epochs=2, max_steps=None, batch_size=16)
+    tiny_config["method"] = {"name": "lora", "args": {"r": 2, "dropout": 0.1}}
+    straight = run(from_dict(tiny_config), output_dir=tmp_path / "a")
+    # the same run, interrupted during epoch 2's evaluation, then resumed
+    _run_interrupted_in_epoch_2(tiny_config, tmp_path / "b", monkeypatch)
     assert (tmp_path / "b" / "checkpoints" / "epoch_1" / "trainer_state.pt").exists()
     resumed = run(from_dict(tiny_config), output_dir=tmp_path / "b", resume=True)
     assert resumed.steps == straight.steps == 6 and len(resumed.history) == 2
@@ -294,7 +300,6 @@ def test_resume_takes_the_newest_complete_checkpoint(tiny_config, tmp_path, monk
     """A checkpoint cut short (the run killed while writing it) is skipped: resume continues from
     the previous epoch's and ends as the uninterrupted run does."""
     import shutil
-    from spu_kernels.harness import train
     tiny_config["training"].update(epochs=2, max_steps=None, batch_size=16)
     tiny_config["method"] = {"name": "lora", "args": {"r": 2, "dropout": 0.1}}
     straight = run(from_dict(tiny_config), output_dir=tmp_path / "a")
@@ -316,17 +321,7 @@ def test_resume_takes_the_newest_complete_checkpoint(tiny_config, tmp_path, monk
             run(from_dict(tiny_config), output_dir=tmp_path / "b")
         monkeypatch.setattr(torch, "save", real_save)
     else:                                     # a newer directory holding a truncated trainer state
-        real_eval, calls = train.evaluate, []
-
-        def interrupt(*a, **k):
-            calls.append(1)
-            if len(calls) == 2:
-                raise KeyboardInterrupt
-            return real_eval(*a, **k)
-        monkeypatch.setattr(train, "evaluate", interrupt)
-        with pytest.raises(KeyboardInterrupt):
-            run(from_dict(tiny_config), output_dir=tmp_path / "b")
-        monkeypatch.setattr(train, "evaluate", real_eval)
+        _run_interrupted_in_epoch_2(tiny_config, tmp_path / "b", monkeypatch)
         (ckpts / "epoch_2").mkdir()
         shutil.copy(ckpts / "epoch_1" / "adapter.safetensors", ckpts / "epoch_2")
         (ckpts / "epoch_2" / "trainer_state.pt").write_bytes((ckpts / "epoch_1" / "trainer_state.pt").read_bytes()[:200])

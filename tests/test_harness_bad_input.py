@@ -137,6 +137,8 @@ def test_labels_beyond_num_labels_stop_finetune_before_anything_is_written(tiny_
     ("training.warmup_ratio=.nan", "training.warmup_ratio: must be a finite number"),
     ("training.warmup_ratio=1.5", "training.warmup_ratio: must be <= 1"),
     ("training.mezo_eps=0", "training.mezo_eps: must be > 0"),
+    ("training.threads=1000000", "training.threads: must be <= 4096"),
+    ("training.seed=-1", "training.seed: must be >= 0"),
     ("method.args.dropout=1.5", "method.args.dropout: must be a number in [0, 1)"),
     ("method.args.r=0", "method.args.r: must be a positive int"),
     ("method.args.alpha=.inf", "method.args.alpha: must be a finite number"),

@@ -92,7 +92,8 @@ class TrainingConfig:
     precision: str = _opt("str", "auto", "auto (bf16 on a GPU that has it, else fp32), bf16, fp16 (GPU only), "
                                          "fp32", ["auto", "bf16", "fp16", "fp32"])
     device: str = _opt("str", "auto", "auto, cpu, cuda or cuda:N")
-    threads: int | None = _opt("int?", None, "torch CPU threads (null = torch's default)", minimum=1)
+    threads: int | None = _opt("int?", None, "torch CPU threads (null = torch's default)", minimum=1,
+                               maximum=4096)
     output_dir: str | None = _opt("str?", None, "where checkpoints, logs and results go "
                                                 "(null = runs/<name>/<method>)")
     save_checkpoints: bool = _opt("bool", True, "write a checkpoint after each epoch (needed for resume)")

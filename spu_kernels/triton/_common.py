@@ -56,9 +56,20 @@ def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of host ints. triton.cdiv / next_power_of_2 are constexpr functions that cost
+    ~2-3 µs a call on the host; launchers make dozens of these calls per step."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (0 for n <= 0, as triton.next_power_of_2), host-side."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def rank_pad(r: int) -> int:
     """tl.dot needs every dimension >= 16 and a power of two: the rank is zero-padded to that."""
-    return max(16, triton.next_power_of_2(r))
+    return max(16, next_pow2(r))
 
 
 def device_index(t: torch.Tensor) -> int:

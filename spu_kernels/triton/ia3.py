@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, device_index, gemm_configs, grouped_tile, input_precision, mma, num_sms, upcast_dot
+from ._common import (INTERPRET, cdiv, device_index, gemm_configs, grouped_tile, input_precision, mma, next_pow2,
+                      num_sms, upcast_dot)
 
 # ---------------------------------------------------------------------------------------------
 # the GEMM with scales
@@ -90,11 +91,11 @@ def gemm_scaled(a_op: torch.Tensor, b_op: torch.Tensor, bias: torch.Tensor | Non
         torch.empty((1, 1), device=a_op.device, dtype=a_op.dtype)
     gl = torch.zeros(N, device=a_op.device, dtype=torch.float32) if reduce_z is not None else None
     z = reduce_z if reduce_z is not None else c
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     _gemm_scaled_kernel[grid](
         a_op, b_op, c, bias if bias is not None else c, k_scale if k_scale is not None else c,
         n_scale if n_scale is not None else c, z, gl if gl is not None else torch.empty(1, device=c.device),
-        M, N, K, triton.next_power_of_2(M),
+        M, N, K, next_pow2(M),
         a_op.stride(0), a_op.stride(1), b_op.stride(0), b_op.stride(1), c.stride(0), c.stride(1),
         z.stride(0), z.stride(1),
         HAS_BIAS=bias is not None, K_SCALE=k_scale is not None, N_SCALE=n_scale is not None,
@@ -110,7 +111,7 @@ def gemm_scaled(a_op: torch.Tensor, b_op: torch.Tensor, bias: torch.Tensor | Non
 
 def _splits(t_blocks: int, col_blocks: int, sms: int) -> int:
     """Token splits so that about two programs run per SM (each split's partial sums are atomic)."""
-    return max(1, min(t_blocks, triton.cdiv(2 * sms, col_blocks)))
+    return max(1, min(t_blocks, cdiv(2 * sms, col_blocks)))
 
 
 @triton.jit
@@ -177,11 +178,11 @@ def ia3_out_grads(dy, y, l, x, weight, bias, need_grad_bias: bool):
         block_t, block_n, block_k, warps = 16, 32, 32, 4
     else:
         block_t, block_n, block_k, warps = 32, 128, 64, 4
-    n_blocks = triton.cdiv(N, block_n)
-    t_blocks = triton.cdiv(T, block_t)
+    n_blocks = cdiv(N, block_n)
+    t_blocks = cdiv(T, block_t)
     splits = _splits(t_blocks, n_blocks, num_sms(device_index(dy)))
-    rows_per_split = triton.cdiv(t_blocks, splits) * block_t
-    splits = triton.cdiv(T, rows_per_split)
+    rows_per_split = cdiv(t_blocks, splits) * block_t
+    splits = cdiv(T, rows_per_split)
     atomic = splits > 1
     alloc = torch.zeros if atomic else torch.empty
     f32 = dict(device=dy.device, dtype=torch.float32)
@@ -291,7 +292,7 @@ def scaled_act_fwd(h: torch.Tensor, l: torch.Tensor, act: str) -> torch.Tensor:
     T, F = h.shape
     y = torch.empty((T, F), device=h.device, dtype=h.dtype)
     block_t, block_f, warps = _act_blocks()
-    _scaled_act_fwd_kernel[(triton.cdiv(T, block_t), triton.cdiv(F, block_f))](
+    _scaled_act_fwd_kernel[(cdiv(T, block_t), cdiv(F, block_f))](
         h, l, y, T, F, h.stride(0), h.stride(1), ACT=ACTIVATIONS[act], BLOCK_T=block_t, BLOCK_F=block_f,
         num_warps=warps)
     return y
@@ -301,12 +302,12 @@ def scaled_act_bwd(dy: torch.Tensor, h: torch.Tensor, l: torch.Tensor, act: str,
     """dh = dy ⊙ l ⊙ act'(h) (h's dtype) and grad_l = Σ_t dy ⊙ act(h) (fp32), one pass over dy and h."""
     T, F = h.shape
     block_t, block_f, warps = _act_blocks()
-    f_blocks = triton.cdiv(F, block_f)
-    t_blocks = triton.cdiv(T, block_t)
+    f_blocks = cdiv(F, block_f)
+    t_blocks = cdiv(T, block_t)
     # dh is elementwise: split tokens enough to fill the GPU; grad_l partials then go atomic
-    splits = max(1, min(t_blocks, triton.cdiv(8 * num_sms(device_index(h)), f_blocks)))
-    rows_per_split = triton.cdiv(t_blocks, splits) * block_t
-    splits = triton.cdiv(T, rows_per_split)
+    splits = max(1, min(t_blocks, cdiv(8 * num_sms(device_index(h)), f_blocks)))
+    rows_per_split = cdiv(t_blocks, splits) * block_t
+    splits = cdiv(T, rows_per_split)
     atomic = splits > 1
     dh = torch.empty((T, F), device=h.device, dtype=h.dtype) if need_dh else None
     gl = (torch.zeros if atomic else torch.empty)(F, device=h.device, dtype=torch.float32) if need_gl else None

@@ -20,13 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, device_index, input_precision, mma, num_sms, upcast_dot
+from ._common import INTERPRET, cdiv, device_index, input_precision, mma, next_pow2, num_sms, upcast_dot
 
 MAX_SIDE = 256   # sides of A that a program holds whole in registers (padded to a power of two)
 
 
 def _pad(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_pow2(n))
 
 
 def check_factor_sides(a1: int, a2: int) -> None:
@@ -42,9 +42,9 @@ def _blocks():
 
 
 def _token_splits(T: int, col_blocks: int, x: torch.Tensor, per_sm: int = 4) -> tuple[int, int]:
-    splits = max(1, min(T, triton.cdiv(per_sm * num_sms(device_index(x)), col_blocks)))
-    rows = triton.cdiv(T, splits)
-    return triton.cdiv(T, rows), rows
+    splits = max(1, min(T, cdiv(per_sm * num_sms(device_index(x)), col_blocks)))
+    rows = cdiv(T, splits)
+    return cdiv(T, rows), rows
 
 
 @triton.jit
@@ -92,7 +92,7 @@ def kron_apply(inp: torch.Tensor, lmat: torch.Tensor, rmat: torch.Tensor, out: t
     NN, Q = rmat.shape
     check_factor_sides(M, P)
     block_j, block_q, warps = _blocks()
-    j_blocks = triton.cdiv(NN, block_j)
+    j_blocks = cdiv(NN, block_j)
     splits, rows = _token_splits(T, j_blocks, inp)
     _kron_apply_kernel[(splits, j_blocks)](
         inp, lmat, rmat, out, T, M, P, Q, NN, rows, scale,
@@ -148,7 +148,7 @@ def kron_grad_a(x: torch.Tensor, a_shape: tuple[int, int], b: torch.Tensor, dy: 
     b1, b2 = b.shape
     check_factor_sides(a1, a2)
     block_j, block_q, warps = _blocks()
-    j_blocks = triton.cdiv(b1, block_j)
+    j_blocks = cdiv(b1, block_j)
     splits, rows = _token_splits(T, j_blocks, x, per_sm=2)
     atomic = splits * j_blocks > 1
     ga = (torch.zeros if atomic else torch.empty)((a1, a2), device=x.device, dtype=torch.float32)
@@ -205,7 +205,7 @@ def kron_grad_b(x: torch.Tensor, a: torch.Tensor, b_shape: tuple[int, int], dy: 
     b1, b2 = b_shape
     check_factor_sides(a1, a2)
     block_j, block_q, warps = _blocks()
-    j_blocks, q_blocks = triton.cdiv(b1, block_j), triton.cdiv(b2, block_q)
+    j_blocks, q_blocks = cdiv(b1, block_j), cdiv(b2, block_q)
     splits, rows = _token_splits(T, j_blocks * q_blocks, x, per_sm=2)
     atomic = splits > 1
     gb = (torch.zeros if atomic else torch.empty)((b1, b2), device=x.device, dtype=torch.float32)

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, device_index, input_precision, mma, num_sms, upcast_dot
+from ._common import INTERPRET, cdiv, device_index, input_precision, mma, next_pow2, num_sms, upcast_dot
 
 
 @triton.jit
@@ -252,11 +252,11 @@ def _tiles(D: int, H: int):
     dh = D // H
     cap = 16 if INTERPRET else 128          # small groups under the interpreter: exercises the dC atomics
     g = max(1, min(H, cap // dh))
-    block_n = max(16, triton.next_power_of_2(g * dh))
-    h_pad = max(16, triton.next_power_of_2(g))
+    block_n = max(16, next_pow2(g * dh))
+    h_pad = max(16, next_pow2(g))
     if INTERPRET:
         return g, block_n, h_pad, 16, 16, 4
-    block_c = min(64, max(16, triton.next_power_of_2(D)))
+    block_c = min(64, max(16, next_pow2(D)))
     block_t = 64 if block_n <= 64 else 32
     warps = 4 if block_n <= 64 else 8
     return g, block_n, h_pad, block_c, block_t, warps
@@ -269,7 +269,7 @@ def forward(q: torch.Tensor, c: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor
     g, block_n, h_pad, block_c, block_t, warps = _tiles(D, H)
     o = torch.empty((T, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((T, H), device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(T, block_t), triton.cdiv(H, g))
+    grid = (cdiv(T, block_t), cdiv(H, g))
     _fwd_kernel[grid](q, c, wk, wv, o, lse, T, D, H, NK, D // H, g, scale,
                       q.stride(0), q.stride(1), c.stride(0), c.stride(1), c.stride(2),
                       wk.stride(0), wk.stride(1), wv.stride(0), wv.stride(1), o.stride(0), o.stride(1),
@@ -283,14 +283,14 @@ def backward(do, q, c, wk, wv, lse, num_heads: int, scale: float, need_dw: bool)
     NK, T, D = c.shape
     H = num_heads
     g, block_n, h_pad, block_c, block_t, warps = _tiles(D, H)
-    groups = triton.cdiv(H, g)
+    groups = cdiv(H, g)
     dc_atomic = groups > 1                       # head groups each add their part of dC_j
     dq = torch.empty((T, D), device=q.device, dtype=q.dtype)
     dc = (torch.zeros((NK, T, D), device=q.device, dtype=torch.float32) if dc_atomic
           else torch.empty((NK, T, D), device=q.device, dtype=c.dtype))
     p = torch.empty((NK, T, H), device=q.device, dtype=torch.float32)
     ds = torch.empty((NK, T, H), device=q.device, dtype=torch.float32)
-    _bwd_kernel[(triton.cdiv(T, block_t), groups)](
+    _bwd_kernel[(cdiv(T, block_t), groups)](
         q, c, wk, wv, do, lse, dq, dc, p, ds, T, D, H, NK, D // H, g, scale,
         q.stride(0), q.stride(1), c.stride(0), c.stride(1), c.stride(2),
         wk.stride(0), wk.stride(1), wv.stride(0), wv.stride(1),
@@ -305,19 +305,19 @@ def backward(do, q, c, wk, wv, lse, num_heads: int, scale: float, need_dw: bool)
             block_o = block_i = block_r = 16
             warps = 4
         else:
-            block_o = block_i = min(64, max(16, triton.next_power_of_2(D)))
+            block_o = block_i = min(64, max(16, next_pow2(D)))
             block_r, warps = 64, 4
-        tiles = triton.cdiv(D, block_o) * triton.cdiv(D, block_i)
-        r_blocks = triton.cdiv(T, block_r)
+        tiles = cdiv(D, block_o) * cdiv(D, block_i)
+        r_blocks = cdiv(T, block_r)
         # split the tokens so that about two programs run per SM; partials add atomically in fp32
         splits = max(1, min(r_blocks, (2 * num_sms(device_index(c))) // tiles))
-        rows_per_split = triton.cdiv(r_blocks, splits) * block_r
-        splits = triton.cdiv(T, rows_per_split)
+        rows_per_split = cdiv(r_blocks, splits) * block_r
+        splits = cdiv(T, rows_per_split)
         atomic = splits > 1
         alloc = torch.zeros if atomic else torch.empty
         dwk = alloc((D, D), device=q.device, dtype=torch.float32)
         dwv = alloc((D, D), device=q.device, dtype=torch.float32)
-        _dw_kernel[(triton.cdiv(D, block_o), triton.cdiv(D, block_i), splits)](
+        _dw_kernel[(cdiv(D, block_o), cdiv(D, block_i), splits)](
             q, c, do, p, ds, dwk, dwv, T, D, H, NK, D // H, scale, rows_per_split,
             q.stride(0), q.stride(1), c.stride(0), c.stride(1), c.stride(2), do.stride(0), do.stride(1),
             ATOMIC=atomic, BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_R=block_r,

@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, device_index, dropout_keep, gemm_configs, grouped_tile, input_precision, mma,
-                      num_sms, rank_pad, upcast_dot)
+from ._common import (INTERPRET, cdiv, device_index, dropout_keep, gemm_configs, grouped_tile, input_precision,
+                      mma, next_pow2, num_sms, rank_pad, upcast_dot)
 
 # ---------------------------------------------------------------------------------------------
 # 1. u = drop(x) Aᵀ
@@ -79,12 +79,12 @@ def lowrank_down(x: torch.Tensor, a: torch.Tensor, dropout_p: float, seed: int, 
         # enough row blocks to fill the GPU where T allows; never more rows than needed
         block_t = 64 if T >= 64 * num_sms(device_index(x)) else 32 if T >= 16 * num_sms(device_index(x)) else 16
         block_k, warps = 128, 4
-    t_blocks = triton.cdiv(T, block_t)
-    k_blocks = triton.cdiv(K, block_k)
+    t_blocks = cdiv(T, block_t)
+    k_blocks = cdiv(K, block_k)
     # split K (atomics into fp32) when the row blocks alone leave most of the GPU idle
     splits = max(1, min(k_blocks, (2 * num_sms(device_index(x))) // t_blocks))
-    k_per_split = triton.cdiv(k_blocks, splits) * block_k
-    splits = triton.cdiv(K, k_per_split)
+    k_per_split = cdiv(k_blocks, splits) * block_k
+    splits = cdiv(K, k_per_split)
     atomic = splits > 1
     u = torch.zeros((T, R), device=x.device, dtype=torch.float32) if atomic else \
         torch.empty((T, R), device=x.device, dtype=x.dtype)
@@ -166,10 +166,10 @@ def gemm_lowrank(a_op: torch.Tensor, b_op: torch.Tensor, bias: torch.Tensor | No
     N = b_op.shape[1]
     R = low.shape[1]
     c = torch.empty((M, N), device=a_op.device, dtype=a_op.dtype)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     _gemm_lowrank_kernel[grid](
         a_op, b_op, c, bias if bias is not None else c, low, right, g if g is not None else c,
-        M, N, K, R, triton.next_power_of_2(M),
+        M, N, K, R, next_pow2(M),
         a_op.stride(0), a_op.stride(1), b_op.stride(0), b_op.stride(1), c.stride(0), c.stride(1),
         low.stride(0), low.stride(1), right.stride(0), right.stride(1),
         scale, seed, threshold, 1.0 / (1.0 - dropout_p),
@@ -252,12 +252,12 @@ def lowrank_dy(dy: torch.Tensor, b: torch.Tensor, u: torch.Tensor, g: torch.Tens
         block_t, block_n, warps = 32, 32, 4
     else:
         block_t, block_n, warps = 64, 128, 4
-    n_blocks = triton.cdiv(N, block_n)
-    t_blocks = triton.cdiv(T, block_t)
+    n_blocks = cdiv(N, block_n)
+    t_blocks = cdiv(T, block_t)
     # split T so that about two programs run per SM; each split's grad_B partial is added atomically
-    splits = max(1, min(t_blocks, triton.cdiv(2 * sms, n_blocks)))
-    rows_per_split = triton.cdiv(t_blocks, splits) * block_t
-    splits = triton.cdiv(T, rows_per_split)
+    splits = max(1, min(t_blocks, cdiv(2 * sms, n_blocks)))
+    rows_per_split = cdiv(t_blocks, splits) * block_t
+    splits = cdiv(T, rows_per_split)
     v_atomic, gb_atomic = n_blocks > 1, splits > 1
     f32 = dict(device=dy.device, dtype=torch.float32)
     v = torch.zeros((T, R), **f32) if v_atomic else torch.empty((T, R), **f32)
@@ -331,11 +331,11 @@ def lowrank_grad_a(x: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, sca
         block_t, block_k, warps = 32, 32, 4
     else:
         block_t, block_k, warps = 64, 128, 4
-    k_blocks = triton.cdiv(K, block_k)
-    t_blocks = triton.cdiv(T, block_t)
-    splits = max(1, min(t_blocks, triton.cdiv(2 * sms, k_blocks)))
-    rows_per_split = triton.cdiv(t_blocks, splits) * block_t
-    splits = triton.cdiv(T, rows_per_split)
+    k_blocks = cdiv(K, block_k)
+    t_blocks = cdiv(T, block_t)
+    splits = max(1, min(t_blocks, cdiv(2 * sms, k_blocks)))
+    rows_per_split = cdiv(t_blocks, splits) * block_t
+    splits = cdiv(T, rows_per_split)
     atomic = splits > 1
     ga = (torch.zeros if atomic else torch.empty)((R, K), device=x.device, dtype=torch.float32)
     _grad_a_kernel[(k_blocks, splits)](

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ..ops.zo_perturb import ZO_STREAM
-from ._common import INTERPRET, TL_DTYPE
+from ._common import INTERPRET, TL_DTYPE, cdiv
 
 # elements per program (a multiple of BLOCK): small under the interpreter, where programs are slow
 BLOCK = 256 if INTERPRET else 1024
@@ -44,7 +44,7 @@ def _zo_axpby_kernel(ptrs, numels, bases, blk_tensor, blk_start, seed, alpha, be
 def _table(ptrs: tuple[int, ...], numels: tuple[int, ...], bases: tuple[int, ...], device: torch.device):
     """(ptrs, numels, bases, blk_tensor, blk_start) as device tensors for one dtype group; cached,
     since an optimiser sweeps the same tensors every step (the key holds every value it encodes)."""
-    blocks = [triton.cdiv(n, CHUNK) for n in numels]
+    blocks = [cdiv(n, CHUNK) for n in numels]
     blk_tensor = torch.repeat_interleave(torch.arange(len(ptrs), dtype=torch.int32), torch.tensor(blocks))
     firsts = torch.tensor([0] + blocks[:-1]).cumsum(0)
     blk_start = (torch.arange(int(sum(blocks)), dtype=torch.int64)

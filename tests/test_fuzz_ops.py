@@ -174,6 +174,17 @@ def _param(gen, shape, scale=1.0):
     return scale * torch.randn(*shape, generator=gen)
 
 
+def frozen_linear_inputs(c, K, N):
+    """(generator, dtype of the adapters' master weights, x leaf, the view the op gets, W) of a
+    frozen-linear case: x of width K in the case's layout, W (N, K) or, for GPT-2's Conv1D layout
+    (``w_t``), the transpose of a (K, N) tensor; the generator goes on to draw the rest."""
+    dt = c["dtype"]
+    gen = torch.Generator().manual_seed(c["seed"])
+    xleaf, view = make_x_leaf(gen, c["lead"], K, c["layout"], dt, c["mag"])
+    w = _param(gen, (K, N) if c["w_t"] else (N, K), K ** -0.5).to(DEVICE, dt)
+    return gen, (torch.float32 if c["master_fp32"] else dt), xleaf, view, (w.t() if c["w_t"] else w)
+
+
 def _leaf(t, dtype, grad):
     return t.to(DEVICE, dtype).requires_grad_(grad)
 
@@ -216,11 +227,7 @@ def test_lowrank_linear_matches_float64_math(backend):
     @given(c=lowrank_cases(backend))
     def check(c):
         dt, K, N, r = c["dtype"], c["K"], c["N"], c["r"]
-        gen = torch.Generator().manual_seed(c["seed"])
-        pdt = torch.float32 if c["master_fp32"] else dt
-        xleaf, view = make_x_leaf(gen, c["lead"], K, c["layout"], dt, c["mag"])
-        w = _param(gen, (K, N) if c["w_t"] else (N, K), K ** -0.5).to(DEVICE, dt)
-        w = w.t() if c["w_t"] else w                                   # GPT-2 Conv1D layout
+        gen, pdt, xleaf, view, w = frozen_linear_inputs(c, K, N)
         g = None
         if c["g"] is not None:
             g = {"pos": torch.rand(r, generator=gen) + 0.5, "signed": torch.randn(r, generator=gen),
@@ -298,11 +305,7 @@ def test_kron_linear_matches_float64_math(backend):
         dt, N = c["dtype"], c["N"]
         (a1, a2), (b1, b2) = c["a_shape"], c["b_shape"]
         K = a2 * b2
-        gen = torch.Generator().manual_seed(c["seed"])
-        pdt = torch.float32 if c["master_fp32"] else dt
-        xleaf, view = make_x_leaf(gen, c["lead"], K, c["layout"], dt, c["mag"])
-        w = _param(gen, (K, N) if c["w_t"] else (N, K), K ** -0.5).to(DEVICE, dt)
-        w = w.t() if c["w_t"] else w
+        gen, pdt, xleaf, view, w = frozen_linear_inputs(c, K, N)
         S = () if c["stacked"] is None else (c["stacked"],)
         leaves = dict(x=_leaf(xleaf, dt, "x" in c["grads"]), w=w,
                       bias=_leaf(_param(gen, (N,)), dt, "bias" in c["grads"]) if c["bias"] else None,
@@ -369,11 +372,7 @@ def test_ia3_linear_matches_float64_math(backend):
     @given(c=ia3_cases(backend))
     def check(c):
         dt, K, N, side = c["dtype"], c["K"], c["N"], c["side"]
-        gen = torch.Generator().manual_seed(c["seed"])
-        pdt = torch.float32 if c["master_fp32"] else dt
-        xleaf, view = make_x_leaf(gen, c["lead"], K, c["layout"], dt, c["mag"])
-        w = _param(gen, (K, N) if c["w_t"] else (N, K), K ** -0.5).to(DEVICE, dt)
-        w = w.t() if c["w_t"] else w
+        gen, pdt, xleaf, view, w = frozen_linear_inputs(c, K, N)
         leaves = dict(x=_leaf(xleaf, dt, "x" in c["grads"]), w=w,
                       bias=_leaf(_param(gen, (N,)), dt, "bias" in c["grads"]) if c["bias"] else None,
                       l=_leaf(make_l(gen, N if side == "output" else K, c["l_kind"]), pdt, "l" in c["grads"]))

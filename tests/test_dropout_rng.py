@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers import DEVICE, LOWRANK_BACKENDS
-from spu_kernels.ops.dropout_rng import dropout_keep_mask, dropout_threshold, new_seed, philox4x32
+from spu_kernels.ops.dropout_rng import dropout_keep_mask, dropout_threshold, draw_seed, new_seed, philox4x32
 
 
 def test_philox_known_answer():
@@ -26,9 +26,16 @@ def test_threshold_and_keep_rate():
 
 def test_seed_follows_torch_manual_seed():
     torch.manual_seed(3)
-    a = new_seed()
+    a, t = new_seed(), draw_seed(torch.device("cpu"))
     torch.manual_seed(3)
-    assert new_seed() == a and 0 <= a < 2**31
+    assert new_seed() == a and 0 <= a < 2**63 - 1
+    assert torch.equal(draw_seed(torch.device("cpu")), t) and t.dim() == 0 and t.dtype == torch.int64
+
+
+def test_tensor_seed_gives_the_int_seeds_mask():
+    """The ops read the seed as a 0-dim tensor on the device; its mask is the int's, all 64 bits."""
+    for seed in (0, 5, 2**31 + 7, 2**63 - 2):
+        assert torch.equal(dropout_keep_mask(torch.tensor(seed), 7, 9, 0.4), dropout_keep_mask(seed, 7, 9, 0.4))
 
 
 if "triton" in LOWRANK_BACKENDS:

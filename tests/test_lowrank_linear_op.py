@@ -124,8 +124,8 @@ def test_dropout_seed_from_torch_generator(backend):
 
 @pytest.mark.parametrize("backend", LOWRANK_BACKENDS)
 def test_saves_only_x_and_u(backend):
-    """Backward keeps x (the caller's tensor, not a copy) and u (T×r): no mask, no dropped-out x,
-    no T×N branch output."""
+    """Backward keeps x (the caller's tensor, not a copy), u (T×r) and the 0-dim seed: no mask, no
+    dropped-out x, no T×N branch output."""
     T, K, N, r = 33, 40, 48, 4
     x = torch.randn(T, K, device=DEVICE, requires_grad=True)
     w = torch.randn(N, K, device=DEVICE)
@@ -134,8 +134,9 @@ def test_saves_only_x_and_u(backend):
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = lowrank_linear(x, w, None, a, b, dropout_p=0.3, backend=backend)
-    activations = [t for t in saved if t.shape[0] == T]
+    activations = [t for t in saved if t.dim() and t.shape[0] == T]
     assert [tuple(t.shape) for t in activations] == [(T, K), (T, r)]
+    assert [t.dtype for t in saved if t.dim() == 0] == [torch.int64]
     assert activations[0].data_ptr() == x.data_ptr()
     y.sum().backward()
     assert x.grad is not None and a.grad is not None and b.grad is not None

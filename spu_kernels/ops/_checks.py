@@ -8,6 +8,8 @@ import operator
 
 import torch
 
+from .dropout_rng import draw_seed
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -73,3 +75,16 @@ def check_seed(op: str, seed) -> int:
         raise ValueError(f"{op}: seed must be an int in [0, 2**63) (the Philox key every backend takes), "
                          f"got {seed!r}; e.g. spu_kernels.ops.dropout_rng.new_seed(), or seed % 2**63")
     return value
+
+
+def seed_tensor(op: str, seed, device: torch.device) -> torch.Tensor:
+    """A dropout seed as the 0-dim int64 tensor on ``device`` the backends read: an int is checked
+    (``check_seed``) and copied there; a tensor must hold one int64 (its value is not read here: on
+    a GPU that would sync); None draws a fresh one (``dropout_rng.draw_seed``)."""
+    if seed is None:
+        return draw_seed(device)
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise ValueError(f"{op}: a seed tensor must hold one int64, got {seed.dtype} of shape {tuple(seed.shape)}")
+        return seed.reshape(()).to(device)
+    return torch.tensor(check_seed(op, seed), dtype=torch.int64, device=device)

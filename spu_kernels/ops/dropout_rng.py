@@ -33,9 +33,10 @@ def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (p1 >> 16) + (s >> 32), s & _M32
 
 
-def philox4x32_words(seed: int, counter: torch.Tensor, stream: int = 0,
+def philox4x32_words(seed: int | torch.Tensor, counter: torch.Tensor, stream: int = 0,
                      rounds: int = PHILOX_ROUNDS) -> tuple[torch.Tensor, ...]:
-    """The four 32-bit output words of Philox4x32 with key (seed_lo, seed_hi) and counter
+    """The four 32-bit output words of Philox4x32 with key (seed_lo, seed_hi) (``seed`` an int or a
+    0-dim int64 tensor on counter's device: read on the device, no sync) and counter
     (counter_lo, counter_hi, stream, 0), for 64-bit ``counter`` values (int64 tensor, >= 0); each
     word an int64 tensor with values in [0, 2**32). ``stream`` (a uint32) separates the random
     streams of different uses of one seed (dropout uses 0)."""
@@ -53,7 +54,7 @@ def philox4x32_words(seed: int, counter: torch.Tensor, stream: int = 0,
     return c0, c1, c2, c3
 
 
-def philox4x32(seed: int, counter: torch.Tensor, rounds: int = PHILOX_ROUNDS) -> torch.Tensor:
+def philox4x32(seed: int | torch.Tensor, counter: torch.Tensor, rounds: int = PHILOX_ROUNDS) -> torch.Tensor:
     """First 32-bit output word of Philox4x32 for 64-bit ``counter`` values (int64 tensor, >= 0),
     as int64 values in [0, 2**32): the word the dropout mask tests."""
     return philox4x32_words(seed, counter, 0, rounds)[0]
@@ -66,7 +67,7 @@ def dropout_threshold(p: float) -> int:
     return min(int(p * 2**32), _M32)
 
 
-def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device: torch.device | str = "cpu",
+def dropout_keep_mask(seed: int | torch.Tensor, rows: int, cols: int, p: float, device: torch.device | str = "cpu",
                       row_start: int = 0) -> torch.Tensor:
     """Boolean keep mask of shape (rows, cols) for rows [row_start, row_start + rows) of an input
     with ``cols`` columns, exactly as the kernels regenerate it."""
@@ -75,8 +76,19 @@ def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device: torch.d
     return (philox4x32(seed, e) >= thr).view(rows, cols)
 
 
+SEED_HIGH = 2**63 - 1   # seeds are drawn from [0, 2**63 - 1): an int64 on every backend
+
+
 def new_seed() -> int:
-    """A fresh dropout seed from torch's CPU generator, so ``torch.manual_seed`` makes runs repeat
-    and activation checkpointing (which restores the CPU RNG state) regenerates the same mask.
-    Drawn on the CPU: no GPU sync. 31 bits, so Triton always sees an int32 argument."""
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+    """A fresh dropout seed as a Python int, from torch's CPU generator (``torch.manual_seed`` makes
+    it repeat). The ops draw theirs on the device instead (``draw_seed``): no sync, and a fresh one
+    per call under torch.compile and in CUDA graph replays."""
+    return int(torch.randint(0, SEED_HIGH, ()).item())
+
+
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """A fresh dropout seed as a 0-dim int64 tensor on ``device``, from that device's generator
+    (``torch.manual_seed`` seeds it; activation checkpointing restores it, so a recomputed forward
+    regenerates the same mask). A tensor, not an int: under torch.compile it is a runtime value of
+    the graph, never a constant baked into it, and CUDA graph replays draw a new one each time."""
+    return torch.randint(0, SEED_HIGH, (), device=device)

@@ -9,7 +9,9 @@ wrapped layer computes what it did: at l = 1 the torch backend's ``ia3_scaled_ac
 activation bit for bit (act(h) as F.gelu / F.silu / F.relu compute it, then one product with l);
 the linears, and every triton kernel (its own erf / exp, GEMM tiling), agree to rounding.
 
-What ``IA3LinearFunction`` saves for backward (no copy of anything, nothing T×N that is new):
+Each op is an op pair (ops/_library.py: custom ops ``ia3_linear_{fwd,bwd}_<backend>`` and
+``ia3_scaled_act_{fwd,bwd}_<backend>`` for torch.compile, an autograd.Function for eager calls).
+What ``IA3_LINEAR`` saves for backward (no copy of anything, nothing T×N that is new):
   * output side: the output y itself (the next layer, e.g. attention, holds it anyway) plus x, W,
     b, l. grad_l[n] = Σ_t dy[t, n] z[t, n] with z = x Wᵀ + b = y / l, so it is Σ_t dy ⊙ y divided
     by l[n] once per column. Where l[n] == 0 exactly, y holds no z: those columns' z is
@@ -17,7 +19,7 @@ What ``IA3LinearFunction`` saves for backward (no copy of anything, nothing T×N
     the torch backend checks on the host). This is why x is kept (a reference to the caller's
     tensor; for keys and values it is the same hidden state). dx = dy (diag(l) W).
   * input side: x, W, l. One GEMM g = dy W gives dx = g ⊙ l and grad_l = Σ_t x ⊙ g.
-``IA3ScaledActFunction`` saves h (the pre-activation, which the activation's own backward would
+``IA3_SCALED_ACT`` saves h (the pre-activation, which the activation's own backward would
 keep) and l: dh = dy ⊙ l ⊙ act'(h), grad_l = Σ_t dy ⊙ act(h), both from one pass over dy and h.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 
 from ..backends import resolve_backend
 from ._checks import FLOAT_DTYPES, autocast_dtype, autocast_off, check_frozen_linear, frozen_linear_dtypes
+from ._library import define_op_pair, no_grad_placeholder
 
 OP_LINEAR = "ia3_linear"
 OP_ACT = "ia3_scaled_act"
@@ -181,61 +184,103 @@ _IMPLS = {"torch": _TorchImpl, "triton": _TritonImpl}
 IMPLEMENTED = tuple(_IMPLS)
 
 
-def _cast(t, like):
-    return None if t is None else t.to(like.dtype)
+# ---------------------------------------------------------------------------------------------
+# the op pairs (spu_kernels/ops/_library.py): 2-D inputs, validated and cast
+# ---------------------------------------------------------------------------------------------
+
+def _grads(dtype, like, grads):
+    """grads in ``dtype`` (that of what they are for), placeholders for those not asked for."""
+    return tuple(t.to(dtype) if t is not None else no_grad_placeholder(like) for t in grads)
 
 
-class IA3LinearFunction(torch.autograd.Function):
-    """Inputs validated and cast by ``ia3_linear``; x may have leading dims."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, l, side, backend):
-        x2 = x.reshape(-1, x.shape[-1])
-        impl = _IMPLS["torch" if x2.shape[0] == 0 else backend]
-        y2 = impl.linear_forward(x2, weight, bias, l, side)
-        need_dx, _, need_db, need_dl = ctx.needs_input_grad[:4]
-        keep_y = side == "output" and need_dl
-        # output side: y (the returned tensor's storage, no copy) and x for the l == 0 columns;
-        # input side: x. W only when a grad needs it.
-        ctx.save_for_backward(x2 if need_dl else None, y2 if keep_y else None,
-                              weight if (need_dx or need_dl) else None, bias if keep_y else None, l)
-        ctx.cfg = (impl, side, x.shape)
-        return y2.view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, y2, weight, bias, l = ctx.saved_tensors
-        impl, side, x_shape = ctx.cfg
-        need = ctx.needs_input_grad
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        if dy2.dtype != l.dtype:
-            dy2 = dy2.to(l.dtype)
-        dx, dbias, dl = impl.linear_backward(dy2, x2, y2, weight, bias, l, side, need[0], need[2], need[3])
-        if dx is not None:
-            dx = dx.view(x_shape)
-        return dx, None, _cast(dbias, l), _cast(dl, l), None, None
+def _linear_fwd(backend, x, weight, bias, l, side):
+    return _IMPLS["torch" if x.shape[0] == 0 else backend].linear_forward(x, weight, bias, l, side)
 
 
-class IA3ScaledActFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, l, activation, backend):
-        h2 = h.reshape(-1, h.shape[-1])
-        impl = _IMPLS["torch" if h2.shape[0] == 0 else backend]
-        y2 = impl.act_forward(h2, l, activation)
-        ctx.save_for_backward(h2, l)   # h only: act(h) and act'(h) are recomputed from it
-        ctx.cfg = (impl, activation, h.shape)
-        return y2.view(h.shape)
+def _linear_fwd_fake(x, weight, bias, l, side):
+    return x.new_empty((x.shape[0], weight.shape[0]))
 
-    @staticmethod
-    def backward(ctx, dy):
-        h2, l = ctx.saved_tensors
-        impl, activation, h_shape = ctx.cfg
-        need = ctx.needs_input_grad
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        if dy2.dtype != h2.dtype:
-            dy2 = dy2.to(h2.dtype)
-        dh, dl = impl.act_backward(dy2, h2, l, activation, need[0], need[1])
-        return (dh.view(h_shape) if dh is not None else None), _cast(dl, l), None, None
+
+def _linear_bwd(backend, dy, x, y, weight, bias, l, side, need_dx, need_dbias, need_dl):
+    impl = _IMPLS["torch" if dy.shape[0] == 0 else backend]
+    return _grads(l.dtype, dy, impl.linear_backward(dy, x, y, weight, bias, l, side, need_dx, need_dbias, need_dl))
+
+
+def _linear_bwd_fake(dy, x, y, weight, bias, l, side, need_dx, need_dbias, need_dl):
+    k = weight.shape[1] if weight is not None else 0
+    shapes = ((dy.shape[0], k), (dy.shape[1],), tuple(l.shape))
+    return tuple(dy.new_empty(s if n else (0,), dtype=l.dtype) for s, n in zip(shapes, (need_dx, need_dbias, need_dl)))
+
+
+def _linear_setup_context(ctx, inputs, output):
+    x, weight, bias, l, side = inputs
+    need_dx, _, need_db, need_dl = ctx.needs_input_grad[:4]
+    keep_y = side == "output" and need_dl
+    # output side: y (the returned tensor's storage, no copy) and x for the l == 0 columns;
+    # input side: x. W only when a grad needs it.
+    ctx.save_for_backward(x if need_dl else None, output if keep_y else None,
+                          weight if (need_dx or need_dl) else None, bias if keep_y else None, l)
+    ctx.side = side
+
+
+def _linear_backward(ctx, bwd, dy):
+    x, y, weight, bias, l = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if dy.dtype != l.dtype:
+        dy = dy.to(l.dtype)
+    needs = (need[0], need[2], need[3])
+    grads = bwd(dy, x, y, weight, bias, l, ctx.side, *needs)
+    dx, dbias, dl = (t if n else None for t, n in zip(grads, needs))
+    return dx, None, dbias, dl, None
+
+
+IA3_LINEAR = define_op_pair(
+    OP_LINEAR, IMPLEMENTED, fwd=_linear_fwd, bwd=_linear_bwd, fwd_fake=_linear_fwd_fake, bwd_fake=_linear_bwd_fake,
+    fwd_schema="(Tensor x, Tensor weight, Tensor? bias, Tensor l, str side) -> Tensor",
+    bwd_schema="(Tensor dy, Tensor? x, Tensor? y, Tensor? weight, Tensor? bias, Tensor l, str side, bool need_dx, "
+               "bool need_dbias, bool need_dl) -> (Tensor, Tensor, Tensor)",
+    setup_context=_linear_setup_context, backward=_linear_backward)
+IA3LinearFunction = IA3_LINEAR.function
+
+
+def _act_fwd(backend, h, l, activation):
+    return _IMPLS["torch" if h.shape[0] == 0 else backend].act_forward(h, l, activation)
+
+
+def _act_fwd_fake(h, l, activation):
+    return torch.empty_like(h)
+
+
+def _act_bwd(backend, dy, h, l, activation, need_dh, need_dl):
+    impl = _IMPLS["torch" if dy.shape[0] == 0 else backend]
+    return _grads(h.dtype, dy, impl.act_backward(dy, h, l, activation, need_dh, need_dl))
+
+
+def _act_bwd_fake(dy, h, l, activation, need_dh, need_dl):
+    return (h.new_empty(h.shape if need_dh else (0,)), h.new_empty(l.shape if need_dl else (0,)))
+
+
+def _act_setup_context(ctx, inputs, output):
+    h, l, activation = inputs
+    ctx.save_for_backward(h, l)   # h only: act(h) and act'(h) are recomputed from it
+    ctx.activation = activation
+
+
+def _act_backward(ctx, bwd, dy):
+    h, l = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if dy.dtype != h.dtype:
+        dy = dy.to(h.dtype)
+    dh, dl = bwd(dy, h, l, ctx.activation, need[0], need[1])
+    return (dh if need[0] else None), (dl if need[1] else None), None
+
+
+IA3_SCALED_ACT = define_op_pair(
+    OP_ACT, IMPLEMENTED, fwd=_act_fwd, bwd=_act_bwd, fwd_fake=_act_fwd_fake, bwd_fake=_act_bwd_fake,
+    fwd_schema="(Tensor h, Tensor l, str activation) -> Tensor",
+    bwd_schema="(Tensor dy, Tensor h, Tensor l, str activation, bool need_dh, bool need_dl) -> (Tensor, Tensor)",
+    setup_context=_act_setup_context, backward=_act_backward)
+IA3ScaledActFunction = IA3_SCALED_ACT.function
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +302,8 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     x, weight, bias = frozen_linear_dtypes(OP_LINEAR, x, weight, bias)
     chosen = resolve_backend(OP_LINEAR, IMPLEMENTED, x.device, backend)
     with autocast_off(x.device):
-        return IA3LinearFunction.apply(x, weight, bias, l.to(x.dtype), side, chosen)
+        y = IA3_LINEAR(chosen, x.reshape(-1, x.shape[-1]), weight, bias, l.to(x.dtype), side)
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def ia3_scaled_act(h: torch.Tensor, l: torch.Tensor, activation: str = "gelu", *,
@@ -276,7 +322,8 @@ def ia3_scaled_act(h: torch.Tensor, l: torch.Tensor, activation: str = "gelu", *
     h = h.to(dt) if dt is not None else h
     chosen = resolve_backend(OP_ACT, IMPLEMENTED, h.device, backend)
     with autocast_off(h.device):
-        return IA3ScaledActFunction.apply(h, l.to(h.dtype), activation, chosen)
+        y = IA3_SCALED_ACT(chosen, h.reshape(-1, h.shape[-1]), l.to(h.dtype), activation)
+    return y.view(h.shape)
 
 
 def _check_vec(op, l, size, dim_name, x):

@@ -7,8 +7,9 @@ matrix X_t, gives the (a1, b1) block Y_t = A X_t Bᵀ of its output row. Several
 on column slices of one output (GPT-2's fused c_attn): A (S, a1, a2), B (S, b1, b2) and
 ``out_offsets`` (S first columns, each slice a1·b1 wide); columns outside every slice get no term.
 
-``KronLinearFunction`` saves x (the caller's tensor, no copy; only when A or B needs a grad), W
-(only for dx), A and B: nothing T-sized is created for backward. Backward:
+``KRON_LINEAR`` (an op pair, ops/_library.py: custom ops ``kron_linear_{fwd,bwd}_<backend>`` for
+torch.compile, an autograd.Function for eager calls) saves x (the caller's tensor, no copy; only
+when A or B needs a grad), W (only for dx), A and B: nothing T-sized is created for backward:
     dx = dy W + s · vec(Aᵀ dY_t B)
     grad_A = s Σ_t dY_t (X_t Bᵀ)ᵀ,   grad_B = s Σ_t dY_tᵀ (A X_t)
 The triton backend runs the base GEMMs on cuBLAS (torch.addmm / mm) and adds the Kronecker term
@@ -22,6 +23,7 @@ import torch
 
 from ..backends import resolve_backend
 from ._checks import autocast_off, check_frozen_linear, frozen_linear_dtypes
+from ._library import define_op_pair, no_grad_placeholder
 
 OP_NAME = "kron_linear"
 
@@ -128,35 +130,57 @@ _IMPLS = {"torch": _TorchImpl, "triton": _TritonImpl}
 IMPLEMENTED = tuple(_IMPLS)
 
 
-def _cast(t, like):
-    return None if t is None else t.to(like.dtype)
+# ---------------------------------------------------------------------------------------------
+# the op pair (spu_kernels/ops/_library.py): x (T, K), A (S, a1, a2), B (S, b1, b2), validated and cast
+# ---------------------------------------------------------------------------------------------
+
+def _fwd(backend, x, weight, bias, a, b, scale, offsets):
+    return _IMPLS["torch" if x.shape[0] == 0 else backend].forward(x, weight, bias, a, b, scale, offsets)
 
 
-class KronLinearFunction(torch.autograd.Function):
-    """Inputs validated and cast by ``kron_linear``: A (S, a1, a2), B (S, b1, b2), offsets a tuple."""
+def _fwd_fake(x, weight, bias, a, b, scale, offsets):
+    return x.new_empty((x.shape[0], weight.shape[0]))
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, a, b, scale, offsets, backend):
-        x2 = x.reshape(-1, x.shape[-1])
-        impl = _IMPLS["torch" if x2.shape[0] == 0 else backend]
-        y2 = impl.forward(x2, weight, bias, a, b, scale, offsets)
-        need_dx, _, _, need_da, need_db = ctx.needs_input_grad[:5]
-        ctx.save_for_backward(x2 if (need_da or need_db) else None, weight if need_dx else None, a, b)
-        ctx.cfg = (impl, scale, offsets, x.shape)
-        return y2.view(*x.shape[:-1], weight.shape[0])
 
-    @staticmethod
-    def backward(ctx, dy):
-        x2, weight, a, b = ctx.saved_tensors
-        impl, scale, offsets, x_shape = ctx.cfg
-        need = ctx.needs_input_grad
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        if dy2.dtype != a.dtype:
-            dy2 = dy2.to(a.dtype)
-        dx, dbias, da, db = impl.backward(dy2, x2, weight, a, b, scale, offsets, need[0], need[2], need[3], need[4])
-        if dx is not None:
-            dx = dx.view(x_shape)
-        return dx, None, _cast(dbias, a), _cast(da, a), _cast(db, b), None, None, None
+def _bwd(backend, dy, x, weight, a, b, scale, offsets, need_dx, need_dbias, need_da, need_db):
+    impl = _IMPLS["torch" if dy.shape[0] == 0 else backend]
+    grads = impl.backward(dy, x, weight, a, b, scale, offsets, need_dx, need_dbias, need_da, need_db)
+    return tuple(t.to(a.dtype) if t is not None else no_grad_placeholder(dy) for t in grads)
+
+
+def _bwd_fake(dy, x, weight, a, b, scale, offsets, need_dx, need_dbias, need_da, need_db):
+    k = a.shape[2] * b.shape[2]
+    shapes = ((dy.shape[0], k), (dy.shape[1],), tuple(a.shape), tuple(b.shape))
+    return tuple(dy.new_empty(s if n else (0,), dtype=a.dtype)
+                 for s, n in zip(shapes, (need_dx, need_dbias, need_da, need_db)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, a, b, scale, offsets = inputs
+    need_dx, _, _, need_da, need_db = ctx.needs_input_grad[:5]
+    ctx.save_for_backward(x if (need_da or need_db) else None, weight if need_dx else None, a, b)
+    ctx.cfg = (scale, offsets)
+
+
+def _backward(ctx, bwd, dy):
+    x, weight, a, b = ctx.saved_tensors
+    scale, offsets = ctx.cfg
+    need = ctx.needs_input_grad
+    if dy.dtype != a.dtype:
+        dy = dy.to(a.dtype)
+    needs = (need[0], need[2], need[3], need[4])
+    grads = bwd(dy, x, weight, a, b, scale, offsets, *needs)
+    dx, dbias, da, db = (t if n else None for t, n in zip(grads, needs))
+    return dx, None, dbias, da, db, None, None
+
+
+KRON_LINEAR = define_op_pair(
+    OP_NAME, IMPLEMENTED, fwd=_fwd, bwd=_bwd, fwd_fake=_fwd_fake, bwd_fake=_bwd_fake,
+    fwd_schema="(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor b, float scale, int[] offsets) -> Tensor",
+    bwd_schema="(Tensor dy, Tensor? x, Tensor? weight, Tensor a, Tensor b, float scale, int[] offsets, "
+               "bool need_dx, bool need_dbias, bool need_da, bool need_db) -> (Tensor, Tensor, Tensor, Tensor)",
+    setup_context=_setup_context, backward=_backward)
+KronLinearFunction = KRON_LINEAR.function
 
 
 def kron_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kron_a: torch.Tensor,
@@ -176,8 +200,9 @@ def kron_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     x, weight, bias = frozen_linear_dtypes(OP_NAME, x, weight, bias)
     chosen = resolve_backend(OP_NAME, IMPLEMENTED, x.device, backend)
     with autocast_off(x.device):
-        return KronLinearFunction.apply(x, weight, bias, a3.to(x.dtype), b3.to(x.dtype), float(scale), offsets,
-                                        chosen)
+        y = KRON_LINEAR(chosen, x.reshape(-1, x.shape[-1]), weight, bias, a3.to(x.dtype), b3.to(x.dtype),
+                        float(scale), list(offsets))
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def _check(x, weight, bias, a, b, scale, out_offsets):

@@ -10,7 +10,9 @@ b_v passes unchanged to the output, where the caller's output projection bias ab
 
 Three things live here:
   * ``ladder_cross_attention_reference``: the math in plain torch with autograd: the ground truth.
-  * ``LadderCrossAttentionFunction``: one autograd.Function for every backend. It saves q, C, W_k,
+  * ``LADDER_CROSS_ATTENTION``: the op pair (ops/_library.py: custom ops
+    ``ladder_cross_attention_{fwd,bwd}_<backend>`` for torch.compile, an autograd.Function for eager
+    calls) over one implementation per backend. It saves q, C, W_k,
     W_v (its inputs: no new memory) and a per-head log-sum-exp (T×h fp32); never the projected
     keys / values (k×T×D each), the attention weights or the output: backward recomputes them.
     Backward takes delta = Σ_j p_j dP_j in fp32 from the recomputed p_j, dP_j rather than dO·o:
@@ -28,6 +30,7 @@ import torch
 
 from ..backends import resolve_backend
 from ._checks import autocast_dtype, autocast_off
+from ._library import define_op_pair, no_grad_placeholder
 
 OP_NAME = "ladder_cross_attention"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -109,34 +112,57 @@ _IMPLS = {"torch": _TorchImpl, "triton": _TritonImpl}
 IMPLEMENTED = tuple(_IMPLS)
 
 
-class LadderCrossAttentionFunction(torch.autograd.Function):
-    """Inputs validated and cast by ``ladder_cross_attention``; q (..., h, d_h), c (k, ..., D)."""
+# ---------------------------------------------------------------------------------------------
+# the op pair (spu_kernels/ops/_library.py): q (T, D), c (k, T, D), validated and cast
+# ---------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def forward(ctx, q, c, wk, wv, scale, backend):
-        h, dh = q.shape[-2:]
-        d = h * dh
-        nk = c.shape[0]
-        q2 = q.reshape(-1, d)
-        c3 = c.reshape(nk, -1, d)            # a view when the stack is a slice of one ladder tensor
-        impl = _IMPLS["torch" if q2.shape[0] == 0 else backend]
-        o, lse = impl.forward(q2, c3, wk, wv, h, scale)
-        # the inputs (no new memory) and lse (T×h fp32): nothing k×T×D, not even the output
-        ctx.save_for_backward(q2, c3, wk, wv, lse)
-        ctx.cfg = (impl, h, scale, q.shape, c.shape)
-        return o.view(q.shape)
+def _fwd(backend, q, c, wk, wv, heads, scale):
+    return _IMPLS["torch" if q.shape[0] == 0 else backend].forward(q, c, wk, wv, heads, scale)
 
-    @staticmethod
-    def backward(ctx, do):
-        q2, c3, wk, wv, lse = ctx.saved_tensors
-        impl, h, scale, q_shape, c_shape = ctx.cfg
-        need = ctx.needs_input_grad
-        do2 = do.reshape(q2.shape)
-        if do2.dtype != q2.dtype:
-            do2 = do2.to(q2.dtype)
-        dq, dc, dwk, dwv = impl.backward(do2, q2, c3, wk, wv, lse, h, scale, need[2] or need[3])
-        return (dq.view(q_shape) if need[0] else None, dc.view(c_shape) if need[1] else None,
-                dwk.to(wk.dtype) if need[2] else None, dwv.to(wv.dtype) if need[3] else None, None, None)
+
+def _fwd_fake(q, c, wk, wv, heads, scale):
+    return torch.empty_like(q), q.new_empty((q.shape[0], heads), dtype=torch.float32)
+
+
+def _bwd(backend, do, q, c, wk, wv, lse, heads, scale, need_dw):
+    impl = _IMPLS["torch" if do.shape[0] == 0 else backend]
+    dq, dc, dwk, dwv = impl.backward(do, q, c, wk, wv, lse, heads, scale, need_dw)
+    if not need_dw:
+        return dq, dc, no_grad_placeholder(wk), no_grad_placeholder(wv)
+    return dq, dc, dwk.to(wk.dtype), dwv.to(wv.dtype)
+
+
+def _bwd_fake(do, q, c, wk, wv, lse, heads, scale, need_dw):
+    def w():
+        return torch.empty_like(wk) if need_dw else wk.new_empty((0,))
+    return torch.empty_like(q), torch.empty_like(c), w(), w()
+
+
+def _setup_context(ctx, inputs, output):
+    q, c, wk, wv, heads, scale = inputs
+    # the inputs (no new memory) and lse (T×h fp32): nothing k×T×D, not even the output
+    ctx.save_for_backward(q, c, wk, wv, output[1])
+    ctx.cfg = (heads, scale)
+
+
+def _backward(ctx, bwd, do):
+    q, c, wk, wv, lse = ctx.saved_tensors
+    heads, scale = ctx.cfg
+    need = ctx.needs_input_grad
+    if do.dtype != q.dtype:
+        do = do.to(q.dtype)
+    dq, dc, dwk, dwv = bwd(do, q, c, wk, wv, lse, heads, scale, need[2] or need[3])
+    return (dq if need[0] else None, dc if need[1] else None, dwk if need[2] else None,
+            dwv if need[3] else None, None, None)
+
+
+LADDER_CROSS_ATTENTION = define_op_pair(
+    OP_NAME, IMPLEMENTED, fwd=_fwd, bwd=_bwd, fwd_fake=_fwd_fake, bwd_fake=_bwd_fake,
+    fwd_schema="(Tensor q, Tensor c, Tensor wk, Tensor wv, int heads, float scale) -> (Tensor, Tensor)",
+    bwd_schema="(Tensor do, Tensor q, Tensor c, Tensor wk, Tensor wv, Tensor lse, int heads, float scale, "
+               "bool need_dw) -> (Tensor, Tensor, Tensor, Tensor)",
+    setup_context=_setup_context, backward=_backward)
+LadderCrossAttentionFunction = LADDER_CROSS_ATTENTION.function
 
 
 def ladder_cross_attention(q: torch.Tensor, c: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor, *,
@@ -167,8 +193,13 @@ def ladder_cross_attention(q: torch.Tensor, c: torch.Tensor, w_k: torch.Tensor, 
     if not math.isfinite(scale):
         raise ValueError(f"{OP_NAME}: scale must be finite, got {scale!r}")
     chosen = resolve_backend(OP_NAME, IMPLEMENTED, q.device, backend)
+    heads, dh = q.shape[-2:]
+    nk = c.shape[0]
     with autocast_off(q.device):
-        return LadderCrossAttentionFunction.apply(q, c, wk, wv, scale, chosen)
+        # c3 is a view when the stack is a slice of one ladder tensor
+        o, _ = LADDER_CROSS_ATTENTION(chosen, q.reshape(-1, heads * dh), c.reshape(nk, -1, heads * dh), wk, wv,
+                                      heads, scale)
+    return o.view(q.shape)
 
 
 def _check(q, c, wk, wv) -> None:

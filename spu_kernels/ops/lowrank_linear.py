@@ -8,9 +8,11 @@ probability p whose mask is regenerated from a seed (ops/dropout_rng.py), never 
 
 Three things live here:
   * ``lowrank_linear_reference``: the math in plain torch with autograd: the ground truth.
-  * ``LowRankLinearFunction``: one autograd.Function for every backend. It saves x (the caller's
-    tensor, no copy, and only when A needs a grad) and u = drop(x) Aᵀ (T×r): never a mask, a
-    dropped-out x, or a T×N branch output. Grads for x, b, A, B and g as each is needed; none for W.
+  * ``LOWRANK_LINEAR``: the op pair (ops/_library.py): custom ops ``lowrank_linear_{fwd,bwd}_<backend>``
+    for torch.compile and ``LowRankLinearFunction`` for eager calls, over one implementation. It
+    saves x (the caller's tensor, no copy, and only when A needs a grad), u = drop(x) Aᵀ (T×r) and
+    the seed (a 0-dim tensor): never a mask, a dropped-out x, or a T×N branch output. Grads for x,
+    b, A, B and g as each is needed; none for W.
   * the torch backend (``_TorchImpl``, the same decomposition with cuBLAS / ATen calls) and the
     dispatch to the triton backend (spu_kernels/triton/lowrank_linear.py) and the cuda backend
     (spu_kernels._C, csrc/lowrank_linear.cpp).
@@ -22,8 +24,9 @@ import math
 import torch
 
 from ..backends import resolve_backend
-from ._checks import autocast_off, check_frozen_linear, check_seed, frozen_linear_dtypes
-from .dropout_rng import dropout_keep_mask, dropout_threshold, new_seed
+from ._checks import autocast_off, check_frozen_linear, frozen_linear_dtypes, seed_tensor
+from ._library import define_op_pair, no_grad_placeholder
+from .dropout_rng import dropout_keep_mask, dropout_threshold
 
 OP_NAME = "lowrank_linear"
 
@@ -129,15 +132,21 @@ class _CudaImpl:
         return torch.ops.spu_kernels
 
     @staticmethod
+    def _seed(seed) -> int:
+        # the C++ op takes the seed as an int: reading the device tensor syncs (dropout only)
+        return int(seed) if seed is not None else 0
+
+    @staticmethod
     def forward(x, weight, bias, a, b, g, scale, p, seed):
         thr = dropout_threshold(p) if p > 0 else 0
-        return _CudaImpl._ops().lowrank_linear_fwd(x, weight, bias, a, b, g, scale, p, seed, thr)
+        return _CudaImpl._ops().lowrank_linear_fwd(x, weight, bias, a, b, g, scale, p, _CudaImpl._seed(seed), thr)
 
     @staticmethod
     def backward(dy, x, weight, a, b, g, u, scale, p, seed, need_dx, need_dbias, need_da, need_db, need_dg):
         thr = dropout_threshold(p) if p > 0 else 0
         need = (need_dx, need_dbias, need_da, need_db, need_dg)
-        out = _CudaImpl._ops().lowrank_linear_bwd(dy, x, weight, a, b, g, u, scale, p, seed, thr, *need)
+        out = _CudaImpl._ops().lowrank_linear_bwd(dy, x, weight, a, b, g, u, scale, p, _CudaImpl._seed(seed), thr,
+                                                  *need)
         return tuple(t if n else None for t, n in zip(out, need))
 
 
@@ -145,46 +154,68 @@ _IMPLS = {"torch": _TorchImpl, "triton": _TritonImpl, "cuda": _CudaImpl}
 IMPLEMENTED = tuple(_IMPLS)
 
 
-class LowRankLinearFunction(torch.autograd.Function):
-    """Inputs already validated and cast by ``lowrank_linear``; x may have leading dims."""
+# ---------------------------------------------------------------------------------------------
+# the op pair (spu_kernels/ops/_library.py): x (T, K) 2-D, everything validated and cast
+# ---------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, a, b, g, scale, p, seed, backend):
-        k = x.shape[-1]
-        x2 = x.reshape(-1, k)
-        impl = _IMPLS["torch" if x2.shape[0] == 0 else backend]
-        y2, u = impl.forward(x2, weight, bias, a, b, g, scale, p, seed)
-        need_dx, _, _, need_da = ctx.needs_input_grad[:4]
-        # x only for grad_A (the caller's tensor: no new memory); u for grad_B and grad_g.
-        ctx.save_for_backward(x if need_da else None, weight if need_dx else None, a, b, g, u)
-        ctx.cfg = (impl, scale, p, seed, x.shape)
-        return y2.view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, a, b, g, u = ctx.saved_tensors
-        impl, scale, p, seed, x_shape = ctx.cfg
-        need = ctx.needs_input_grad
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        if dy2.dtype != u.dtype:
-            dy2 = dy2.to(u.dtype)
-        x2 = x.reshape(-1, x.shape[-1]) if x is not None else None
-        dx, dbias, da, db, dg = impl.backward(dy2, x2, weight, a, b, g, u, scale, p, seed,
-                                              need[0], need[2], need[3], need[4], need[5])
-        if dx is not None:
-            dx = dx.view(x_shape)
-        return (dx, None, _cast(dbias, b), _cast(da, a), _cast(db, b), _cast(dg, g),
-                None, None, None, None)
+def _fwd(backend, x, weight, bias, a, b, g, scale, p, seed):
+    impl = _IMPLS["torch" if x.shape[0] == 0 else backend]
+    return impl.forward(x, weight, bias, a, b, g, scale, p, seed)
 
 
-def _cast(t, like):
-    return None if t is None else t.to(like.dtype)
+def _fwd_fake(x, weight, bias, a, b, g, scale, p, seed):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], a.shape[0]))
+
+
+def _bwd(backend, dy, x, weight, a, b, g, u, scale, p, seed, need_dx, need_dbias, need_da, need_db, need_dg):
+    impl = _IMPLS["torch" if dy.shape[0] == 0 else backend]
+    grads = impl.backward(dy, x, weight, a, b, g, u, scale, p, seed, need_dx, need_dbias, need_da, need_db, need_dg)
+    # grads in the dtype of what they are for (a, b, g and bias all have x's dtype), or placeholders
+    return tuple(t.to(dy.dtype) if t is not None else no_grad_placeholder(dy) for t in grads)
+
+
+def _bwd_fake(dy, x, weight, a, b, g, u, scale, p, seed, need_dx, need_dbias, need_da, need_db, need_dg):
+    shapes = ((dy.shape[0], a.shape[1]), (b.shape[0],), tuple(a.shape), tuple(b.shape), (a.shape[0],))
+    needs = (need_dx, need_dbias, need_da, need_db, need_dg)
+    return tuple(dy.new_empty(s if n else (0,)) for s, n in zip(shapes, needs))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, a, b, g, scale, p, seed = inputs
+    need_dx, _, _, need_da = ctx.needs_input_grad[:4]
+    # x only for grad_A (the caller's tensor: no new memory); u for grad_B and grad_g; the seed (a
+    # 0-dim tensor) so that backward regenerates the forward's mask.
+    ctx.save_for_backward(x if need_da else None, weight if need_dx else None, a, b, g, output[1], seed)
+    ctx.cfg = (scale, p)
+
+
+def _backward(ctx, bwd, dy):
+    x, weight, a, b, g, u, seed = ctx.saved_tensors
+    scale, p = ctx.cfg
+    need = ctx.needs_input_grad
+    if dy.dtype != u.dtype:
+        dy = dy.to(u.dtype)
+    needs = (need[0], need[2], need[3], need[4], need[5])
+    grads = bwd(dy, x, weight, a, b, g, u, scale, p, seed, *needs)
+    dx, dbias, da, db, dg = (t if n else None for t, n in zip(grads, needs))
+    return dx, None, dbias, da, db, dg, None, None, None
+
+
+LOWRANK_LINEAR = define_op_pair(
+    OP_NAME, IMPLEMENTED, fwd=_fwd, bwd=_bwd, fwd_fake=_fwd_fake, bwd_fake=_bwd_fake,
+    fwd_schema="(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor b, Tensor? g, float scale, float p, "
+               "Tensor? seed) -> (Tensor, Tensor)",
+    bwd_schema="(Tensor dy, Tensor? x, Tensor? weight, Tensor a, Tensor b, Tensor? g, Tensor u, float scale, "
+               "float p, Tensor? seed, bool need_dx, bool need_dbias, bool need_da, bool need_db, "
+               "bool need_dg) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    setup_context=_setup_context, backward=_backward)
+LowRankLinearFunction = LOWRANK_LINEAR.function
 
 
 def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    lora_a: torch.Tensor, lora_b: torch.Tensor, *, scale: float = 1.0,
-                   rank_scale: torch.Tensor | None = None, dropout_p: float = 0.0, seed: int | None = None,
-                   backend: str | None = None) -> torch.Tensor:
+                   rank_scale: torch.Tensor | None = None, dropout_p: float = 0.0,
+                   seed: int | torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """y = x Wᵀ + b + scale · ((drop(x) Aᵀ) ⊙ rank_scale) Bᵀ, fused.
 
     Args:
@@ -194,19 +225,25 @@ def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         lora_a: A, (r, K). lora_b: B, (N, r). rank_scale: g, (r,) or None. These are cast to x's
             dtype (differentiably: fp32 master copies get fp32 grads).
         scale: s. dropout_p: p in [0, 1), applied to the adapter's input only.
-        seed: dropout seed, an int in [0, 2**63) (drawn from torch's CPU generator when None).
+        seed: the dropout mask's seed: an int in [0, 2**63) or a one-element int64 tensor; None
+            draws a fresh one on x's device (``dropout_rng.draw_seed``; a runtime value under
+            torch.compile, never a constant of the graph).
         backend: "torch", "triton" or "cuda"; default as in spu_kernels.backends.
     Under torch.autocast every input is cast to the autocast dtype first, as nn.Linear would be.
+    Runs as the custom op ``torch.ops.spu_kernels.lowrank_linear_fwd_<backend>`` under torch.compile.
     """
     _check(x, weight, bias, lora_a, lora_b, rank_scale, scale, dropout_p)
-    seed = check_seed(OP_NAME, seed) if seed is not None else (new_seed() if dropout_p > 0 else 0)
+    seed_t = seed_tensor(OP_NAME, seed, x.device) if dropout_p > 0 else None
     x, weight, bias = frozen_linear_dtypes(OP_NAME, x, weight, bias)
     dt = x.dtype
     a, b = lora_a.to(dt), lora_b.to(dt)
     g = rank_scale.to(dt) if rank_scale is not None else None
     chosen = resolve_backend(OP_NAME, IMPLEMENTED, x.device, backend)
+    k = x.shape[-1]
     with autocast_off(x.device):
-        return LowRankLinearFunction.apply(x, weight, bias, a, b, g, float(scale), float(dropout_p), seed, chosen)
+        y, _ = LOWRANK_LINEAR(chosen, x.reshape(-1, k), weight, bias, a, b, g, float(scale), float(dropout_p),
+                              seed_t)
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def _check(x, weight, bias, a, b, g, scale, p) -> None:

@@ -12,6 +12,12 @@ from ..backends import triton_interpret
 
 INTERPRET = triton_interpret()
 
+try:   # ~1 µs: whether a triton_op's body is being traced (private in torch 2.14; if it moves, always wrap)
+    from torch._library.triton import is_wrap_triton_enabled as _wrap_triton_enabled
+except ImportError:  # pragma: no cover
+    def _wrap_triton_enabled() -> bool:
+        return True
+
 TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -56,6 +62,16 @@ def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def launch(kernel):
+    """How launchers call a kernel: through ``torch.library.wrap_triton`` inside a ``triton_op``
+    being traced (ops/_library.py, on a GPU), which records the launch for Inductor; the kernel
+    itself otherwise. wrap_triton would hand back the kernel too, but costs 8 µs (a JITFunction) to
+    57 µs (an Autotuner) of host time a call in torch 2.14, so the cheap test comes first."""
+    if not INTERPRET and _wrap_triton_enabled():
+        return torch.library.wrap_triton(kernel)
+    return kernel
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) of host ints. triton.cdiv / next_power_of_2 are constexpr functions that cost
     ~2-3 µs a call on the host; launchers make dozens of these calls per step."""
@@ -63,7 +79,9 @@ def cdiv(a: int, b: int) -> int:
 
 
 def next_pow2(n: int) -> int:
-    """The smallest power of two >= n (0 for n <= 0, as triton.next_power_of_2), host-side."""
+    """The smallest power of two >= n (0 for n <= 0, as triton.next_power_of_2), host-side. A
+    symbolic size (a triton_op traced with dynamic shapes) is specialised to its value."""
+    n = int(n)
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 

@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, cdiv, device_index, gemm_configs, grouped_tile, input_precision, mma, next_pow2,
-                      num_sms, upcast_dot)
+from ._common import (INTERPRET, cdiv, device_index, gemm_configs, grouped_tile, input_precision, launch, mma,
+                      next_pow2, num_sms, upcast_dot)
 
 # ---------------------------------------------------------------------------------------------
 # the GEMM with scales
@@ -92,7 +92,7 @@ def gemm_scaled(a_op: torch.Tensor, b_op: torch.Tensor, bias: torch.Tensor | Non
     gl = torch.zeros(N, device=a_op.device, dtype=torch.float32) if reduce_z is not None else None
     z = reduce_z if reduce_z is not None else c
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
-    _gemm_scaled_kernel[grid](
+    launch(_gemm_scaled_kernel)[grid](
         a_op, b_op, c, bias if bias is not None else c, k_scale if k_scale is not None else c,
         n_scale if n_scale is not None else c, z, gl if gl is not None else torch.empty(1, device=c.device),
         M, N, K, next_pow2(M),
@@ -188,7 +188,7 @@ def ia3_out_grads(dy, y, l, x, weight, bias, need_grad_bias: bool):
     f32 = dict(device=dy.device, dtype=torch.float32)
     s1, s2 = alloc(N, **f32), alloc(N, **f32)
     sdy = alloc(N, **f32) if need_grad_bias else s1
-    _ia3_out_grad_kernel[(n_blocks, splits)](
+    launch(_ia3_out_grad_kernel)[(n_blocks, splits)](
         dy, y, l, x, weight, bias if bias is not None else l, sdy, s1, s2,
         T, N, K, rows_per_split,
         dy.stride(0), dy.stride(1), y.stride(0), y.stride(1), x.stride(0), x.stride(1),
@@ -292,7 +292,7 @@ def scaled_act_fwd(h: torch.Tensor, l: torch.Tensor, act: str) -> torch.Tensor:
     T, F = h.shape
     y = torch.empty((T, F), device=h.device, dtype=h.dtype)
     block_t, block_f, warps = _act_blocks()
-    _scaled_act_fwd_kernel[(cdiv(T, block_t), cdiv(F, block_f))](
+    launch(_scaled_act_fwd_kernel)[(cdiv(T, block_t), cdiv(F, block_f))](
         h, l, y, T, F, h.stride(0), h.stride(1), ACT=ACTIVATIONS[act], BLOCK_T=block_t, BLOCK_F=block_f,
         num_warps=warps)
     return y
@@ -311,7 +311,7 @@ def scaled_act_bwd(dy: torch.Tensor, h: torch.Tensor, l: torch.Tensor, act: str,
     atomic = splits > 1
     dh = torch.empty((T, F), device=h.device, dtype=h.dtype) if need_dh else None
     gl = (torch.zeros if atomic else torch.empty)(F, device=h.device, dtype=torch.float32) if need_gl else None
-    _scaled_act_bwd_kernel[(f_blocks, splits)](
+    launch(_scaled_act_bwd_kernel)[(f_blocks, splits)](
         dy, h, l, dh if dh is not None else h, gl if gl is not None else l, T, F, rows_per_split,
         dy.stride(0), dy.stride(1), h.stride(0), h.stride(1),
         ACT=ACTIVATIONS[act], NEED_DH=need_dh, NEED_GL=need_gl, ATOMIC=atomic,

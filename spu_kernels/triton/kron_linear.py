@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, cdiv, device_index, input_precision, mma, next_pow2, num_sms, upcast_dot
+from ._common import INTERPRET, cdiv, device_index, input_precision, launch, mma, next_pow2, num_sms, upcast_dot
 
 MAX_SIDE = 256   # sides of A that a program holds whole in registers (padded to a power of two)
 
@@ -94,7 +94,7 @@ def kron_apply(inp: torch.Tensor, lmat: torch.Tensor, rmat: torch.Tensor, out: t
     block_j, block_q, warps = _blocks()
     j_blocks = cdiv(NN, block_j)
     splits, rows = _token_splits(T, j_blocks, inp)
-    _kron_apply_kernel[(splits, j_blocks)](
+    launch(_kron_apply_kernel)[(splits, j_blocks)](
         inp, lmat, rmat, out, T, M, P, Q, NN, rows, scale,
         inp.stride(0), inp.stride(1), lmat.stride(0), lmat.stride(1), rmat.stride(0), rmat.stride(1),
         out.stride(0), out.stride(1),
@@ -152,7 +152,7 @@ def kron_grad_a(x: torch.Tensor, a_shape: tuple[int, int], b: torch.Tensor, dy: 
     splits, rows = _token_splits(T, j_blocks, x, per_sm=2)
     atomic = splits * j_blocks > 1
     ga = (torch.zeros if atomic else torch.empty)((a1, a2), device=x.device, dtype=torch.float32)
-    _kron_grad_a_kernel[(splits, j_blocks)](
+    launch(_kron_grad_a_kernel)[(splits, j_blocks)](
         x, b, dy, ga, T, a1, a2, b1, b2, rows, scale,
         x.stride(0), x.stride(1), b.stride(0), b.stride(1), dy.stride(0), dy.stride(1),
         A1_PAD=_pad(a1), A2_PAD=_pad(a2), BLOCK_J=block_j, BLOCK_Q=block_q, ATOMIC=atomic,
@@ -209,7 +209,7 @@ def kron_grad_b(x: torch.Tensor, a: torch.Tensor, b_shape: tuple[int, int], dy: 
     splits, rows = _token_splits(T, j_blocks * q_blocks, x, per_sm=2)
     atomic = splits > 1
     gb = (torch.zeros if atomic else torch.empty)((b1, b2), device=x.device, dtype=torch.float32)
-    _kron_grad_b_kernel[(splits, j_blocks, q_blocks)](
+    launch(_kron_grad_b_kernel)[(splits, j_blocks, q_blocks)](
         x, a, dy, gb, T, a1, a2, b1, b2, rows, scale,
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), dy.stride(0), dy.stride(1),
         A1_PAD=_pad(a1), A2_PAD=_pad(a2), BLOCK_J=block_j, BLOCK_Q=block_q, ATOMIC=atomic,

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, cdiv, device_index, input_precision, mma, next_pow2, num_sms, upcast_dot
+from ._common import INTERPRET, cdiv, device_index, input_precision, launch, mma, next_pow2, num_sms, upcast_dot
 
 
 @triton.jit
@@ -270,7 +270,7 @@ def forward(q: torch.Tensor, c: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor
     o = torch.empty((T, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((T, H), device=q.device, dtype=torch.float32)
     grid = (cdiv(T, block_t), cdiv(H, g))
-    _fwd_kernel[grid](q, c, wk, wv, o, lse, T, D, H, NK, D // H, g, scale,
+    launch(_fwd_kernel)[grid](q, c, wk, wv, o, lse, T, D, H, NK, D // H, g, scale,
                       q.stride(0), q.stride(1), c.stride(0), c.stride(1), c.stride(2),
                       wk.stride(0), wk.stride(1), wv.stride(0), wv.stride(1), o.stride(0), o.stride(1),
                       BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_C=block_c, H_PAD=h_pad,
@@ -290,7 +290,7 @@ def backward(do, q, c, wk, wv, lse, num_heads: int, scale: float, need_dw: bool)
           else torch.empty((NK, T, D), device=q.device, dtype=c.dtype))
     p = torch.empty((NK, T, H), device=q.device, dtype=torch.float32)
     ds = torch.empty((NK, T, H), device=q.device, dtype=torch.float32)
-    _bwd_kernel[(cdiv(T, block_t), groups)](
+    launch(_bwd_kernel)[(cdiv(T, block_t), groups)](
         q, c, wk, wv, do, lse, dq, dc, p, ds, T, D, H, NK, D // H, g, scale,
         q.stride(0), q.stride(1), c.stride(0), c.stride(1), c.stride(2),
         wk.stride(0), wk.stride(1), wv.stride(0), wv.stride(1),
@@ -317,7 +317,7 @@ def backward(do, q, c, wk, wv, lse, num_heads: int, scale: float, need_dw: bool)
         alloc = torch.zeros if atomic else torch.empty
         dwk = alloc((D, D), device=q.device, dtype=torch.float32)
         dwv = alloc((D, D), device=q.device, dtype=torch.float32)
-        _dw_kernel[(cdiv(D, block_o), cdiv(D, block_i), splits)](
+        launch(_dw_kernel)[(cdiv(D, block_o), cdiv(D, block_i), splits)](
             q, c, do, p, ds, dwk, dwv, T, D, H, NK, D // H, scale, rows_per_split,
             q.stride(0), q.stride(1), c.stride(0), c.stride(1), c.stride(2), do.stride(0), do.stride(1),
             ATOMIC=atomic, BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_R=block_r,

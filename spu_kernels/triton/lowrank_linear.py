@@ -24,17 +24,17 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, cdiv, device_index, dropout_keep, gemm_configs, grouped_tile, input_precision,
-                      mma, next_pow2, num_sms, rank_pad, upcast_dot)
+                      launch, mma, next_pow2, num_sms, rank_pad, upcast_dot)
 
 # ---------------------------------------------------------------------------------------------
 # 1. u = drop(x) Aᵀ
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["seed", "threshold"])
+@triton.jit(do_not_specialize=["threshold"])
 def _down_kernel(x_ptr, a_ptr, u_ptr, T, K, R, k_per_split,
                  stride_xt, stride_xk, stride_ar, stride_ak,
-                 seed, threshold, keep_scale,
+                 seed_ptr, threshold, keep_scale,
                  HAS_DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, R_PAD: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
                  UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
@@ -48,6 +48,8 @@ def _down_kernel(x_ptr, a_ptr, u_ptr, T, K, R, k_per_split,
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_end
@@ -69,8 +71,10 @@ def _down_kernel(x_ptr, a_ptr, u_ptr, T, K, R, k_per_split,
         tl.store(u_ptrs, acc.to(u_ptr.dtype.element_ty), mask=u_mask)
 
 
-def lowrank_down(x: torch.Tensor, a: torch.Tensor, dropout_p: float, seed: int, threshold: int) -> torch.Tensor:
-    """u = drop(x) Aᵀ for x (T, K), A (r, K); returns u (T, r) in x's dtype."""
+def lowrank_down(x: torch.Tensor, a: torch.Tensor, dropout_p: float, seed: torch.Tensor | None,
+                 threshold: int) -> torch.Tensor:
+    """u = drop(x) Aᵀ for x (T, K), A (r, K); returns u (T, r) in x's dtype. ``seed``: the 0-dim
+    int64 tensor on x's device the kernel reads (None without dropout)."""
     T, K = x.shape
     R = a.shape[0]
     if INTERPRET:
@@ -88,10 +92,10 @@ def lowrank_down(x: torch.Tensor, a: torch.Tensor, dropout_p: float, seed: int, 
     atomic = splits > 1
     u = torch.zeros((T, R), device=x.device, dtype=torch.float32) if atomic else \
         torch.empty((T, R), device=x.device, dtype=x.dtype)
-    _down_kernel[(t_blocks, splits)](
+    launch(_down_kernel)[(t_blocks, splits)](
         x, a, u, T, K, R, k_per_split,
         x.stride(0), x.stride(1), a.stride(0), a.stride(1),
-        seed, threshold, 1.0 / (1.0 - dropout_p),
+        seed if seed is not None else u, threshold, 1.0 / (1.0 - dropout_p),
         HAS_DROPOUT=dropout_p > 0, ATOMIC=atomic, R_PAD=rank_pad(R), BLOCK_T=block_t, BLOCK_K=block_k,
         UPCAST=upcast_dot(x.dtype), INPUT_PRECISION=input_precision(x.dtype), num_warps=warps)
     return u.to(x.dtype) if atomic else u
@@ -105,12 +109,12 @@ def lowrank_down(x: torch.Tensor, a: torch.Tensor, dropout_p: float, seed: int, 
 
 
 @triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "HAS_DROPOUT", "HAS_BIAS"])
-@triton.jit(do_not_specialize=["seed", "threshold"])
+@triton.jit(do_not_specialize=["threshold"])
 def _gemm_lowrank_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, rm_ptr, g_ptr,
                          M, N, K, R, M_BUCKET,
                          stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                          stride_lm, stride_lr, stride_rmr, stride_rmn,
-                         scale, seed, threshold, keep_scale,
+                         scale, seed_ptr, threshold, keep_scale,
                          HAS_BIAS: tl.constexpr, HAS_G: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                          R_PAD: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -145,7 +149,7 @@ def _gemm_lowrank_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, rm_ptr, g_ptr,
                  mask=r_mask[:, None] & n_mask[None, :], other=0.0)
     lr = mma(low, rm, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, INPUT_PRECISION)
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, rows[:, None] * N + cols[None, :], threshold)
+        keep = dropout_keep(tl.load(seed_ptr), rows[:, None] * N + cols[None, :], threshold)
         lr = tl.where(keep, lr * keep_scale, 0.0)
     acc += lr
     if HAS_BIAS:
@@ -156,7 +160,7 @@ def _gemm_lowrank_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, rm_ptr, g_ptr,
 
 def gemm_lowrank(a_op: torch.Tensor, b_op: torch.Tensor, bias: torch.Tensor | None,
                  low: torch.Tensor, right: torch.Tensor, g: torch.Tensor | None, scale: float,
-                 dropout_p: float = 0.0, seed: int = 0, threshold: int = 0) -> torch.Tensor:
+                 dropout_p: float = 0.0, seed: torch.Tensor | None = None, threshold: int = 0) -> torch.Tensor:
     """C = a_op (M, K) @ b_op (K, N) + bias + keep ⊙ scale ((low (M, r) ⊙ g) @ right (r, N)) / (1-p).
 
     Any strides; C is a new contiguous (M, N) tensor in a_op's dtype. With dropout_p > 0 the keep
@@ -167,12 +171,12 @@ def gemm_lowrank(a_op: torch.Tensor, b_op: torch.Tensor, bias: torch.Tensor | No
     R = low.shape[1]
     c = torch.empty((M, N), device=a_op.device, dtype=a_op.dtype)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
-    _gemm_lowrank_kernel[grid](
+    launch(_gemm_lowrank_kernel)[grid](
         a_op, b_op, c, bias if bias is not None else c, low, right, g if g is not None else c,
         M, N, K, R, next_pow2(M),
         a_op.stride(0), a_op.stride(1), b_op.stride(0), b_op.stride(1), c.stride(0), c.stride(1),
         low.stride(0), low.stride(1), right.stride(0), right.stride(1),
-        scale, seed, threshold, 1.0 / (1.0 - dropout_p),
+        scale, seed if seed is not None else c, threshold, 1.0 / (1.0 - dropout_p),
         HAS_BIAS=bias is not None, HAS_G=g is not None, HAS_DROPOUT=dropout_p > 0, R_PAD=rank_pad(R),
         UPCAST=upcast_dot(a_op.dtype), INPUT_PRECISION=input_precision(a_op.dtype))
     return c
@@ -264,7 +268,7 @@ def lowrank_dy(dy: torch.Tensor, b: torch.Tensor, u: torch.Tensor, g: torch.Tens
     alloc = torch.zeros if gb_atomic else torch.empty
     grad_b = alloc((N, R), **f32) if need_grad_b else None
     grad_bias = alloc((N,), **f32) if need_grad_bias else None
-    _dy_kernel[(n_blocks, splits)](
+    launch(_dy_kernel)[(n_blocks, splits)](
         dy, b, u, g if g is not None else v, v, grad_b if grad_b is not None else v,
         grad_bias if grad_bias is not None else v,
         T, N, R, rows_per_split,
@@ -281,9 +285,9 @@ def lowrank_dy(dy: torch.Tensor, b: torch.Tensor, u: torch.Tensor, g: torch.Tens
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["seed", "threshold"])
+@triton.jit(do_not_specialize=["threshold"])
 def _grad_a_kernel(x_ptr, v_ptr, g_ptr, ga_ptr, T, K, R, rows_per_split,
-                   stride_xt, stride_xk, scale, seed, threshold, keep_scale,
+                   stride_xt, stride_xk, scale, seed_ptr, threshold, keep_scale,
                    HAS_G: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC: tl.constexpr,
                    R_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
                    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
@@ -297,6 +301,8 @@ def _grad_a_kernel(x_ptr, v_ptr, g_ptr, ga_ptr, T, K, R, rows_per_split,
     if HAS_G:
         gs = gs * tl.load(g_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
     acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
     t_start = pid_s * rows_per_split
     t_end = tl.minimum(t_start + rows_per_split, T)
     for t0 in range(t_start, t_end, BLOCK_T):
@@ -322,7 +328,7 @@ def _grad_a_kernel(x_ptr, v_ptr, g_ptr, ga_ptr, T, K, R, rows_per_split,
 
 
 def lowrank_grad_a(x: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, scale: float,
-                   dropout_p: float, seed: int, threshold: int) -> torch.Tensor:
+                   dropout_p: float, seed: torch.Tensor | None, threshold: int) -> torch.Tensor:
     """grad_A = s (v ⊙ g)ᵀ drop(x) as an fp32 (r, K) tensor; v is the fp32 (T, r) from lowrank_dy."""
     T, K = x.shape
     R = v.shape[1]
@@ -338,9 +344,9 @@ def lowrank_grad_a(x: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, sca
     splits = cdiv(T, rows_per_split)
     atomic = splits > 1
     ga = (torch.zeros if atomic else torch.empty)((R, K), device=x.device, dtype=torch.float32)
-    _grad_a_kernel[(k_blocks, splits)](
+    launch(_grad_a_kernel)[(k_blocks, splits)](
         x, v, g if g is not None else v, ga, T, K, R, rows_per_split,
-        x.stride(0), x.stride(1), scale, seed, threshold, 1.0 / (1.0 - dropout_p),
+        x.stride(0), x.stride(1), scale, seed if seed is not None else ga, threshold, 1.0 / (1.0 - dropout_p),
         HAS_G=g is not None, HAS_DROPOUT=dropout_p > 0, ATOMIC=atomic, R_PAD=rank_pad(R),
         BLOCK_T=block_t, BLOCK_K=block_k,
         UPCAST=upcast_dot(x.dtype), INPUT_PRECISION=input_precision(x.dtype), num_warps=warps)

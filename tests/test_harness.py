@@ -39,6 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
     ({"compare": {"lora": {"args": {"rr": 4}}}}, r"compare\.lora\.args\.rr: unknown option for lora"),
     ({"cpu": {"training": {"epoch": 1}}}, r"cpu\.training\.epoch: unknown key \(did you mean 'epochs'\?\)"),
     ({"dataset": "rt"}, r"dataset: must be a mapping"),
+    ({"training": {"compile": "fast"}}, r"training\.compile: 'fast' is not allowed; choose one of auto, false, true"),
+    ({"training": {"compile": 1}}, r"training\.compile: must be true, false or a string, got int"),
 ])
 def test_config_errors_name_the_key(raw, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -385,6 +387,50 @@ def test_mezo_run_and_soft_prompt(tiny_config):
     assert res.steps == 2 and res.learning_rate == 1e-3
     tiny_config["method"] = {"name": "prompt", "args": {"n_tokens": 3}}
     assert run(from_dict(tiny_config)).steps == 2
+
+
+def test_compile_setting(tiny_config, monkeypatch):
+    """training.compile: YAML booleans accepted; true compiles the training forward (dynamo's
+    aot_eager here: Inductor on 2 CPU cores takes tens of seconds) and says so in the result."""
+    from spu_kernels.harness import compile as hcompile
+    calls = []
+    real = torch.compile
+
+    def compile_aot_eager(model, mode=None):
+        calls.append(mode)
+        return real(model, backend="aot_eager", fullgraph=True)
+    monkeypatch.setattr(hcompile.torch, "compile", compile_aot_eager)
+    assert from_dict(tiny_config | {"training": tiny_config["training"] | {"compile": False}}).training.compile == "false"
+    tiny_config["training"]["compile"] = True
+    res = run(from_dict(tiny_config))
+    assert res.compile == "true" and res.steps == 2 and calls == [None]
+    assert json.loads((Path(res.output_dir) / "results.json").read_text())["compile"] == "true"
+    torch._dynamo.reset()
+
+
+def test_compile_failure_falls_back_to_eager(tiny_config, monkeypatch, capsys):
+    """A compile that fails at the first step: grads cleared, a message, the run trains eagerly."""
+    from spu_kernels.harness import compile as hcompile
+
+    def broken_compile(model, mode=None):
+        def forward(**batch):
+            model(**batch).loss.backward()      # leaves grads behind, as a half-run step might
+            raise RuntimeError("inductor exploded")
+        return forward
+    monkeypatch.setattr(hcompile.torch, "compile", broken_compile)
+    tiny_config["training"]["compile"] = "true"
+    eager = run(from_dict(tiny_config | {"training": tiny_config["training"] | {"compile": "false"}}))
+    res = run(from_dict(tiny_config))
+    assert res.compile.startswith("false (compile failed: RuntimeError: inductor exploded")
+    assert "training eagerly instead" in capsys.readouterr().err
+    assert res.steps == 2 and res.accuracy == eager.accuracy and res.val_accuracy == eager.val_accuracy
+
+
+def test_compile_reduce_overhead_needs_a_gpu(tiny_config):
+    tiny_config["training"]["compile"] = "reduce-overhead"
+    with pytest.raises(ValueError, match="reduce-overhead captures CUDA graphs and needs a CUDA device"):
+        run(from_dict(tiny_config))
+    assert not (Path(tiny_config["training"]["output_dir"])).exists()
 
 
 def test_two_phase_recipe(tiny_config):

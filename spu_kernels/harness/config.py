@@ -94,6 +94,10 @@ class TrainingConfig:
     device: str = _opt("str", "auto", "auto, cpu, cuda or cuda:N")
     threads: int | None = _opt("int?", None, "torch CPU threads (null = torch's default)", minimum=1,
                                maximum=4096)
+    compile: str = _opt("switch", "auto", "torch.compile the training forward: false, true, reduce-overhead "
+                                          "(CUDA graphs, GPU only) or auto (true on a GPU, false on the CPU); "
+                                          "falls back to eager, with a message, if compiling fails",
+                        ["auto", "false", "true", "reduce-overhead"])
     output_dir: str | None = _opt("str?", None, "where checkpoints, logs and results go "
                                                 "(null = runs/<name>/<method>)")
     save_checkpoints: bool = _opt("bool", True, "write a checkpoint after each epoch (needed for resume)")
@@ -161,7 +165,7 @@ def _suggest(key: str, allowed) -> str:
 
 def _type_name(kind: str) -> str:
     base = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
-            "dict": "a mapping", "list": "a list"}[kind.rstrip("?")]
+            "dict": "a mapping", "list": "a list", "switch": "true, false or a string"}[kind.rstrip("?")]
     return base + (" or null" if kind.endswith("?") else "")
 
 
@@ -178,7 +182,10 @@ def check_value(key: str, value, kind: str, choices=None, minimum=None, above=No
           "float": isinstance(value, (int, float)) and not isinstance(value, bool),
           "bool": isinstance(value, bool),
           "dict": isinstance(value, dict),
-          "list": isinstance(value, list)}[base]
+          "list": isinstance(value, list),
+          "switch": isinstance(value, (bool, str))}[base]
+    if base == "switch" and isinstance(value, bool):   # YAML reads `false` / `true` as booleans
+        value = "true" if value else "false"
     if base == "float" and isinstance(value, str):
         try:                      # YAML reads 1e-3 (no dot) as a string
             value, ok = float(value), True

@@ -34,6 +34,7 @@ import torch
 
 from . import methods as hmethods
 from .config import Config
+from .compile import TrainStep, resolve_compile
 from .data import Example, Splits, check_labels, load_splits
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -70,6 +71,7 @@ class RunResult:
     max_length: int
     output_dir: str
     history: list = field(default_factory=list)
+    compile: str = "false"    # how the training steps ran: false, true, reduce-overhead (harness/compile.py)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -449,7 +451,7 @@ def run(cfg: Config, method: str | None = None, method_args: dict | None = None,
     # counters over all phases: steps, samples and time for samples/s, the validation history
     state = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "history": [], "train_s": 0.0,
              "samples": 0}
-    epochs_done, last_lr, last_args = 0.0, 0.0, {}
+    epochs_done, last_lr, last_args, compiles = 0.0, 0.0, {}, []
     for pi, (pname, pargs, plr, tr) in enumerate(phases):
         tag = f"{method} phase {pi + 1}/{len(phases)}: {pname}" if multi else method
         spec, args, lr = hmethods.resolve(pname, pargs, plr, tr.optimizer)
@@ -465,12 +467,13 @@ def run(cfg: Config, method: str | None = None, method_args: dict | None = None,
         if not params:
             raise ValueError(f"method {pname!r} with {args} leaves nothing to train")
         opt, use_mezo = _optimizer(model, tr, lr)
+        train_step = TrainStep(model, resolve_compile(tr.compile, device, use_mezo), _log)
         if pi == 0:                                   # nothing is written before the run is set up
             writer = _open_output(out, tr0.tensorboard, method)
         _log(f"[{tag}] {model_name} on {device} ({_precision_name(amp_dtype)}); {splits.source}: "
              f"{len(train_data)} train / {len(val_data)} val / {len(test_data)} test, max_length "
              f"{cfg.dataset.max_length}; trainable {trainable:,} of {total:,} params; "
-             f"{'MeZO' if use_mezo else 'AdamW'} lr {lr:g}; -> {out}")
+             f"{'MeZO' if use_mezo else 'AdamW'} lr {lr:g}; compile {train_step.used}; -> {out}")
 
         steps_per_epoch = math.ceil(len(train_data) / tr.batch_size)
         total_steps = steps_per_epoch * tr.epochs
@@ -518,9 +521,13 @@ def run(cfg: Config, method: str | None = None, method_args: dict | None = None,
                     loss = opt.step(closure)
                     model.train()
                 else:
-                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                        loss = model(**batch).loss
-                    scaler.scale(loss).backward()
+                    def forward_backward(forward):
+                        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                            enabled=amp_dtype is not None):
+                            loss = forward(**batch).loss
+                        scaler.scale(loss).backward()
+                        return loss.detach()
+                    loss = train_step(forward_backward, lambda: opt.zero_grad(set_to_none=True))
                     if tr.max_grad_norm:
                         scaler.unscale_(opt)
                         torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm)
@@ -577,6 +584,7 @@ def run(cfg: Config, method: str | None = None, method_args: dict | None = None,
                     current[n].copy_(t)
         epochs_done += pstate["step"] / steps_per_epoch
         last_lr, last_args, last_method = lr, args, pname
+        compiles.append(train_step.used)
         del opt
 
     final_val = next((h for h in reversed(state["history"]) if h.get("epoch") == state["best_epoch"]), {})
@@ -595,7 +603,8 @@ def run(cfg: Config, method: str | None = None, method_args: dict | None = None,
         method_args=last_args, val_accuracy=final_val.get("val_accuracy"), val_f1=final_val.get("val_f1"),
         best_epoch=state["best_epoch"], device=str(device), precision=_precision_name(amp_dtype), model=model_name,
         dataset=splits.source, n_train=len(train_data), n_val=len(val_data), n_test=len(test_data),
-        max_length=cfg.dataset.max_length, output_dir=str(out), history=state["history"])
+        max_length=cfg.dataset.max_length, output_dir=str(out), history=state["history"],
+        compile=" + ".join(compiles))
     if writer is not None:
         writer.add_scalar("test/accuracy", result.accuracy, state["step"])
         writer.add_scalar("test/f1", result.f1, state["step"])

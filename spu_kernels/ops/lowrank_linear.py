@@ -51,8 +51,32 @@ def lowrank_linear_reference(x, weight, bias, lora_a, lora_b, scale=1.0, rank_sc
     return y
 
 
+def grad_layout(r: int, k: int, n: int, need_dbias: bool, need_da: bool, need_db: bool,
+                need_dg: bool) -> tuple[dict, int]:
+    """Where the reduced grads sit in the one fp32 vector the backward op returns: grad_A (r, K),
+    grad_B (N, r), grad_bias (N,), grad_g (r,), those asked for, in this order. Returns
+    ({name: (offset, shape)}, total length). One vector: the triton backend fills them all in one
+    zeroed workspace (one memset), and a custom op may not return views of one buffer as several
+    outputs."""
+    out, off = {}, 0
+    for name, shape, need in (("a", (r, k), need_da), ("b", (n, r), need_db), ("bias", (n,), need_dbias),
+                              ("g", (r,), need_dg)):
+        if need:
+            out[name] = (off, shape)
+            off += math.prod(shape)
+    return out, off
+
+
+def _pack(grads: dict, layout: dict, total: int, device) -> torch.Tensor:
+    """The backends that make separate grads (torch, cuda) pack them as the triton one does."""
+    if not layout:
+        return torch.empty((0,), device=device, dtype=torch.float32)
+    return torch.cat([grads[name].float().reshape(-1) for name in layout])
+
+
 class _TorchImpl:
-    """The torch backend: the kernels' decomposition with plain torch calls."""
+    """The torch backend: the kernels' decomposition with plain torch calls (A, B, g cast to x's
+    dtype first, u kept in fp32 like the kernels')."""
 
     @staticmethod
     def dropped(x, p, seed):
@@ -63,18 +87,22 @@ class _TorchImpl:
 
     @staticmethod
     def forward(x, weight, bias, a, b, g, scale, p, seed):
+        dt = x.dtype
+        a, b, g = a.to(dt), b.to(dt), (g.to(dt) if g is not None else None)
         u = _TorchImpl.dropped(x, p, seed) @ a.t()
         ug = u * (g * scale) if g is not None else u * scale
         y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
         y.addmm_(ug, b.t())   # accumulate in place: no T×N branch output
-        return y, u
+        return y, u.float()
 
     @staticmethod
     def backward(dy, x, weight, a, b, g, u, scale, p, seed, need_dx, need_dbias, need_da, need_db, need_dg):
+        dt = dy.dtype
+        a, b, g, u_dt = a.to(dt), b.to(dt), (g.to(dt) if g is not None else None), u.to(dt)
         gs = g * scale if g is not None else scale
         v = dy @ b
         vg = v * gs
-        dx = dbias = da = db = dg = None
+        dx, grads = None, {}
         if need_dx:
             dx = dy @ weight
             if p == 0:
@@ -82,18 +110,20 @@ class _TorchImpl:
             else:
                 dx += _TorchImpl.dropped(vg @ a, p, seed)
         if need_da:
-            da = vg.t() @ _TorchImpl.dropped(x, p, seed)
+            grads["a"] = vg.t() @ _TorchImpl.dropped(x, p, seed)
         if need_db:
-            db = dy.t() @ (u * gs)
+            grads["b"] = dy.t() @ (u_dt * gs)
         if need_dg:
-            dg = (u.float() * v.float()).sum(0) * scale
+            grads["g"] = (u * v.float()).sum(0) * scale
         if need_dbias:
-            dbias = dy.sum(0)
-        return dx, dbias, da, db, dg
+            grads["bias"] = dy.sum(0)
+        layout, total = grad_layout(a.shape[0], a.shape[1], b.shape[0], need_dbias, need_da, need_db, need_dg)
+        return dx, _pack(grads, layout, total, dy.device)
 
 
 class _TritonImpl:
-    """The triton backend (kernels in spu_kernels/triton/lowrank_linear.py)."""
+    """The triton backend (kernels in spu_kernels/triton/lowrank_linear.py): A, B, g read in their
+    own dtype, u and every reduced grad in fp32, so no cast kernel runs."""
 
     @staticmethod
     def _kernels():
@@ -112,18 +142,29 @@ class _TritonImpl:
     def backward(dy, x, weight, a, b, g, u, scale, p, seed, need_dx, need_dbias, need_da, need_db, need_dg):
         k = _TritonImpl._kernels()
         thr = dropout_threshold(p) if p > 0 else 0
-        v, db, dbias = k.lowrank_dy(dy, b, u, g, scale, need_db, need_dbias)
+        (T, N), (R, K) = dy.shape, a.shape
+        layout, total = grad_layout(R, K, N, need_dbias, need_da, need_db, need_dg)
+        # one memset: the packed grads, then v (T, r), all accumulated atomically by the kernels
+        ws = torch.zeros((total + T * R,), device=dy.device, dtype=torch.float32)
+
+        def view(name):
+            if name not in layout:
+                return None
+            off, shape = layout[name]
+            return ws[off:off + math.prod(shape)].view(shape)
+        v = ws[total:].view(T, R)
+        k.lowrank_dy(dy, b, u, g, scale, v, view("b"), view("bias"), view("g"))
         dx = k.gemm_lowrank(dy, weight, None, v, a, g, scale, p, seed, thr) if need_dx else None
-        da = k.lowrank_grad_a(x, v, g, scale, p, seed, thr) if need_da else None
-        dg = (u.float() * v).sum(0) * scale if need_dg else None
-        return dx, dbias, da, db, dg
+        if need_da:
+            k.lowrank_grad_a(x, v, g, scale, p, seed, thr, view("a"))
+        return dx, ws[:total]
 
 
 class _CudaImpl:
     """The cuda backend: torch.ops.spu_kernels.lowrank_linear_{fwd,bwd} from spu_kernels._C
     (csrc/lowrank_linear.cpp): cuBLAS GEMMs with the rank-r term accumulated into their output
-    (beta = 1), CUDA kernels for the passes over x and dy. Grads come back fp32; an empty tensor
-    stands for a grad that was not asked for."""
+    (beta = 1), CUDA kernels for the passes over x and dy. It takes A, B, g in x's dtype (cast
+    here) and returns u in x's dtype and fp32 grads (an empty tensor for a grad not asked for)."""
 
     @staticmethod
     def _ops():
@@ -138,16 +179,22 @@ class _CudaImpl:
 
     @staticmethod
     def forward(x, weight, bias, a, b, g, scale, p, seed):
+        dt = x.dtype
         thr = dropout_threshold(p) if p > 0 else 0
-        return _CudaImpl._ops().lowrank_linear_fwd(x, weight, bias, a, b, g, scale, p, _CudaImpl._seed(seed), thr)
+        y, u = _CudaImpl._ops().lowrank_linear_fwd(x, weight, bias, a.to(dt), b.to(dt), g.to(dt) if g is not None
+                                                   else None, scale, p, _CudaImpl._seed(seed), thr)
+        return y, u.float()
 
     @staticmethod
     def backward(dy, x, weight, a, b, g, u, scale, p, seed, need_dx, need_dbias, need_da, need_db, need_dg):
+        dt = dy.dtype
         thr = dropout_threshold(p) if p > 0 else 0
         need = (need_dx, need_dbias, need_da, need_db, need_dg)
-        out = _CudaImpl._ops().lowrank_linear_bwd(dy, x, weight, a, b, g, u, scale, p, _CudaImpl._seed(seed), thr,
-                                                  *need)
-        return tuple(t if n else None for t, n in zip(out, need))
+        dx, dbias, da, db, dg = _CudaImpl._ops().lowrank_linear_bwd(
+            dy, x, weight, a.to(dt), b.to(dt), g.to(dt) if g is not None else None, u.to(dt), scale, p,
+            _CudaImpl._seed(seed), thr, *need)
+        layout, total = grad_layout(a.shape[0], a.shape[1], b.shape[0], need_dbias, need_da, need_db, need_dg)
+        return (dx if need_dx else None), _pack({"a": da, "b": db, "bias": dbias, "g": dg}, layout, total, dy.device)
 
 
 _IMPLS = {"torch": _TorchImpl, "triton": _TritonImpl, "cuda": _CudaImpl}
@@ -155,7 +202,8 @@ IMPLEMENTED = tuple(_IMPLS)
 
 
 # ---------------------------------------------------------------------------------------------
-# the op pair (spu_kernels/ops/_library.py): x (T, K) 2-D, everything validated and cast
+# the op pair (spu_kernels/ops/_library.py): x (T, K) 2-D, validated; W, bias in x's dtype; A, B, g
+# in their own (master) dtype
 # ---------------------------------------------------------------------------------------------
 
 def _fwd(backend, x, weight, bias, a, b, g, scale, p, seed):
@@ -164,20 +212,20 @@ def _fwd(backend, x, weight, bias, a, b, g, scale, p, seed):
 
 
 def _fwd_fake(x, weight, bias, a, b, g, scale, p, seed):
-    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], a.shape[0]))
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], a.shape[0]), dtype=torch.float32)
 
 
 def _bwd(backend, dy, x, weight, a, b, g, u, scale, p, seed, need_dx, need_dbias, need_da, need_db, need_dg):
+    """(dx or an empty placeholder, the packed fp32 grads: grad_layout)."""
     impl = _IMPLS["torch" if dy.shape[0] == 0 else backend]
-    grads = impl.backward(dy, x, weight, a, b, g, u, scale, p, seed, need_dx, need_dbias, need_da, need_db, need_dg)
-    # grads in the dtype of what they are for (a, b, g and bias all have x's dtype), or placeholders
-    return tuple(t.to(dy.dtype) if t is not None else no_grad_placeholder(dy) for t in grads)
+    dx, packed = impl.backward(dy, x, weight, a, b, g, u, scale, p, seed, need_dx, need_dbias, need_da, need_db,
+                               need_dg)
+    return (dx if dx is not None else no_grad_placeholder(dy)), packed
 
 
 def _bwd_fake(dy, x, weight, a, b, g, u, scale, p, seed, need_dx, need_dbias, need_da, need_db, need_dg):
-    shapes = ((dy.shape[0], a.shape[1]), (b.shape[0],), tuple(a.shape), tuple(b.shape), (a.shape[0],))
-    needs = (need_dx, need_dbias, need_da, need_db, need_dg)
-    return tuple(dy.new_empty(s if n else (0,)) for s, n in zip(shapes, needs))
+    _, total = grad_layout(a.shape[0], a.shape[1], b.shape[0], need_dbias, need_da, need_db, need_dg)
+    return dy.new_empty((dy.shape[0], a.shape[1]) if need_dx else (0,)), dy.new_empty((total,), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -186,19 +234,23 @@ def _setup_context(ctx, inputs, output):
     # x only for grad_A (the caller's tensor: no new memory); u for grad_B and grad_g; the seed (a
     # 0-dim tensor) so that backward regenerates the forward's mask.
     ctx.save_for_backward(x if need_da else None, weight if need_dx else None, a, b, g, output[1], seed)
-    ctx.cfg = (scale, p)
+    ctx.cfg = (scale, p, x.dtype, bias.dtype if bias is not None else None)
 
 
 def _backward(ctx, bwd, dy):
     x, weight, a, b, g, u, seed = ctx.saved_tensors
-    scale, p = ctx.cfg
+    scale, p, x_dtype, bias_dtype = ctx.cfg
     need = ctx.needs_input_grad
-    if dy.dtype != u.dtype:
-        dy = dy.to(u.dtype)
+    if dy.dtype != x_dtype:
+        dy = dy.to(x_dtype)
     needs = (need[0], need[2], need[3], need[4], need[5])
-    grads = bwd(dy, x, weight, a, b, g, u, scale, p, seed, *needs)
-    dx, dbias, da, db, dg = (t if n else None for t, n in zip(grads, needs))
-    return dx, None, dbias, da, db, dg, None, None, None
+    dx, packed = bwd(dy, x, weight, a, b, g, u, scale, p, seed, *needs)
+    layout, _ = grad_layout(a.shape[0], a.shape[1], b.shape[0], *needs[1:])
+    dtypes = {"a": a.dtype, "b": b.dtype, "bias": bias_dtype, "g": g.dtype if g is not None else None}
+    grads = {name: packed[off:off + math.prod(shape)].view(shape).to(dtypes[name])
+             for name, (off, shape) in layout.items()}
+    return (dx if need[0] else None, None, grads.get("bias"), grads.get("a"), grads.get("b"), grads.get("g"),
+            None, None, None)
 
 
 LOWRANK_LINEAR = define_op_pair(
@@ -207,7 +259,7 @@ LOWRANK_LINEAR = define_op_pair(
                "Tensor? seed) -> (Tensor, Tensor)",
     bwd_schema="(Tensor dy, Tensor? x, Tensor? weight, Tensor a, Tensor b, Tensor? g, Tensor u, float scale, "
                "float p, Tensor? seed, bool need_dx, bool need_dbias, bool need_da, bool need_db, "
-               "bool need_dg) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+               "bool need_dg) -> (Tensor, Tensor)",
     setup_context=_setup_context, backward=_backward)
 LowRankLinearFunction = LOWRANK_LINEAR.function
 
@@ -222,8 +274,9 @@ def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         x: (..., K) in fp32, fp16 or bf16; any leading dims, any strides.
         weight: (N, K), frozen (``requires_grad=False``): no grad is computed for it.
         bias: (N,) or None; gets a grad when it requires one.
-        lora_a: A, (r, K). lora_b: B, (N, r). rank_scale: g, (r,) or None. These are cast to x's
-            dtype (differentiably: fp32 master copies get fp32 grads).
+        lora_a: A, (r, K). lora_b: B, (N, r). rank_scale: g, (r,) or None. Any float dtype: the
+            kernels round them to x's dtype as they read them (no cast kernel), and their grads
+            come in their own dtype (fp32 master copies get fp32 grads).
         scale: s. dropout_p: p in [0, 1), applied to the adapter's input only.
         seed: the dropout mask's seed: an int in [0, 2**63) or a one-element int64 tensor; None
             draws a fresh one on x's device (``dropout_rng.draw_seed``; a runtime value under
@@ -235,14 +288,11 @@ def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     _check(x, weight, bias, lora_a, lora_b, rank_scale, scale, dropout_p)
     seed_t = seed_tensor(OP_NAME, seed, x.device) if dropout_p > 0 else None
     x, weight, bias = frozen_linear_dtypes(OP_NAME, x, weight, bias)
-    dt = x.dtype
-    a, b = lora_a.to(dt), lora_b.to(dt)
-    g = rank_scale.to(dt) if rank_scale is not None else None
     chosen = resolve_backend(OP_NAME, IMPLEMENTED, x.device, backend)
     k = x.shape[-1]
     with autocast_off(x.device):
-        y, _ = LOWRANK_LINEAR(chosen, x.reshape(-1, k), weight, bias, a, b, g, float(scale), float(dropout_p),
-                              seed_t)
+        y, _ = LOWRANK_LINEAR(chosen, x.reshape(-1, k), weight, bias, lora_a, lora_b, rank_scale, float(scale),
+                              float(dropout_p), seed_t)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 

@@ -3,19 +3,22 @@
     y = x Wᵀ + b + s · ((drop(x) Aᵀ) ⊙ g) Bᵀ        x (T, K), W (N, K), A (r, K), B (N, r), g (r,)
 
 Forward, two launches:
-  1. ``_down_kernel``          u = drop(x) Aᵀ (T, r): one pass over x; u is what backward keeps.
+  1. ``_down_kernel``          u = drop(x) Aᵀ (T, r) in fp32: one pass over x; u is what backward keeps.
   2. ``_gemm_lowrank_kernel``  y = x Wᵀ + b + (s u ⊙ g) Bᵀ: the rank-r product is added to the
                                GEMM's accumulator tile in its epilogue, no T×N branch output.
-Backward, up to three launches (each only when a grad it makes is needed):
+Backward, a memset and up to three launches (each only when a grad it makes is needed):
+  0. one zero-filled fp32 workspace for every reduced result (ops/lowrank_linear.py packs them)
   3. ``_dy_kernel``            one pass over dy gives v = dy B (T, r), grad_B = s dyᵀ (u ⊙ g)
-                               (N, r) and grad_b = Σ_t dy.
+                               (N, r), grad_b = Σ_t dy and grad_g = s Σ_n B ⊙ (dyᵀ u) = s Σ_t u ⊙ v.
   4. ``_gemm_lowrank_kernel``  dx = dy W + keep ⊙ s ((v ⊙ g) A) / (1 - p), the mask regenerated.
   5. ``_grad_a_kernel``        grad_A = s (v ⊙ g)ᵀ drop(x), the mask regenerated; one pass over x.
-grad_g = s Σ_t u ⊙ v is a T×r reduction left to torch.
+A, B and g come in their own (master, usually fp32) dtype and are rounded to x's dtype in
+registers; grads are accumulated and returned in fp32: no cast kernel on either side.
 
-Reductions that cross programs (split K in 1, N blocks for v and T splits for grad_B in 3,
-T splits in 5) accumulate in fp32 with atomics; a single program per output writes directly.
-The rank is zero-padded to R_PAD (a power of two >= 16) inside the kernels only.
+Reductions that cross programs (N blocks for v, T splits for grad_B / grad_b, both for grad_g in
+3, T splits in 5) add fp32 partials atomically into the zeroed workspace; a single program per
+output stores directly. The rank is zero-padded to R_PAD (a power of two >= 16) inside the
+kernels only.
 """
 from __future__ import annotations
 
@@ -32,49 +35,44 @@ from ._common import (INTERPRET, cdiv, device_index, dropout_keep, gemm_configs,
 
 
 @triton.jit(do_not_specialize=["threshold"])
-def _down_kernel(x_ptr, a_ptr, u_ptr, T, K, R, k_per_split,
+def _down_kernel(x_ptr, a_ptr, u_ptr, T, K, R,
                  stride_xt, stride_xk, stride_ar, stride_ak,
                  seed_ptr, threshold, keep_scale,
-                 HAS_DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, R_PAD: tl.constexpr,
+                 HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
                  UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     pid_t = tl.program_id(0)
-    pid_k = tl.program_id(1)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     rows = offs_t.to(tl.int64)
     t_mask = offs_t < T
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < R
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32)
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_end
+        k_mask = offs_k < K
         x = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :] * stride_xk,
                     mask=t_mask[:, None] & k_mask[None, :], other=0.0)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, rows[:, None] * K + offs_k[None, :], threshold)
             x = tl.where(keep, x, 0.0)
+        # Aᵀ tile (BLOCK_K, R_PAD), A in its own (master) dtype, rounded to x's here: no cast kernel
         a_t = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
-                      mask=r_mask[None, :] & k_mask[:, None], other=0.0)          # Aᵀ tile (BLOCK_K, R_PAD)
+                      mask=r_mask[None, :] & k_mask[:, None], other=0.0).to(x_ptr.dtype.element_ty)
         acc = mma(x, a_t, acc, UPCAST, INPUT_PRECISION)
     if HAS_DROPOUT:
         acc = acc * keep_scale
-    u_ptrs = u_ptr + rows[:, None] * R + offs_r[None, :]
-    u_mask = t_mask[:, None] & r_mask[None, :]
-    if ATOMIC:
-        tl.atomic_add(u_ptrs, acc, mask=u_mask)
-    else:
-        tl.store(u_ptrs, acc.to(u_ptr.dtype.element_ty), mask=u_mask)
+    tl.store(u_ptr + rows[:, None] * R + offs_r[None, :], acc, mask=t_mask[:, None] & r_mask[None, :])
 
 
 def lowrank_down(x: torch.Tensor, a: torch.Tensor, dropout_p: float, seed: torch.Tensor | None,
                  threshold: int) -> torch.Tensor:
-    """u = drop(x) Aᵀ for x (T, K), A (r, K); returns u (T, r) in x's dtype. ``seed``: the 0-dim
-    int64 tensor on x's device the kernel reads (None without dropout)."""
+    """u = drop(x) Aᵀ for x (T, K), A (r, K) in any float dtype; returns u (T, r) in fp32.
+    ``seed``: the 0-dim int64 tensor on x's device the kernel reads (None without dropout).
+    One program per row block, each over all of K: every u element has one writer (no zeroed
+    buffer, no atomics, no cast kernel); r is small, so a program's K loop is short."""
     T, K = x.shape
     R = a.shape[0]
     if INTERPRET:
@@ -83,22 +81,14 @@ def lowrank_down(x: torch.Tensor, a: torch.Tensor, dropout_p: float, seed: torch
         # enough row blocks to fill the GPU where T allows; never more rows than needed
         block_t = 64 if T >= 64 * num_sms(device_index(x)) else 32 if T >= 16 * num_sms(device_index(x)) else 16
         block_k, warps = 128, 4
-    t_blocks = cdiv(T, block_t)
-    k_blocks = cdiv(K, block_k)
-    # split K (atomics into fp32) when the row blocks alone leave most of the GPU idle
-    splits = max(1, min(k_blocks, (2 * num_sms(device_index(x))) // t_blocks))
-    k_per_split = cdiv(k_blocks, splits) * block_k
-    splits = cdiv(K, k_per_split)
-    atomic = splits > 1
-    u = torch.zeros((T, R), device=x.device, dtype=torch.float32) if atomic else \
-        torch.empty((T, R), device=x.device, dtype=x.dtype)
-    launch(_down_kernel)[(t_blocks, splits)](
-        x, a, u, T, K, R, k_per_split,
+    u = torch.empty((T, R), device=x.device, dtype=torch.float32)
+    launch(_down_kernel)[(cdiv(T, block_t),)](
+        x, a, u, T, K, R,
         x.stride(0), x.stride(1), a.stride(0), a.stride(1),
         seed if seed is not None else u, threshold, 1.0 / (1.0 - dropout_p),
-        HAS_DROPOUT=dropout_p > 0, ATOMIC=atomic, R_PAD=rank_pad(R), BLOCK_T=block_t, BLOCK_K=block_k,
+        HAS_DROPOUT=dropout_p > 0, R_PAD=rank_pad(R), BLOCK_T=block_t, BLOCK_K=block_k,
         UPCAST=upcast_dot(x.dtype), INPUT_PRECISION=input_precision(x.dtype), num_warps=warps)
-    return u.to(x.dtype) if atomic else u
+    return u
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +136,7 @@ def _gemm_lowrank_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, rm_ptr, g_ptr,
         low = low * tl.load(g_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)[None, :]
     low = (low * scale).to(c_ptr.dtype.element_ty)
     rm = tl.load(rm_ptr + offs_r[:, None] * stride_rmr + cols[None, :] * stride_rmn,
-                 mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                 mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(c_ptr.dtype.element_ty)
     lr = mma(low, rm, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, INPUT_PRECISION)
     if HAS_DROPOUT:
         keep = dropout_keep(tl.load(seed_ptr), rows[:, None] * N + cols[None, :], threshold)
@@ -163,7 +153,8 @@ def gemm_lowrank(a_op: torch.Tensor, b_op: torch.Tensor, bias: torch.Tensor | No
                  dropout_p: float = 0.0, seed: torch.Tensor | None = None, threshold: int = 0) -> torch.Tensor:
     """C = a_op (M, K) @ b_op (K, N) + bias + keep ⊙ scale ((low (M, r) ⊙ g) @ right (r, N)) / (1-p).
 
-    Any strides; C is a new contiguous (M, N) tensor in a_op's dtype. With dropout_p > 0 the keep
+    Any strides; C is a new contiguous (M, N) tensor in a_op's dtype. low, right and g may have
+    any float dtype (fp32 u / v, master-dtype adapters): the epilogue rounds them itself. With dropout_p > 0 the keep
     mask is the one of element (m, n) of an (M, N) input (used for dx, whose shape is x's).
     """
     M, K = a_op.shape
@@ -183,17 +174,17 @@ def gemm_lowrank(a_op: torch.Tensor, b_op: torch.Tensor, bias: torch.Tensor | No
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. one pass over dy: v = dy B, grad_B = s dyᵀ (u ⊙ g), grad_b = Σ_t dy
+# 3. one pass over dy: v = dy B, grad_B = s dyᵀ (u ⊙ g), grad_b = Σ_t dy, grad_g = s Σ_t u ⊙ v
 # ---------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _dy_kernel(dy_ptr, b_ptr, u_ptr, g_ptr, v_ptr, gb_ptr, db_ptr,
+def _dy_kernel(dy_ptr, b_ptr, u_ptr, g_ptr, v_ptr, gb_ptr, db_ptr, dg_ptr,
                T, N, R, rows_per_split,
                stride_dyt, stride_dyn, stride_bn, stride_br, stride_ut, stride_ur,
                scale,
-               HAS_G: tl.constexpr, NEED_GB: tl.constexpr, NEED_DB: tl.constexpr,
-               V_ATOMIC: tl.constexpr, GB_ATOMIC: tl.constexpr, R_PAD: tl.constexpr,
+               HAS_G: tl.constexpr, NEED_GB: tl.constexpr, NEED_DB: tl.constexpr, NEED_DG: tl.constexpr,
+               V_ATOMIC: tl.constexpr, GB_ATOMIC: tl.constexpr, DG_ATOMIC: tl.constexpr, R_PAD: tl.constexpr,
                BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -204,11 +195,11 @@ def _dy_kernel(dy_ptr, b_ptr, u_ptr, g_ptr, v_ptr, gb_ptr, db_ptr,
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < R
     b_tile = tl.load(b_ptr + cols[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                     mask=n_mask[:, None] & r_mask[None, :], other=0.0)             # (BLOCK_N, R_PAD)
+                     mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(dy_ptr.dtype.element_ty)  # (BLOCK_N, R_PAD)
     gs = tl.full((R_PAD,), scale, tl.float32)
     if HAS_G:
         gs = gs * tl.load(g_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
-    gb_acc = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+    p_acc = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)      # P = dyᵀ u over this program's rows
     db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     t_start = pid_s * rows_per_split
     t_end = tl.minimum(t_start + rows_per_split, T)
@@ -225,20 +216,24 @@ def _dy_kernel(dy_ptr, b_ptr, u_ptr, g_ptr, v_ptr, gb_ptr, db_ptr,
             tl.atomic_add(v_ptrs, v_part, mask=v_mask)
         else:
             tl.store(v_ptrs, v_part, mask=v_mask)
-        if NEED_GB:
-            u = tl.load(u_ptr + rows[:, None] * stride_ut + offs_r[None, :] * stride_ur,
-                        mask=v_mask, other=0.0).to(tl.float32)
-            ug = (u * gs[None, :]).to(dy_ptr.dtype.element_ty)
-            gb_acc = mma(tl.trans(dy), ug, gb_acc, UPCAST, INPUT_PRECISION)
+        if NEED_GB or NEED_DG:
+            u = tl.load(u_ptr + rows[:, None] * stride_ut + offs_r[None, :] * stride_ur, mask=v_mask, other=0.0)
+            p_acc = mma(tl.trans(dy), u.to(dy_ptr.dtype.element_ty), p_acc, UPCAST, INPUT_PRECISION)
         if NEED_DB:
             db_acc += tl.sum(dy.to(tl.float32), axis=0)
-    if NEED_GB:
+    if NEED_GB:   # grad_B = s P ⊙ g
         gb_ptrs = gb_ptr + cols[:, None] * R + offs_r[None, :]
         gb_mask = n_mask[:, None] & r_mask[None, :]
         if GB_ATOMIC:
-            tl.atomic_add(gb_ptrs, gb_acc, mask=gb_mask)
+            tl.atomic_add(gb_ptrs, p_acc * gs[None, :], mask=gb_mask)
         else:
-            tl.store(gb_ptrs, gb_acc, mask=gb_mask)
+            tl.store(gb_ptrs, p_acc * gs[None, :], mask=gb_mask)
+    if NEED_DG:   # grad_g = s Σ_t u ⊙ v = s Σ_n B ⊙ P (this program's share)
+        dg_part = tl.sum(b_tile.to(tl.float32) * p_acc, axis=0) * scale
+        if DG_ATOMIC:
+            tl.atomic_add(dg_ptr + offs_r, dg_part, mask=r_mask)
+        else:
+            tl.store(dg_ptr + offs_r, dg_part, mask=r_mask)
     if NEED_DB:
         if GB_ATOMIC:
             tl.atomic_add(db_ptr + offs_n, db_acc, mask=n_mask)
@@ -247,8 +242,10 @@ def _dy_kernel(dy_ptr, b_ptr, u_ptr, g_ptr, v_ptr, gb_ptr, db_ptr,
 
 
 def lowrank_dy(dy: torch.Tensor, b: torch.Tensor, u: torch.Tensor, g: torch.Tensor | None, scale: float,
-               need_grad_b: bool, need_grad_bias: bool):
-    """v = dy B (T, r) fp32; grad_B = s dyᵀ (u ⊙ g) (N, r) fp32 or None; grad_bias (N,) fp32 or None."""
+               v: torch.Tensor, grad_b: torch.Tensor | None, grad_bias: torch.Tensor | None,
+               grad_g: torch.Tensor | None) -> None:
+    """Writes v = dy B (T, r), and grad_B = s dyᵀ (u ⊙ g) (N, r), grad_bias (N,), grad_g = s Σ_t u ⊙ v
+    (r,) where given: fp32, contiguous, zero-filled (partial sums of programs are added atomically)."""
     T, N = dy.shape
     R = b.shape[1]
     sms = num_sms(device_index(dy))
@@ -262,22 +259,16 @@ def lowrank_dy(dy: torch.Tensor, b: torch.Tensor, u: torch.Tensor, g: torch.Tens
     splits = max(1, min(t_blocks, cdiv(2 * sms, n_blocks)))
     rows_per_split = cdiv(t_blocks, splits) * block_t
     splits = cdiv(T, rows_per_split)
-    v_atomic, gb_atomic = n_blocks > 1, splits > 1
-    f32 = dict(device=dy.device, dtype=torch.float32)
-    v = torch.zeros((T, R), **f32) if v_atomic else torch.empty((T, R), **f32)
-    alloc = torch.zeros if gb_atomic else torch.empty
-    grad_b = alloc((N, R), **f32) if need_grad_b else None
-    grad_bias = alloc((N,), **f32) if need_grad_bias else None
     launch(_dy_kernel)[(n_blocks, splits)](
         dy, b, u, g if g is not None else v, v, grad_b if grad_b is not None else v,
-        grad_bias if grad_bias is not None else v,
+        grad_bias if grad_bias is not None else v, grad_g if grad_g is not None else v,
         T, N, R, rows_per_split,
         dy.stride(0), dy.stride(1), b.stride(0), b.stride(1), u.stride(0), u.stride(1),
         scale,
-        HAS_G=g is not None, NEED_GB=need_grad_b, NEED_DB=need_grad_bias,
-        V_ATOMIC=v_atomic, GB_ATOMIC=gb_atomic, R_PAD=rank_pad(R), BLOCK_T=block_t, BLOCK_N=block_n,
+        HAS_G=g is not None, NEED_GB=grad_b is not None, NEED_DB=grad_bias is not None, NEED_DG=grad_g is not None,
+        V_ATOMIC=n_blocks > 1, GB_ATOMIC=splits > 1, DG_ATOMIC=n_blocks * splits > 1, R_PAD=rank_pad(R),
+        BLOCK_T=block_t, BLOCK_N=block_n,
         UPCAST=upcast_dot(dy.dtype), INPUT_PRECISION=input_precision(dy.dtype), num_warps=warps)
-    return v, grad_b, grad_bias
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,8 +319,9 @@ def _grad_a_kernel(x_ptr, v_ptr, g_ptr, ga_ptr, T, K, R, rows_per_split,
 
 
 def lowrank_grad_a(x: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, scale: float,
-                   dropout_p: float, seed: torch.Tensor | None, threshold: int) -> torch.Tensor:
-    """grad_A = s (v ⊙ g)ᵀ drop(x) as an fp32 (r, K) tensor; v is the fp32 (T, r) from lowrank_dy."""
+                   dropout_p: float, seed: torch.Tensor | None, threshold: int, ga: torch.Tensor) -> None:
+    """Writes grad_A = s (v ⊙ g)ᵀ drop(x) into ``ga``, a zero-filled contiguous fp32 (r, K) buffer;
+    v is the fp32 (T, r) from lowrank_dy."""
     T, K = x.shape
     R = v.shape[1]
     sms = num_sms(device_index(x))
@@ -343,11 +335,9 @@ def lowrank_grad_a(x: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, sca
     rows_per_split = cdiv(t_blocks, splits) * block_t
     splits = cdiv(T, rows_per_split)
     atomic = splits > 1
-    ga = (torch.zeros if atomic else torch.empty)((R, K), device=x.device, dtype=torch.float32)
     launch(_grad_a_kernel)[(k_blocks, splits)](
         x, v, g if g is not None else v, ga, T, K, R, rows_per_split,
         x.stride(0), x.stride(1), scale, seed if seed is not None else ga, threshold, 1.0 / (1.0 - dropout_p),
         HAS_G=g is not None, HAS_DROPOUT=dropout_p > 0, ATOMIC=atomic, R_PAD=rank_pad(R),
         BLOCK_T=block_t, BLOCK_K=block_k,
         UPCAST=upcast_dot(x.dtype), INPUT_PRECISION=input_precision(x.dtype), num_warps=warps)
-    return ga

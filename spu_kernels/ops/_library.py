@@ -93,6 +93,7 @@ def define_op_pair(name: str, backends: tuple[str, ...], *, fwd: Callable, bwd: 
             ctx.backend = backend
             if isinstance(out, tuple):
                 ctx.mark_non_differentiable(*out[1:])
+                ctx.set_materialize_grads(False)   # no zero-filled grad (a memset) for the auxiliaries
             return out
 
         @staticmethod

@@ -88,6 +88,7 @@ class _TorchImpl:
 
     @staticmethod
     def linear_forward(x, weight, bias, l, side):
+        l = l.to(x.dtype)
         if side == "input":   # x diag(l) Wᵀ = x (W diag(l))ᵀ: scale W's columns (N×K), not x (T×K)
             wl = weight * l
             return torch.addmm(bias, x, wl.t()) if bias is not None else x @ wl.t()
@@ -97,6 +98,7 @@ class _TorchImpl:
     @staticmethod
     def linear_backward(dy, x, y, weight, bias, l, side, need_dx, need_dbias, need_dl):
         dx = dbias = dl = None
+        l = l.to(dy.dtype)
         if side == "input":
             g = dy @ weight if (need_dx or need_dl) else None
             if need_dl:
@@ -188,9 +190,9 @@ IMPLEMENTED = tuple(_IMPLS)
 # the op pairs (spu_kernels/ops/_library.py): 2-D inputs, validated and cast
 # ---------------------------------------------------------------------------------------------
 
-def _grads(dtype, like, grads):
-    """grads in ``dtype`` (that of what they are for), placeholders for those not asked for."""
-    return tuple(t.to(dtype) if t is not None else no_grad_placeholder(like) for t in grads)
+def _grads(dtypes, like, grads):
+    """grads in ``dtypes`` (those of what they are for), placeholders for those not asked for."""
+    return tuple(t.to(dt) if t is not None else no_grad_placeholder(like) for t, dt in zip(grads, dtypes))
 
 
 def _linear_fwd(backend, x, weight, bias, l, side):
@@ -203,13 +205,15 @@ def _linear_fwd_fake(x, weight, bias, l, side):
 
 def _linear_bwd(backend, dy, x, y, weight, bias, l, side, need_dx, need_dbias, need_dl):
     impl = _IMPLS["torch" if dy.shape[0] == 0 else backend]
-    return _grads(l.dtype, dy, impl.linear_backward(dy, x, y, weight, bias, l, side, need_dx, need_dbias, need_dl))
+    grads = impl.linear_backward(dy, x, y, weight, bias, l, side, need_dx, need_dbias, need_dl)
+    return _grads((dy.dtype, dy.dtype, l.dtype), dy, grads)
 
 
 def _linear_bwd_fake(dy, x, y, weight, bias, l, side, need_dx, need_dbias, need_dl):
     k = weight.shape[1] if weight is not None else 0
     shapes = ((dy.shape[0], k), (dy.shape[1],), tuple(l.shape))
-    return tuple(dy.new_empty(s if n else (0,), dtype=l.dtype) for s, n in zip(shapes, (need_dx, need_dbias, need_dl)))
+    return tuple(dy.new_empty(s if n else (0,), dtype=dt)
+                 for s, n, dt in zip(shapes, (need_dx, need_dbias, need_dl), (dy.dtype, dy.dtype, l.dtype)))
 
 
 def _linear_setup_context(ctx, inputs, output):
@@ -220,16 +224,17 @@ def _linear_setup_context(ctx, inputs, output):
     # input side: x. W only when a grad needs it.
     ctx.save_for_backward(x if need_dl else None, output if keep_y else None,
                           weight if (need_dx or need_dl) else None, bias if keep_y else None, l)
-    ctx.side = side
+    ctx.cfg = (side, output.dtype)
 
 
 def _linear_backward(ctx, bwd, dy):
     x, y, weight, bias, l = ctx.saved_tensors
+    side, y_dtype = ctx.cfg
     need = ctx.needs_input_grad
-    if dy.dtype != l.dtype:
-        dy = dy.to(l.dtype)
+    if dy.dtype != y_dtype:
+        dy = dy.to(y_dtype)
     needs = (need[0], need[2], need[3])
-    grads = bwd(dy, x, y, weight, bias, l, ctx.side, *needs)
+    grads = bwd(dy, x, y, weight, bias, l, side, *needs)
     dx, dbias, dl = (t if n else None for t, n in zip(grads, needs))
     return dx, None, dbias, dl, None
 
@@ -253,11 +258,11 @@ def _act_fwd_fake(h, l, activation):
 
 def _act_bwd(backend, dy, h, l, activation, need_dh, need_dl):
     impl = _IMPLS["torch" if dy.shape[0] == 0 else backend]
-    return _grads(h.dtype, dy, impl.act_backward(dy, h, l, activation, need_dh, need_dl))
+    return _grads((h.dtype, l.dtype), dy, impl.act_backward(dy, h, l, activation, need_dh, need_dl))
 
 
 def _act_bwd_fake(dy, h, l, activation, need_dh, need_dl):
-    return (h.new_empty(h.shape if need_dh else (0,)), h.new_empty(l.shape if need_dl else (0,)))
+    return (h.new_empty(h.shape if need_dh else (0,)), h.new_empty(l.shape if need_dl else (0,), dtype=l.dtype))
 
 
 def _act_setup_context(ctx, inputs, output):
@@ -295,14 +300,15 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     Args:
         x: (..., K) in fp32, fp16 or bf16; any leading dims, any strides.
         weight: (N, K), frozen (requires_grad=False). bias: (N,) or None (gets a grad if it wants one).
-        l: the scale vector; cast to x's dtype differentiably (an fp32 master copy gets fp32 grads).
+        l: the scale vector, any float dtype: read as it is (no cast kernel); its grad comes in its
+            dtype (an fp32 master copy gets fp32 grads).
         side: "output" or "input". backend: "torch", "triton" or "cuda"; default as in spu_kernels.backends.
     """
     _check_linear(x, weight, bias, l, side)
     x, weight, bias = frozen_linear_dtypes(OP_LINEAR, x, weight, bias)
     chosen = resolve_backend(OP_LINEAR, IMPLEMENTED, x.device, backend)
     with autocast_off(x.device):
-        y = IA3_LINEAR(chosen, x.reshape(-1, x.shape[-1]), weight, bias, l.to(x.dtype), side)
+        y = IA3_LINEAR(chosen, x.reshape(-1, x.shape[-1]), weight, bias, l, side)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -322,7 +328,7 @@ def ia3_scaled_act(h: torch.Tensor, l: torch.Tensor, activation: str = "gelu", *
     h = h.to(dt) if dt is not None else h
     chosen = resolve_backend(OP_ACT, IMPLEMENTED, h.device, backend)
     with autocast_off(h.device):
-        y = IA3_SCALED_ACT(chosen, h.reshape(-1, h.shape[-1]), l.to(h.dtype), activation)
+        y = IA3_SCALED_ACT(chosen, h.reshape(-1, h.shape[-1]), l, activation)
     return y.view(h.shape)
 
 

@@ -1,0 +1,62 @@
+"""Kernels launched by one forward+backward of each op on the triton backend (bf16 tokens, fp32
+master adapters, as patch() sets them up), counted on the CPU (tests/launch_count.py): Triton
+launches plus the ATen ops that would launch a kernel on a GPU (memsets, casts, elementwise).
+On the launch-bound models this package trains each launch costs ~2-5 µs of host time, so the
+counts are part of the contract: the table is the documentation (README "Launches per step"), and
+a change that adds a launch must say so here."""
+import pytest
+import torch
+
+import spu_kernels
+from helpers import LOWRANK_BACKENDS
+from launch_count import count_launches
+
+pytestmark = pytest.mark.skipif("triton" not in LOWRANK_BACKENDS, reason="needs the triton backend")
+BF = torch.bfloat16
+T, K, N, R = 40, 48, 40, 4
+
+# op call -> (kernels per forward+backward, what they are)
+LAUNCHES = {
+    "lowrank_linear": (6, "down, GEMM+epilogue | one memset (packed grads), dy pass, dx GEMM+epilogue, grad_A"),
+    "lowrank_linear dropout": (7, "the same + the seed drawn on the device"),
+    "ia3_linear output": (11, "GEMM⊙l | memset×2, dx GEMM, grad pass, 5 elementwise for grad_l where l == 0"),
+    "ia3_linear input": (3, "GEMM with x⊙l | memset, dx GEMM with the grad_l reduction"),
+    "ia3_scaled_act": (3, "act⊙l | memset, one pass for dh and grad_l"),
+    "kron_linear": (16, "cuBLAS GEMM, Kronecker term | cuBLAS dx, term, grad_A, grad_B; 6 casts (A, B and "
+                        "their grads), 2 memsets, 2 copies of the grad slices"),
+    "ladder_cross_attention": (11, "fused attention | memset, fused backward, dW; 7 casts (W_k, W_v and their "
+                                   "grads, the activations' dtype)"),
+}
+
+
+def _x(*shape, dtype=BF):
+    return torch.randn(*shape, dtype=dtype, requires_grad=True)
+
+
+def _call(name):
+    """(op, args, kwargs) of the call ``name``, inputs made here (outside the count)."""
+    f32 = torch.float32
+    w = torch.randn(N, K, dtype=BF)
+    lowrank = (spu_kernels.lowrank_linear, (_x(T, K), w, None, _x(R, K, dtype=f32), _x(N, R, dtype=f32)))
+    return {
+        "lowrank_linear": lowrank + ({},),
+        "lowrank_linear dropout": lowrank + ({"dropout_p": 0.1},),
+        "ia3_linear output": (spu_kernels.ia3_linear, (_x(T, K), w, None, _x(N, dtype=f32)), {}),
+        "ia3_linear input": (spu_kernels.ia3_linear, (_x(T, K), w, None, _x(K, dtype=f32)), {"side": "input"}),
+        "ia3_scaled_act": (spu_kernels.ia3_scaled_act, (_x(T, 37), _x(37, dtype=f32)), {}),
+        "kron_linear": (spu_kernels.kron_linear, (_x(T, K), w, None, _x(5, 6, dtype=f32), _x(8, 8, dtype=f32)), {}),
+        "ladder_cross_attention": (spu_kernels.ladder_cross_attention,
+                                   (_x(T, 4, 8), _x(3, T, 32), _x(32, 32, dtype=f32), _x(32, 32, dtype=f32)), {}),
+    }[name]
+
+
+@pytest.mark.parametrize("name", list(LAUNCHES))
+def test_kernels_per_forward_backward(name):
+    op, args, kwargs = _call(name)
+    with spu_kernels.use_backend("triton"):
+        with torch.no_grad():
+            dy = torch.randn_like(op(*args, **kwargs))    # warm-up (autotuning) and the output grad
+        with count_launches() as kernels:
+            op(*args, **kwargs).backward(dy)
+    want, what = LAUNCHES[name]
+    assert sum(kernels.values()) == want, f"{name}: {dict(kernels)} is not the documented {want} ({what})"

@@ -270,7 +270,8 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
                     continue
                 x, y = _num(m["samples_per_s"]["value"]), _num(m["peak_mib"]["value"])
                 marker = "s" if kind.startswith("full") else "^" if kind.startswith("peft") else "o"
-                ax.scatter([x], [y], marker=marker, facecolors="none" if kind.endswith("+compile") else None)
+                hollow = kind.endswith(("+compile", "+cudagraphs"))
+                ax.scatter([x], [y], marker=marker, facecolors="none" if hollow else None)
                 ax.annotate(kind, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
             ax.set_xlabel("samples/s")
             ax.set_ylabel("peak memory (MiB)")

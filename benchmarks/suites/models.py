@@ -13,7 +13,10 @@ IA3, spu lora (q+v r=8, and all linears r=16), siva (q+v r=16, and all linears),
 krona, lst, klst (k = 3, 5, 9), last_n (n = 3), bitfit, prompt (20 tokens), and MeZO (all
 parameters; spu LoRA). AdamW for everything but MeZO. ``+compile`` kinds run the same step with
 ``torch.compile(model)`` (default Inductor) for a few methods per model (``SPU_BENCH_COMPILE_ALL=1``:
-every method but MeZO); they also report the graph breaks dynamo counted.
+every method but MeZO), ``+cudagraphs`` kinds with ``mode="reduce-overhead"`` (Inductor and CUDA
+graphs: the host cost of the launches is gone; GPU only, RoBERTa-large); both also report the graph
+breaks dynamo counted. Targets (issue #13, RoBERTa-large, compiled): spu siva on all linears ≥ 1.3×
+full fine-tuning's samples/s, k-LST (k = 3) ≥ 2.0×.
 """
 from __future__ import annotations
 
@@ -85,6 +88,7 @@ COMPILED = {"roberta-large": ("full_ft", "peft_lora_qv", "spu_lora_qv", "spu_siv
             "distilbert-base": ("full_ft", "spu_siva_all"),
             "llama-8x2048": ("full_ft", "spu_siva_all")}
 SMOKE_COMPILED = {"roberta-large": ("spu_lora_qv",)}        # under dynamo's aot_eager backend on the CPU
+CUDAGRAPHS = {"roberta-large": ("full_ft", "peft_lora_qv", "spu_siva_all", "spu_klst3")}   # GPU runs only
 
 
 def build_model(name: str, smoke: bool, device: str):
@@ -165,8 +169,9 @@ def train_step(model, batch: dict, device: str, mezo: bool):
 
 
 def _variant(name: str, kind: str, smoke: bool, device: str) -> Variant:
-    compiled = kind.endswith("+compile")
-    base_kind = kind.removesuffix("+compile")
+    cudagraphs = kind.endswith("+cudagraphs")
+    compiled = kind.endswith("+compile") or cudagraphs
+    base_kind = kind.removesuffix("+compile").removesuffix("+cudagraphs")
 
     def setup():
         _, batch, seq, _ = MODELS[name]
@@ -178,14 +183,22 @@ def _variant(name: str, kind: str, smoke: bool, device: str) -> Variant:
             from torch._dynamo.utils import counters
             torch._dynamo.reset()
             counters.clear()
-            model = torch.compile(model, backend="aot_eager" if device == "cpu" else "inductor")
-        return train_step(model, make_batch(model, family, batch, seq, device), device,
+            model = torch.compile(model, backend="aot_eager" if device == "cpu" else "inductor",
+                                  mode="reduce-overhead" if cudagraphs else None)
+        step = train_step(model, make_batch(model, family, batch, seq, device), device,
                           mezo=METHODS[base_kind][0] == "mezo")
+        if not cudagraphs:
+            return step
+
+        def graph_step():
+            torch.compiler.cudagraph_mark_step_begin()   # the previous replay's outputs are consumed
+            return step()
+        return graph_step
     return Variant(kind, setup)
 
 
 def _graph_breaks(kind: str, fn) -> dict[str, float]:
-    if not kind.endswith("+compile"):
+    if not kind.endswith(("+compile", "+cudagraphs")):
         return {}
     from torch._dynamo.utils import counters
     return {"graph_breaks": float(sum(counters["graph_break"].values()))}
@@ -199,6 +212,8 @@ def cases(smoke: bool, device: str) -> list[Case]:
         if not smoke and os.environ.get("SPU_BENCH_COMPILE_ALL") == "1":
             compiled = [k for k in METHODS if METHODS[k][0] != "mezo"]
         kinds += [f"{k}+compile" for k in compiled]
+        if not smoke and device != "cpu":
+            kinds += [f"{k}+cudagraphs" for k in CUDAGRAPHS.get(name, ())]
         if smoke:
             batch, seq = SMOKE_BATCH, SMOKE_SEQ
         out.append(Case(

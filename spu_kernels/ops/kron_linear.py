@@ -59,6 +59,7 @@ class _TorchImpl:
     @staticmethod
     def forward(x, weight, bias, a, b, scale, offsets):
         T = x.shape[0]
+        a, b = a.to(x.dtype), b.to(x.dtype)
         y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
         X = x.reshape(T, a.shape[2], b.shape[2])
         for s, off in enumerate(offsets):
@@ -69,6 +70,7 @@ class _TorchImpl:
     @staticmethod
     def backward(dy, x, weight, a, b, scale, offsets, need_dx, need_dbias, need_da, need_db):
         T = dy.shape[0]
+        a, b = a.to(dy.dtype), b.to(dy.dtype)
         S, a1, a2 = a.shape
         _, b1, b2 = b.shape
         n = a1 * b1
@@ -112,16 +114,17 @@ class _TritonImpl:
         _, b1, b2 = b.shape
         n = a1 * b1
         dx = dy @ weight if need_dx else None
-        da = torch.empty((S, a1, a2), device=dy.device, dtype=torch.float32) if need_da else None
-        db = torch.empty((S, b1, b2), device=dy.device, dtype=torch.float32) if need_db else None
+        # fp32, zeroed (the kernels add partial sums atomically), written in place: no copies
+        da = torch.zeros((S, a1, a2), device=dy.device, dtype=torch.float32) if need_da else None
+        db = torch.zeros((S, b1, b2), device=dy.device, dtype=torch.float32) if need_db else None
         for s, off in enumerate(offsets):
             dys = dy[:, off:off + n]
             if need_dx:   # dX_t = Aᵀ dY_t B: L = Aᵀ, R = Bᵀ (views)
                 k.kron_apply(dys, a[s].t(), b[s].t(), dx, scale)
             if need_da:
-                da[s] = k.kron_grad_a(x, (a1, a2), b[s], dys, scale)
+                k.kron_grad_a(x, (a1, a2), b[s], dys, scale, da[s])
             if need_db:
-                db[s] = k.kron_grad_b(x, a[s], (b1, b2), dys, scale)
+                k.kron_grad_b(x, a[s], (b1, b2), dys, scale, db[s])
         dbias = dy.float().sum(0) if need_dbias else None
         return dx, dbias, da, db
 
@@ -145,29 +148,30 @@ def _fwd_fake(x, weight, bias, a, b, scale, offsets):
 def _bwd(backend, dy, x, weight, a, b, scale, offsets, need_dx, need_dbias, need_da, need_db):
     impl = _IMPLS["torch" if dy.shape[0] == 0 else backend]
     grads = impl.backward(dy, x, weight, a, b, scale, offsets, need_dx, need_dbias, need_da, need_db)
-    return tuple(t.to(a.dtype) if t is not None else no_grad_placeholder(dy) for t in grads)
+    dtypes = (dy.dtype, dy.dtype, a.dtype, b.dtype)
+    return tuple(t.to(dt) if t is not None else no_grad_placeholder(dy) for t, dt in zip(grads, dtypes))
 
 
 def _bwd_fake(dy, x, weight, a, b, scale, offsets, need_dx, need_dbias, need_da, need_db):
     k = a.shape[2] * b.shape[2]
     shapes = ((dy.shape[0], k), (dy.shape[1],), tuple(a.shape), tuple(b.shape))
-    return tuple(dy.new_empty(s if n else (0,), dtype=a.dtype)
-                 for s, n in zip(shapes, (need_dx, need_dbias, need_da, need_db)))
+    return tuple(dy.new_empty(s if n else (0,), dtype=dt) for s, n, dt in
+                 zip(shapes, (need_dx, need_dbias, need_da, need_db), (dy.dtype, dy.dtype, a.dtype, b.dtype)))
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, a, b, scale, offsets = inputs
     need_dx, _, _, need_da, need_db = ctx.needs_input_grad[:5]
     ctx.save_for_backward(x if (need_da or need_db) else None, weight if need_dx else None, a, b)
-    ctx.cfg = (scale, offsets)
+    ctx.cfg = (scale, offsets, x.dtype)
 
 
 def _backward(ctx, bwd, dy):
     x, weight, a, b = ctx.saved_tensors
-    scale, offsets = ctx.cfg
+    scale, offsets, x_dtype = ctx.cfg
     need = ctx.needs_input_grad
-    if dy.dtype != a.dtype:
-        dy = dy.to(a.dtype)
+    if dy.dtype != x_dtype:
+        dy = dy.to(x_dtype)
     needs = (need[0], need[2], need[3], need[4])
     grads = bwd(dy, x, weight, a, b, scale, offsets, *needs)
     dx, dbias, da, db = (t if n else None for t, n in zip(grads, needs))
@@ -192,16 +196,15 @@ def kron_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         weight: (N, K), frozen. bias: (N,) or None.
         kron_a: A, (a1, a2); kron_b: B, (b1, b2), with a1·b1 = N and a2·b2 = K. Or stacked
             (S, a1, a2) / (S, b1, b2) with ``out_offsets`` (S ints): slice s adds its term to
-            output columns [out_offsets[s], out_offsets[s] + a1·b1). Cast to x's dtype
-            differentiably (fp32 master copies get fp32 grads).
+            output columns [out_offsets[s], out_offsets[s] + a1·b1). Any float dtype: read as
+            they are (no cast kernel); their grads come in their own dtype (fp32 masters get fp32).
         scale: s. backend: "torch", "triton" or "cuda"; default as in spu_kernels.backends.
     """
     a3, b3, offsets = _check(x, weight, bias, kron_a, kron_b, scale, out_offsets)
     x, weight, bias = frozen_linear_dtypes(OP_NAME, x, weight, bias)
     chosen = resolve_backend(OP_NAME, IMPLEMENTED, x.device, backend)
     with autocast_off(x.device):
-        y = KRON_LINEAR(chosen, x.reshape(-1, x.shape[-1]), weight, bias, a3.to(x.dtype), b3.to(x.dtype),
-                        float(scale), list(offsets))
+        y = KRON_LINEAR(chosen, x.reshape(-1, x.shape[-1]), weight, bias, a3, b3, float(scale), list(offsets))
     return y.view(*x.shape[:-1], weight.shape[0])
 
 

@@ -61,7 +61,7 @@ def _kron_apply_kernel(in_ptr, l_ptr, r_ptr, out_ptr, T, M, P, Q, NN, rows_per_s
     p_mask = offs_p < P
     j_mask = offs_j < NN
     lt = tl.load(l_ptr + offs_m[:, None] * stride_lm + offs_p[None, :] * stride_lp,
-                 mask=m_mask[:, None] & p_mask[None, :], other=0.0)                  # L (M_PAD, P_PAD), held
+                 mask=m_mask[:, None] & p_mask[None, :], other=0.0).to(in_ptr.dtype.element_ty)  # L (M_PAD, P_PAD)
     # column of out for (i, j): i * NN + j; column of in for (p, q): p * Q + q
     out_cols = (offs_m[:, None] * NN + offs_j[None, :]).to(tl.int64)
     out_mask = m_mask[:, None] & j_mask[None, :]
@@ -76,7 +76,7 @@ def _kron_apply_kernel(in_ptr, l_ptr, r_ptr, out_ptr, T, M, P, Q, NN, rows_per_s
             xin = tl.load(in_ptr + row * stride_it + (offs_p[:, None] * Q + offs_q[None, :]).to(tl.int64) * stride_ik,
                           mask=p_mask[:, None] & q_mask[None, :], other=0.0)        # (P_PAD, BLOCK_Q)
             rt = tl.load(r_ptr + offs_j[None, :] * stride_rj + offs_q[:, None] * stride_rq,
-                         mask=j_mask[None, :] & q_mask[:, None], other=0.0)         # Rᵀ (BLOCK_Q, BLOCK_J)
+                         mask=j_mask[None, :] & q_mask[:, None], other=0.0).to(in_ptr.dtype.element_ty)  # Rᵀ
             pm = mma(xin, rt, pm, UPCAST, INPUT_PRECISION)
         yt = mma(lt, pm.to(lt.dtype), tl.zeros((M_PAD, BLOCK_J), dtype=tl.float32), UPCAST, INPUT_PRECISION)
         o_ptrs = out_ptr + row * stride_ot + out_cols * stride_on
@@ -86,7 +86,8 @@ def _kron_apply_kernel(in_ptr, l_ptr, r_ptr, out_ptr, T, M, P, Q, NN, rows_per_s
 
 def kron_apply(inp: torch.Tensor, lmat: torch.Tensor, rmat: torch.Tensor, out: torch.Tensor, scale: float) -> None:
     """out[t] += scale · vec(L · In_t · Rᵀ) in place, for inp (T, P·Q) read as In_t (P, Q), L (M, P),
-    R (NN, Q), out (T, M·NN) (any strides: a column slice of a wider output works)."""
+    R (NN, Q), out (T, M·NN) (any strides: a column slice of a wider output works). L and R in any
+    float dtype (the master factors): rounded to inp's dtype as they are read."""
     T = inp.shape[0]
     M, P = lmat.shape
     NN, Q = rmat.shape
@@ -128,7 +129,7 @@ def _kron_grad_a_kernel(x_ptr, b_ptr, dy_ptr, ga_ptr, T, A1, A2, B1, B2, rows_pe
             xt = tl.load(x_ptr + row * stride_xt + (offs_p[:, None] * B2 + offs_q[None, :]).to(tl.int64) * stride_xk,
                          mask=p_mask[:, None] & q_mask[None, :], other=0.0)
             bt = tl.load(b_ptr + offs_j[None, :] * stride_bj + offs_q[:, None] * stride_bq,
-                         mask=j_mask[None, :] & q_mask[:, None], other=0.0)
+                         mask=j_mask[None, :] & q_mask[:, None], other=0.0).to(x_ptr.dtype.element_ty)
             pm = mma(xt, bt, pm, UPCAST, INPUT_PRECISION)
         dyt = tl.load(dy_ptr + row * stride_dyt + dy_cols * stride_dyn,
                       mask=i_mask[:, None] & j_mask[None, :], other=0.0)           # dY_t (A1_PAD, BLOCK_J)
@@ -141,8 +142,10 @@ def _kron_grad_a_kernel(x_ptr, b_ptr, dy_ptr, ga_ptr, T, A1, A2, B1, B2, rows_pe
         tl.store(ga_ptrs, acc * scale, mask=ga_mask)
 
 
-def kron_grad_a(x: torch.Tensor, a_shape: tuple[int, int], b: torch.Tensor, dy: torch.Tensor, scale: float):
-    """grad_A = s Σ_t dY_t (X_t Bᵀ)ᵀ, fp32 (a1, a2); x (T, a2·b2), b (b1, b2), dy (T, a1·b1)."""
+def kron_grad_a(x: torch.Tensor, a_shape: tuple[int, int], b: torch.Tensor, dy: torch.Tensor, scale: float,
+                ga: torch.Tensor) -> None:
+    """Writes grad_A = s Σ_t dY_t (X_t Bᵀ)ᵀ into ``ga``, a zero-filled contiguous fp32 (a1, a2);
+    x (T, a2·b2), b (b1, b2) any float dtype, dy (T, a1·b1)."""
     T = x.shape[0]
     a1, a2 = a_shape
     b1, b2 = b.shape
@@ -151,13 +154,11 @@ def kron_grad_a(x: torch.Tensor, a_shape: tuple[int, int], b: torch.Tensor, dy: 
     j_blocks = cdiv(b1, block_j)
     splits, rows = _token_splits(T, j_blocks, x, per_sm=2)
     atomic = splits * j_blocks > 1
-    ga = (torch.zeros if atomic else torch.empty)((a1, a2), device=x.device, dtype=torch.float32)
     launch(_kron_grad_a_kernel)[(splits, j_blocks)](
         x, b, dy, ga, T, a1, a2, b1, b2, rows, scale,
         x.stride(0), x.stride(1), b.stride(0), b.stride(1), dy.stride(0), dy.stride(1),
         A1_PAD=_pad(a1), A2_PAD=_pad(a2), BLOCK_J=block_j, BLOCK_Q=block_q, ATOMIC=atomic,
         UPCAST=upcast_dot(x.dtype), INPUT_PRECISION=input_precision(x.dtype), num_warps=warps)
-    return ga
 
 
 @triton.jit
@@ -177,7 +178,7 @@ def _kron_grad_b_kernel(x_ptr, a_ptr, dy_ptr, gb_ptr, T, A1, A2, B1, B2, rows_pe
     j_mask = offs_j < B1
     q_mask = offs_q < B2
     at = tl.load(a_ptr + offs_i[:, None] * stride_ai + offs_p[None, :] * stride_ap,
-                 mask=i_mask[:, None] & p_mask[None, :], other=0.0)                 # A (A1_PAD, A2_PAD), held
+                 mask=i_mask[:, None] & p_mask[None, :], other=0.0).to(x_ptr.dtype.element_ty)  # A, held
     x_cols = (offs_p[:, None] * B2 + offs_q[None, :]).to(tl.int64)
     dy_cols = (offs_i[:, None] * B1 + offs_j[None, :]).to(tl.int64)
     acc = tl.zeros((BLOCK_J, BLOCK_Q), dtype=tl.float32)
@@ -198,8 +199,10 @@ def _kron_grad_b_kernel(x_ptr, a_ptr, dy_ptr, gb_ptr, T, A1, A2, B1, B2, rows_pe
         tl.store(gb_ptrs, acc * scale, mask=gb_mask)
 
 
-def kron_grad_b(x: torch.Tensor, a: torch.Tensor, b_shape: tuple[int, int], dy: torch.Tensor, scale: float):
-    """grad_B = s Σ_t dY_tᵀ (A X_t), fp32 (b1, b2); x (T, a2·b2), a (a1, a2), dy (T, a1·b1)."""
+def kron_grad_b(x: torch.Tensor, a: torch.Tensor, b_shape: tuple[int, int], dy: torch.Tensor, scale: float,
+                gb: torch.Tensor) -> None:
+    """Writes grad_B = s Σ_t dY_tᵀ (A X_t) into ``gb``, a zero-filled contiguous fp32 (b1, b2);
+    x (T, a2·b2), a (a1, a2) any float dtype, dy (T, a1·b1)."""
     T = x.shape[0]
     a1, a2 = a.shape
     b1, b2 = b_shape
@@ -208,10 +211,8 @@ def kron_grad_b(x: torch.Tensor, a: torch.Tensor, b_shape: tuple[int, int], dy: 
     j_blocks, q_blocks = cdiv(b1, block_j), cdiv(b2, block_q)
     splits, rows = _token_splits(T, j_blocks * q_blocks, x, per_sm=2)
     atomic = splits > 1
-    gb = (torch.zeros if atomic else torch.empty)((b1, b2), device=x.device, dtype=torch.float32)
     launch(_kron_grad_b_kernel)[(splits, j_blocks, q_blocks)](
         x, a, dy, gb, T, a1, a2, b1, b2, rows, scale,
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), dy.stride(0), dy.stride(1),
         A1_PAD=_pad(a1), A2_PAD=_pad(a2), BLOCK_J=block_j, BLOCK_Q=block_q, ATOMIC=atomic,
         UPCAST=upcast_dot(x.dtype), INPUT_PRECISION=input_precision(x.dtype), num_warps=warps)
-    return gb

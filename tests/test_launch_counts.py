@@ -23,8 +23,8 @@ LAUNCHES = {
     "ia3_linear input": (3, "GEMM with x⊙l | memset, dx GEMM with the grad_l reduction"),
     "ia3_scaled_act": (3, "act⊙l | memset, one pass for dh and grad_l"),
     "kron_linear": (8, "cuBLAS GEMM, Kronecker term | cuBLAS dx, term; memset, grad_A; memset, grad_B"),
-    "ladder_cross_attention": (11, "fused attention | memset, fused backward, dW; 7 casts (W_k, W_v and their "
-                                   "grads, the activations' dtype)"),
+    "ladder_cross_attention": (5, "fused attention | memset, fused backward (head groups add dC in fp32), its "
+                                  "cast to the activations' dtype, dW"),
 }
 
 

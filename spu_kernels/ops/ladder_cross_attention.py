@@ -53,6 +53,7 @@ class _TorchImpl:
     @staticmethod
     def _kv(c, wk, wv, h):
         nk, t, d = c.shape
+        wk, wv = wk.to(c.dtype), wv.to(c.dtype)
         return (c @ wk.t()).view(nk, t, h, d // h), (c @ wv.t()).view(nk, t, h, d // h)
 
     @staticmethod
@@ -69,6 +70,7 @@ class _TorchImpl:
     def backward(do, q, c, wk, wv, lse, h, scale, need_dw):
         nk, t, d = c.shape
         dh = d // h
+        wk, wv = wk.to(c.dtype), wv.to(c.dtype)
         kk, vv = _TorchImpl._kv(c, wk, wv, h)
         q4, do4 = q.view(1, t, h, dh).float(), do.view(1, t, h, dh).float()
         p = torch.exp((q4 * kk.float()).sum(-1) * scale - lse)                    # (k, T, h)
@@ -174,8 +176,9 @@ def ladder_cross_attention(q: torch.Tensor, c: torch.Tensor, w_k: torch.Tensor, 
         q: (..., h, d_h) queries (already projected), fp32, fp16 or bf16.
         c: (k, ..., D) with D = h·d_h, k >= 1; same leading dims as q; any strides (a slice of a
             (L+1, ..., D) tensor of all ladder features is used without a copy).
-        w_k, w_v: (D, D) key / value projections (``nn.Linear`` weights, out × in); cast to q's
-            dtype differentiably (fp32 masters get fp32 grads).
+        w_k, w_v: (D, D) key / value projections (``nn.Linear`` weights, out × in), any float
+            dtype: rounded to q's dtype as the kernels read them (no cast kernel); their grads come
+            in their own dtype (fp32 masters get fp32 grads).
         scale: the score scale, default 1/sqrt(d_h).
         backend: "torch" or "triton"; default as in spu_kernels.backends. (No cuda backend yet.)
     Under torch.autocast every input is cast to the autocast dtype first.
@@ -187,8 +190,7 @@ def ladder_cross_attention(q: torch.Tensor, c: torch.Tensor, w_k: torch.Tensor, 
     elif c.dtype != q.dtype:
         raise TypeError(f"{OP_NAME}: q is {q.dtype} but c is {c.dtype}; cast them to one dtype or run under "
                         "torch.autocast")
-    dt = q.dtype
-    wk, wv = w_k.to(dt), w_v.to(dt)
+    wk, wv = w_k, w_v     # in their own dtype: the backends round them to q's as they read them
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"{OP_NAME}: scale must be finite, got {scale!r}")

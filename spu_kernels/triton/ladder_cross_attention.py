@@ -60,7 +60,7 @@ def _project(c_ptr, w_ptr, j, rows, t_mask, col0, n_mask, offs_n, D,
         c = tl.load(c_ptr + j * stride_ck + rows[:, None] * stride_ct + offs_c[None, :] * stride_cd,
                     mask=t_mask[:, None] & c_mask[None, :], other=0.0)
         w_t = tl.load(w_ptr + cols[None, :] * stride_w0 + offs_c[:, None] * stride_w1,
-                      mask=n_mask[None, :] & c_mask[:, None], other=0.0)            # Wᵀ tile (BLOCK_C, BLOCK_N)
+                      mask=n_mask[None, :] & c_mask[:, None], other=0.0).to(c_ptr.dtype.element_ty)  # Wᵀ tile
         acc = mma(c, w_t, acc, UPCAST, INPUT_PRECISION)
     return acc
 
@@ -175,9 +175,9 @@ def _bwd_kernel(q_ptr, c_ptr, wk_ptr, wv_ptr, do_ptr, lse_ptr,
             offs_c = c0 + tl.arange(0, BLOCK_C)
             c_mask = offs_c < D
             wk = tl.load(wk_ptr + cols[:, None] * stride_wk0 + offs_c[None, :] * stride_wk1,
-                         mask=n_mask[:, None] & c_mask[None, :], other=0.0)
+                         mask=n_mask[:, None] & c_mask[None, :], other=0.0).to(c_ptr.dtype.element_ty)
             wv = tl.load(wv_ptr + cols[:, None] * stride_wv0 + offs_c[None, :] * stride_wv1,
-                         mask=n_mask[:, None] & c_mask[None, :], other=0.0)
+                         mask=n_mask[:, None] & c_mask[None, :], other=0.0).to(c_ptr.dtype.element_ty)
             part = mma(dk, wk, tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32), UPCAST, INPUT_PRECISION)
             part = mma(dv, wv, part, UPCAST, INPUT_PRECISION)
             dc_ptrs = dc_ptr + j * T * D + rows[:, None] * D + offs_c[None, :]

@@ -19,7 +19,7 @@ T, K, N, R = 40, 48, 40, 4
 LAUNCHES = {
     "lowrank_linear": (6, "down, GEMM+epilogue | one memset (packed grads), dy pass, dx GEMM+epilogue, grad_A"),
     "lowrank_linear dropout": (7, "the same + the seed drawn on the device"),
-    "ia3_linear output": (11, "GEMM⊙l | memset×2, dx GEMM, grad pass, 5 elementwise for grad_l where l == 0"),
+    "ia3_linear output": (4, "GEMM⊙l | dx GEMM, memset, one pass over dy and y for grad_l"),
     "ia3_linear input": (3, "GEMM with x⊙l | memset, dx GEMM with the grad_l reduction"),
     "ia3_scaled_act": (3, "act⊙l | memset, one pass for dh and grad_l"),
     "kron_linear": (8, "cuBLAS GEMM, Kronecker term | cuBLAS dx, term; memset, grad_A; memset, grad_B"),

@@ -115,7 +115,7 @@ def _splits(t_blocks: int, col_blocks: int, sms: int) -> int:
 
 
 @triton.jit
-def _ia3_out_grad_kernel(dy_ptr, y_ptr, l_ptr, x_ptr, w_ptr, b_ptr, sdy_ptr, s1_ptr, s2_ptr,
+def _ia3_out_grad_kernel(dy_ptr, y_ptr, l_ptr, x_ptr, w_ptr, b_ptr, gbias_ptr, gl_ptr,
                          T, N, K, rows_per_split,
                          stride_dyt, stride_dyn, stride_yt, stride_yn, stride_xt, stride_xk, stride_wn, stride_wk,
                          HAS_BIAS: tl.constexpr, NEED_DB: tl.constexpr, ATOMIC: tl.constexpr,
@@ -156,16 +156,18 @@ def _ia3_out_grad_kernel(dy_ptr, y_ptr, l_ptr, x_ptr, w_ptr, b_ptr, sdy_ptr, s1_
             if HAS_BIAS:
                 z += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             s2 += tl.sum(dy * z, axis=0)
+    # this program's share of grad_l = Σ_t dy ⊙ z (= Σ_t dy ⊙ y / l where l != 0) and of
+    # grad_b = l ⊙ Σ_t dy: both linear in the partial sums, so the shares add up atomically
+    lf = lv.to(tl.float32)
+    gl = tl.where(lf != 0, s1 / tl.where(lf != 0, lf, 1.0), s2)
     if ATOMIC:
-        tl.atomic_add(s1_ptr + offs_n, s1, mask=n_mask)
-        tl.atomic_add(s2_ptr + offs_n, s2, mask=n_mask)
+        tl.atomic_add(gl_ptr + offs_n, gl, mask=n_mask)
         if NEED_DB:
-            tl.atomic_add(sdy_ptr + offs_n, sdy, mask=n_mask)
+            tl.atomic_add(gbias_ptr + offs_n, sdy * lf, mask=n_mask)
     else:
-        tl.store(s1_ptr + offs_n, s1, mask=n_mask)
-        tl.store(s2_ptr + offs_n, s2, mask=n_mask)
+        tl.store(gl_ptr + offs_n, gl, mask=n_mask)
         if NEED_DB:
-            tl.store(sdy_ptr + offs_n, sdy, mask=n_mask)
+            tl.store(gbias_ptr + offs_n, sdy * lf, mask=n_mask)
 
 
 def ia3_out_grads(dy, y, l, x, weight, bias, need_grad_bias: bool):
@@ -186,19 +188,16 @@ def ia3_out_grads(dy, y, l, x, weight, bias, need_grad_bias: bool):
     atomic = splits > 1
     alloc = torch.zeros if atomic else torch.empty
     f32 = dict(device=dy.device, dtype=torch.float32)
-    s1, s2 = alloc(N, **f32), alloc(N, **f32)
-    sdy = alloc(N, **f32) if need_grad_bias else s1
+    grad_l = alloc(N, **f32)
+    grad_bias = alloc(N, **f32) if need_grad_bias else None
     launch(_ia3_out_grad_kernel)[(n_blocks, splits)](
-        dy, y, l, x, weight, bias if bias is not None else l, sdy, s1, s2,
+        dy, y, l, x, weight, bias if bias is not None else l, grad_bias if need_grad_bias else grad_l, grad_l,
         T, N, K, rows_per_split,
         dy.stride(0), dy.stride(1), y.stride(0), y.stride(1), x.stride(0), x.stride(1),
         weight.stride(0), weight.stride(1),
         HAS_BIAS=bias is not None, NEED_DB=need_grad_bias, ATOMIC=atomic,
         BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k,
         UPCAST=upcast_dot(x.dtype), INPUT_PRECISION=input_precision(x.dtype), num_warps=warps)
-    lf = l.float()
-    grad_l = torch.where(lf != 0, s1 / torch.where(lf != 0, lf, 1.0), s2)
-    grad_bias = sdy * lf if need_grad_bias else None
     return grad_l, grad_bias
 
 

@@ -42,6 +42,8 @@ def philox4x32_words(seed: int | torch.Tensor, counter: torch.Tensor, stream: in
     streams of different uses of one seed (dropout uses 0)."""
     if counter.dtype != torch.int64:
         raise TypeError(f"philox4x32: counter must be int64, got {counter.dtype}")
+    if isinstance(seed, torch.Tensor) and seed.device.type == "cpu" and not torch.compiler.is_compiling():
+        seed = int(seed)   # a CPU value: reading it costs no sync, and the key schedule stays in ints
     k0, k1 = seed & _M32, (seed >> 32) & _M32
     c0, c1 = counter & _M32, (counter >> 32) & _M32
     c2 = torch.full_like(counter, stream & _M32)

@@ -2,6 +2,8 @@
 right, and launch-side facts (interpreter mode, SM count, dtype maps)."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import torch
@@ -12,11 +14,8 @@ from ..backends import triton_interpret
 
 INTERPRET = triton_interpret()
 
-try:   # ~1 µs: whether a triton_op's body is being traced (private in torch 2.14; if it moves, always wrap)
-    from torch._library.triton import is_wrap_triton_enabled as _wrap_triton_enabled
-except ImportError:  # pragma: no cover
-    def _wrap_triton_enabled() -> bool:
-        return True
+# set while a triton_op's body runs (ops/_library.py): its launches must go through wrap_triton
+_IN_TRITON_OP = contextvars.ContextVar("spu_kernels_in_triton_op", default=False)
 
 TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -62,12 +61,23 @@ def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@contextlib.contextmanager
+def in_triton_op():
+    """The context a ``torch.library.triton_op`` body runs its launchers in (ops/_library.py)."""
+    token = _IN_TRITON_OP.set(True)
+    try:
+        yield
+    finally:
+        _IN_TRITON_OP.reset(token)
+
+
 def launch(kernel):
-    """How launchers call a kernel: through ``torch.library.wrap_triton`` inside a ``triton_op``
-    being traced (ops/_library.py, on a GPU), which records the launch for Inductor; the kernel
-    itself otherwise. wrap_triton would hand back the kernel too, but costs 8 µs (a JITFunction) to
-    57 µs (an Autotuner) of host time a call in torch 2.14, so the cheap test comes first."""
-    if not INTERPRET and _wrap_triton_enabled():
+    """How launchers call a kernel: inside a triton_op's body through ``torch.library.wrap_triton``,
+    which records the launch for Inductor when the op is traced (and dispatches a higher-order op
+    when it is not); everywhere else (the eager autograd.Function, the interpreter) the kernel
+    itself. wrap_triton costs 8 µs (a JITFunction) to 57 µs (an Autotuner) of host time a call in
+    torch 2.14, and the higher-order op ~0.3 ms a launch, which eager calls need not pay."""
+    if _IN_TRITON_OP.get():
         return torch.library.wrap_triton(kernel)
     return kernel
 

@@ -19,6 +19,7 @@ Three things live here:
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -58,6 +59,12 @@ def grad_layout(r: int, k: int, n: int, need_dbias: bool, need_da: bool, need_db
     ({name: (offset, shape)}, total length). One vector: the triton backend fills them all in one
     zeroed workspace (one memset), and a custom op may not return views of one buffer as several
     outputs."""
+    if type(r) is int and type(k) is int and type(n) is int:   # not symbolic (a fake tensor's sizes)
+        return _cached_grad_layout(r, k, n, need_dbias, need_da, need_db, need_dg)
+    return _grad_layout(r, k, n, need_dbias, need_da, need_db, need_dg)
+
+
+def _grad_layout(r, k, n, need_dbias, need_da, need_db, need_dg):
     out, off = {}, 0
     for name, shape, need in (("a", (r, k), need_da), ("b", (n, r), need_db), ("bias", (n,), need_dbias),
                               ("g", (r,), need_dg)):
@@ -65,6 +72,9 @@ def grad_layout(r: int, k: int, n: int, need_dbias: bool, need_da: bool, need_db
             out[name] = (off, shape)
             off += math.prod(shape)
     return out, off
+
+
+_cached_grad_layout = functools.lru_cache(maxsize=1024)(_grad_layout)
 
 
 def _pack(grads: dict, layout: dict, total: int, device) -> torch.Tensor:
@@ -146,17 +156,12 @@ class _TritonImpl:
         layout, total = grad_layout(R, K, N, need_dbias, need_da, need_db, need_dg)
         # one memset: the packed grads, then v (T, r), all accumulated atomically by the kernels
         ws = torch.zeros((total + T * R,), device=dy.device, dtype=torch.float32)
-
-        def view(name):
-            if name not in layout:
-                return None
-            off, shape = layout[name]
-            return ws[off:off + math.prod(shape)].view(shape)
+        views = {name: ws[off:off + math.prod(shape)].view(shape) for name, (off, shape) in layout.items()}
         v = ws[total:].view(T, R)
-        k.lowrank_dy(dy, b, u, g, scale, v, view("b"), view("bias"), view("g"))
+        k.lowrank_dy(dy, b, u, g, scale, v, views.get("b"), views.get("bias"), views.get("g"))
         dx = k.gemm_lowrank(dy, weight, None, v, a, g, scale, p, seed, thr) if need_dx else None
         if need_da:
-            k.lowrank_grad_a(x, v, g, scale, p, seed, thr, view("a"))
+            k.lowrank_grad_a(x, v, g, scale, p, seed, thr, views["a"])
         return dx, ws[:total]
 
 
@@ -202,30 +207,36 @@ IMPLEMENTED = tuple(_IMPLS)
 
 
 # ---------------------------------------------------------------------------------------------
-# the op pair (spu_kernels/ops/_library.py): x (T, K) 2-D, validated; W, bias in x's dtype; A, B, g
-# in their own (master) dtype
+# the op pair (spu_kernels/ops/_library.py): x (..., K), validated; W, bias in x's dtype; A, B, g in
+# their own (master) dtype. The leading dims are flattened inside the ops, so that no view node
+# sits around them in the autograd graph (each costs host time in eager mode).
 # ---------------------------------------------------------------------------------------------
 
 def _fwd(backend, x, weight, bias, a, b, g, scale, p, seed):
-    impl = _IMPLS["torch" if x.shape[0] == 0 else backend]
-    return impl.forward(x, weight, bias, a, b, g, scale, p, seed)
+    impl = _IMPLS["torch" if x.numel() == 0 else backend]
+    y, u = impl.forward(x.reshape(-1, x.shape[-1]), weight, bias, a, b, g, scale, p, seed)
+    return y.view(*x.shape[:-1], weight.shape[0]), u
 
 
 def _fwd_fake(x, weight, bias, a, b, g, scale, p, seed):
-    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], a.shape[0]), dtype=torch.float32)
+    tokens = math.prod(x.shape[:-1])
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((tokens, a.shape[0]), dtype=torch.float32)
 
 
 def _bwd(backend, dy, x, weight, a, b, g, u, scale, p, seed, need_dx, need_dbias, need_da, need_db, need_dg):
     """(dx or an empty placeholder, the packed fp32 grads: grad_layout)."""
-    impl = _IMPLS["torch" if dy.shape[0] == 0 else backend]
-    dx, packed = impl.backward(dy, x, weight, a, b, g, u, scale, p, seed, need_dx, need_dbias, need_da, need_db,
+    impl = _IMPLS["torch" if dy.numel() == 0 else backend]
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1]) if x is not None else None
+    dx, packed = impl.backward(dy2, x2, weight, a, b, g, u, scale, p, seed, need_dx, need_dbias, need_da, need_db,
                                need_dg)
-    return (dx if dx is not None else no_grad_placeholder(dy)), packed
+    return (dx.view(*dy.shape[:-1], a.shape[1]) if dx is not None else no_grad_placeholder(dy)), packed
 
 
 def _bwd_fake(dy, x, weight, a, b, g, u, scale, p, seed, need_dx, need_dbias, need_da, need_db, need_dg):
     _, total = grad_layout(a.shape[0], a.shape[1], b.shape[0], need_dbias, need_da, need_db, need_dg)
-    return dy.new_empty((dy.shape[0], a.shape[1]) if need_dx else (0,)), dy.new_empty((total,), dtype=torch.float32)
+    return (dy.new_empty((*dy.shape[:-1], a.shape[1]) if need_dx else (0,)),
+            dy.new_empty((total,), dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
@@ -247,8 +258,10 @@ def _backward(ctx, bwd, dy):
     dx, packed = bwd(dy, x, weight, a, b, g, u, scale, p, seed, *needs)
     layout, _ = grad_layout(a.shape[0], a.shape[1], b.shape[0], *needs[1:])
     dtypes = {"a": a.dtype, "b": b.dtype, "bias": bias_dtype, "g": g.dtype if g is not None else None}
-    grads = {name: packed[off:off + math.prod(shape)].view(shape).to(dtypes[name])
-             for name, (off, shape) in layout.items()}
+    grads = {}
+    for name, (off, shape) in layout.items():
+        t = packed[off:off + math.prod(shape)].view(shape)
+        grads[name] = t if t.dtype == dtypes[name] else t.to(dtypes[name])
     return (dx if need[0] else None, None, grads.get("bias"), grads.get("a"), grads.get("b"), grads.get("g"),
             None, None, None)
 
@@ -289,11 +302,9 @@ def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     seed_t = seed_tensor(OP_NAME, seed, x.device) if dropout_p > 0 else None
     x, weight, bias = frozen_linear_dtypes(OP_NAME, x, weight, bias)
     chosen = resolve_backend(OP_NAME, IMPLEMENTED, x.device, backend)
-    k = x.shape[-1]
     with autocast_off(x.device):
-        y, _ = LOWRANK_LINEAR(chosen, x.reshape(-1, k), weight, bias, lora_a, lora_b, rank_scale, float(scale),
-                              float(dropout_p), seed_t)
-    return y.view(*x.shape[:-1], weight.shape[0])
+        return LOWRANK_LINEAR(chosen, x, weight, bias, lora_a, lora_b, rank_scale, float(scale), float(dropout_p),
+                              seed_t)[0]
 
 
 def _check(x, weight, bias, a, b, g, scale, p) -> None:

@@ -120,3 +120,17 @@ def test_compiled_path_matches_eager(name):
     assert len(g_op) == len(g_fn) > 0
     for got, want in zip(g_op, g_fn):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "triton") if b in available_backends()])
+def test_zo_axpby_custom_op(backend):
+    """The in-place MeZO perturbation as a custom op: opcheck, and the op updates as the function does."""
+    from spu_kernels.ops.zo_perturb import ZO_AXPBY, zo_axpby_
+    tensors = [torch.randn(5, 3, device=DEVICE), torch.randn(7, device=DEVICE, dtype=torch.bfloat16)]
+    torch.library.opcheck(ZO_AXPBY[backend], ([t.clone() for t in tensors], [0, 15], 1234, 0.5, 1e-2))
+    via_op, via_fn = [t.clone() for t in tensors], [t.clone() for t in tensors]
+    ZO_AXPBY[backend](via_op, [0, 15], 1234, 0.5, 1e-2)
+    zo_axpby_(via_fn, 1234, 0.5, 1e-2, backend=backend)
+    for got, want in zip(via_op, via_fn):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.equal(via_op[0], tensors[0])

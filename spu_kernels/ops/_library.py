@@ -109,6 +109,21 @@ def define_op_pair(name: str, backends: tuple[str, ...], *, fwd: Callable, bwd: 
     return OpPair(name, fwd_ops, bwd_ops, Function)
 
 
+def define_inplace_ops(name: str, backends: tuple[str, ...], schema: str, impl: Callable,
+                       mutates: tuple[str, ...]) -> dict:
+    """``spu_kernels::NAME_BE`` per backend for an op that updates its inputs in place and returns
+    nothing (no autograd: it runs under no_grad): an opaque custom_op whose fake does nothing. Its
+    Triton launches use a table of raw pointers, which fake tensors do not have, so the triton
+    backend's op is a custom_op too. ``impl(backend, *args)`` is the implementation."""
+    ops = {}
+    for be in backends:
+        op = torch.library.custom_op(f"{NAMESPACE}::{name}_{be}", _bound(impl, be), mutates_args=mutates,
+                                     schema=schema)
+        op.register_fake(lambda *args: None)
+        ops[be] = getattr(getattr(torch.ops, NAMESPACE), f"{name}_{be}").default
+    return ops
+
+
 def no_grad_placeholder(like: torch.Tensor) -> torch.Tensor:
     """What a backward op returns for a grad that was not asked for (its schema returns Tensors)."""
     return like.new_empty((0,))

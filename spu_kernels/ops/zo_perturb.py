@@ -25,6 +25,7 @@ import torch
 
 from ..backends import resolve_backend
 from ._checks import check_seed
+from ._library import define_inplace_ops
 from .dropout_rng import philox4x32_words
 
 OP_NAME = "zo_axpby"
@@ -97,11 +98,21 @@ def zo_axpby_(tensors: Sequence[torch.Tensor], seed: int, alpha: float, beta: fl
             raise ValueError(f"{OP_NAME}: {name} must be finite, got {v!r}")
     chosen = resolve_backend(OP_NAME, IMPLEMENTED, device, backend)
     with torch.no_grad():
-        if chosen == "torch":
-            _torch_axpby_(tensors, bases, seed, float(alpha), float(beta))
+        if torch.compiler.is_compiling():
+            ZO_AXPBY[chosen](tensors, bases, seed, float(alpha), float(beta))
         else:
-            from ..triton.zo_perturb import zo_axpby_multi
-            zo_axpby_multi(tensors, bases, seed, float(alpha), float(beta))
+            _axpby(chosen, tensors, bases, seed, float(alpha), float(beta))
+
+
+def _axpby(backend, tensors, bases, seed, alpha, beta):
+    if backend == "torch":
+        _torch_axpby_(tensors, bases, seed, alpha, beta)
+    else:
+        from ..triton.zo_perturb import zo_axpby_multi
+        zo_axpby_multi(tensors, bases, seed, alpha, beta)
 
 
 IMPLEMENTED = ("torch", "triton")
+# torch.ops.spu_kernels.zo_axpby_<backend>: the op as torch.compile sees it (ops/_library.py)
+ZO_AXPBY = define_inplace_ops(OP_NAME, IMPLEMENTED, "(Tensor(a!)[] tensors, int[] bases, int seed, float alpha, "
+                              "float beta) -> ()", _axpby, mutates=("tensors",))

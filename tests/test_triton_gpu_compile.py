@@ -24,3 +24,15 @@ def test_triton_kernels_compile_for_sm90():
     print(out.stdout[-4000:])
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "FAIL" not in out.stdout and "compiled" in out.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests/test_gpu_compile.py compiles them on the GPU")
+def test_triton_ops_trace_under_torch_compile():
+    """The triton backend's triton_op bodies trace under torch.compile(fullgraph=True) with fake tensors
+    (tests/triton_op_trace.py: the GPU code path on CPU tensors, Triton's launches stubbed)."""
+    script = os.path.join(os.path.dirname(__file__), "triton_op_trace.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=900, env=env)
+    print(out.stdout[-4000:])
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert out.stdout.count("traced ") == 6 and "FAIL" not in out.stdout

@@ -283,6 +283,18 @@ class LadderSideNetwork(nn.Module):
         return self.up(state).to(out_dtype)
 
 
+def _install_output_capturing_hooks(backbone: nn.Module) -> None:
+    """transformers (5.x) installs the hooks that collect ``output_hidden_states`` on the first call
+    that asks for them, under a threading lock, which torch.compile cannot trace (fullgraph=True
+    fails when that first call is compiled). The ladder always asks: install them now, eagerly."""
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:       # older transformers: nothing installed lazily
+        return
+    if hasattr(backbone, "config"):
+        maybe_install_capturing_hooks(backbone)
+
+
 class LadderBackbone(nn.Module):
     """Stands in for a Hugging Face backbone (``model.roberta``, ``model.transformer``, ...): runs it
     frozen under ``torch.no_grad()`` with ``output_hidden_states``, feeds the side network, and returns
@@ -296,6 +308,7 @@ class LadderBackbone(nn.Module):
         self.side = side
         self.decoder = decoder
         self._sig = inspect.signature(backbone.forward)
+        _install_output_capturing_hooks(backbone)
 
     def __getattr__(self, name):
         try:

@@ -5,7 +5,7 @@
     ...train...
     spu_kernels.merge(model)                    # or spu_kernels.unpatch(model)
 
-Layers: patching -> modules -> ops -> (triton | _C | torch reference). See DESIGN notes in README.
+Layers: patching -> modules -> ops -> (triton | _C | torch reference); README.md says what each does.
 """
 __version__ = "0.1.0"
 

@@ -1,7 +1,7 @@
 """The harness's YAML config: schema, defaults, validation and overrides.
 
-A config has these sections (every key optional except where noted; ``spu-kernels finetune
---show-schema`` prints them all with their defaults):
+A config has these sections (every key optional except where noted; ``spu-kernels schema``
+prints them all with their defaults):
 
     name: siva_minilm_rt              # run name (default: the file's stem)
     dataset:  name | path | hf (exactly one), n_train, n_val, n_test, max_length, ...

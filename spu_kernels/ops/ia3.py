@@ -302,7 +302,7 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         weight: (N, K), frozen (requires_grad=False). bias: (N,) or None (gets a grad if it wants one).
         l: the scale vector, any float dtype: read as it is (no cast kernel); its grad comes in its
             dtype (an fp32 master copy gets fp32 grads).
-        side: "output" or "input". backend: "torch", "triton" or "cuda"; default as in spu_kernels.backends.
+        side: "output" or "input". backend: "torch" or "triton"; default as in spu_kernels.backends.
     """
     _check_linear(x, weight, bias, l, side)
     x, weight, bias = frozen_linear_dtypes(OP_LINEAR, x, weight, bias)

@@ -198,7 +198,7 @@ def kron_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             (S, a1, a2) / (S, b1, b2) with ``out_offsets`` (S ints): slice s adds its term to
             output columns [out_offsets[s], out_offsets[s] + a1·b1). Any float dtype: read as
             they are (no cast kernel); their grads come in their own dtype (fp32 masters get fp32).
-        scale: s. backend: "torch", "triton" or "cuda"; default as in spu_kernels.backends.
+        scale: s. backend: "torch" or "triton"; default as in spu_kernels.backends.
     """
     a3, b3, offsets = _check(x, weight, bias, kron_a, kron_b, scale, out_offsets)
     x, weight, bias = frozen_linear_dtypes(OP_NAME, x, weight, bias)

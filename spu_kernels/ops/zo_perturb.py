@@ -109,7 +109,7 @@ def _axpby(backend, tensors, bases, seed, alpha, beta):
         _torch_axpby_(tensors, bases, seed, alpha, beta)
     else:
         from ..triton.zo_perturb import zo_axpby_multi
-        zo_axpby_multi(tensors, bases, seed, alpha, beta)
+        zo_axpby_multi(tensors, bases, seed, alpha, beta, ZO_STREAM)
 
 
 IMPLEMENTED = ("torch", "triton")

@@ -9,7 +9,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.zo_perturb import ZO_STREAM
 from ._common import INTERPRET, TL_DTYPE, cdiv
 
 # elements per program (a multiple of BLOCK): small under the interpreter, where programs are slow
@@ -54,8 +53,9 @@ def _table(ptrs: tuple[int, ...], numels: tuple[int, ...], bases: tuple[int, ...
     return [h.to(device) for h in host], int(sum(blocks))
 
 
-def zo_axpby_multi(tensors, bases, seed: int, alpha: float, beta: float) -> None:
-    """One launch per dtype: every tensor t ← α t + β z (tensors contiguous, on one device)."""
+def zo_axpby_multi(tensors, bases, seed: int, alpha: float, beta: float, stream: int) -> None:
+    """One launch per dtype: every tensor t ← α t + β z (tensors contiguous, on one device); z from
+    Philox stream ``stream`` (the spec's, ops/zo_perturb.py)."""
     groups: dict[torch.dtype, list[int]] = {}
     for i, t in enumerate(tensors):
         if t.numel() > 0:
@@ -66,4 +66,4 @@ def zo_axpby_multi(tensors, bases, seed: int, alpha: float, beta: float) -> None
             tuple(tensors[i].data_ptr() for i in idx), tuple(tensors[i].numel() for i in idx),
             tuple(bases[i] for i in idx), device)
         _zo_axpby_kernel[(n_prog,)](ptrs, numels, bases_t, blk_tensor, blk_start, seed, alpha, beta,
-                                    STREAM=ZO_STREAM, DTYPE=TL_DTYPE[dtype], CHUNK=CHUNK, BLOCK=BLOCK)
+                                    STREAM=stream, DTYPE=TL_DTYPE[dtype], CHUNK=CHUNK, BLOCK=BLOCK)

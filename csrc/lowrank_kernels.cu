@@ -59,6 +59,7 @@ __global__ void __launch_bounds__(kThreads) skinny_pass_kernel(const SkinnyPass 
   const int64_t c_end = min(c_begin + static_cast<int64_t>(NSUB) * kBC, a.cols);
   const int64_t t_begin = static_cast<int64_t>(blockIdx.x) * rows_per_split;
   const int64_t t_end = min(t_begin + rows_per_split, a.rows);
+  const uint64_t seed = DROP ? static_cast<uint64_t>(*a.seed) : 0;   // drawn on the device by the caller
   const T* m = static_cast<const T*>(a.m);
   const T* rm = static_cast<const T*>(a.rm);
 
@@ -95,7 +96,7 @@ __global__ void __launch_bounds__(kThreads) skinny_pass_kernel(const SkinnyPass 
           float v = 0.f;
           if (t < t_end && c < c_end) {
             v = to_f32(m[t * a.stride_mt + c * a.stride_mc]);
-            if (DROP && !dropout_keep(a.seed, static_cast<uint64_t>(t * a.cols + c), a.threshold)) v = 0.f;
+            if (DROP && !dropout_keep(seed, static_cast<uint64_t>(t * a.cols + c), a.threshold)) v = 0.f;
           }
           ms[tt][cc] = v;
         }
@@ -181,13 +182,14 @@ __global__ void __launch_bounds__(kThreads) skinny_pass_kernel(const SkinnyPass 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) dropout_lowrank_add_kernel(
     T* out, int64_t rows, int64_t cols, int64_t so_t, int64_t so_c, const float* vg, int64_t sv_t, int64_t sv_r,
-    int rank, const T* a, int64_t sa_r, int64_t sa_c, uint64_t seed, uint32_t threshold, float keep_scale) {
+    int rank, const T* a, int64_t sa_r, int64_t sa_c, const int64_t* seed_ptr, uint32_t threshold, float keep_scale) {
   __shared__ float vs[kBT][kRT + 1];
   __shared__ float as[kRT][kBC + 1];
   const int tid = threadIdx.x;
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kBT;
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kBC;
   const int cc = tid % kBC;
+  const uint64_t seed = static_cast<uint64_t>(*seed_ptr);
   float acc[kBT * kBC / kThreads];
 #pragma unroll
   for (int i = 0; i < kBT * kBC / kThreads; ++i) acc[i] = 0.f;
@@ -303,7 +305,7 @@ void skinny_pass(const SkinnyPass& a, const SkinnyPlan& plan, cudaStream_t strea
 void dropout_lowrank_add(DType dtype, void* out, int64_t rows, int64_t cols, int64_t stride_ot, int64_t stride_oc,
                          const float* vg, int64_t stride_vt, int64_t stride_vr, int rank,
                          const void* a, int64_t stride_ar, int64_t stride_ac,
-                         uint64_t seed, uint32_t threshold, float keep_scale, cudaStream_t stream) {
+                         const int64_t* seed, uint32_t threshold, float keep_scale, cudaStream_t stream) {
   if (rows <= 0 || cols <= 0 || rank <= 0) return;
   if (cdiv(cols, kBC) > 65535) throw std::invalid_argument("spu_kernels: dropout_lowrank_add: too many columns");
   const dim3 grid(static_cast<unsigned>(cdiv(rows, kBT)), static_cast<unsigned>(cdiv(cols, kBC)));

@@ -10,7 +10,9 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // One pass over a strided matrix M (rows x cols) in `dtype`, with the rank-R side products the
 // op needs, accumulated in fp32. With dropout, element (t, c) of M counts only if
-// dropout_keep(seed, t * cols + c, threshold). Each output is multiplied by out_scale.
+// dropout_keep(*seed, t * cols + c, threshold): the seed is read on the device (an int64 the op's
+// caller drew there), so no host sync and CUDA graphs replay a fresh one. Each output is
+// multiplied by out_scale.
 //   ROW:    row_part[cb][t][r] = out_scale * sum_{c in column block cb} m(t, c) * rm(c, r)
 //   COL:    col_part[s][c][r]  = out_scale * sum_{t in row split s}    m(t, c) * l(t, r)
 //   COLSUM: sum_part[s][c]     =             sum_{t in row split s}    m(t, c)
@@ -19,7 +21,7 @@ struct SkinnyPass {
   DType dtype;
   const void* m; int64_t rows, cols, stride_mt, stride_mc;
   int rank;
-  bool dropout; uint64_t seed; uint32_t threshold;
+  bool dropout; const int64_t* seed; uint32_t threshold;   // seed: device pointer, read when dropout
   float out_scale;
   const void* rm; int64_t stride_rmc, stride_rmr; float* row_part;   // ROW when row_part != nullptr; rm in dtype
   const float* l; int64_t stride_lt, stride_lr; float* col_part;     // COL when col_part != nullptr; l in fp32
@@ -35,10 +37,11 @@ SkinnyPlan skinny_plan(int64_t rows, int64_t cols, int rank, bool col_outputs, i
 void skinny_pass(const SkinnyPass& a, const SkinnyPlan& plan, cudaStream_t stream);
 
 // out (rows x cols, strided, dtype) += keep_scale * keep(t, c) * sum_r vg(t, r) * a(r, c):
-// the dropout-masked rank-r term of dx (keep as for the element (t, c) of x). vg fp32, a in dtype.
+// the dropout-masked rank-r term of dx (keep as for the element (t, c) of x, with the seed read
+// from the device pointer `seed`). vg fp32, a in dtype.
 void dropout_lowrank_add(DType dtype, void* out, int64_t rows, int64_t cols, int64_t stride_ot, int64_t stride_oc,
                          const float* vg, int64_t stride_vt, int64_t stride_vr, int rank,
                          const void* a, int64_t stride_ar, int64_t stride_ac,
-                         uint64_t seed, uint32_t threshold, float keep_scale, cudaStream_t stream);
+                         const int64_t* seed, uint32_t threshold, float keep_scale, cudaStream_t stream);
 
 }  // namespace spu

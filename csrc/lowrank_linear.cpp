@@ -1,7 +1,8 @@
 // The cuda backend of the fused low-rank op, registered as torch ops (TORCH_LIBRARY_FRAGMENT):
 //
-//   spu_kernels::lowrank_linear_fwd(x, W, b?, A, B, g?, s, p, seed, threshold) -> (y, u)
-//   spu_kernels::lowrank_linear_bwd(dy, x?, W?, A, B, g?, u, s, p, seed, threshold, needs...)
+//   spu_kernels::lowrank_linear_fwd(x, W, b?, A, B, g?, s, p, seed?, threshold) -> (y, u)
+//   spu_kernels::lowrank_linear_bwd(dy, x?, W?, A, B, g?, u, s, p, seed?, threshold, needs...)
+// (seed: a one-element int64 tensor on the device, read by the kernels; needed when p > 0)
 //       -> (dx, grad_bias, grad_A, grad_B, grad_g)
 //
 // y = x Wᵀ + b + s·((drop(x) Aᵀ) ⊙ g) Bᵀ with x (T, K) and W (N, K). The dense GEMMs are cuBLAS
@@ -41,6 +42,17 @@ void check_cuda(const Tensor& t, const char* name, const Tensor& like) {
               t.scalar_type(), " but x is ", like.scalar_type());
 }
 
+// The dropout seed the kernels read on the device: a one-element int64 tensor on `like`'s device
+// (drawn there by the caller: reading it on the host would sync). nullptr without dropout.
+const int64_t* seed_pointer(const OptTensor& seed, double p, const Tensor& like) {
+  if (p <= 0) return nullptr;
+  TORCH_CHECK(seed.has_value() && seed->defined(), "spu_kernels lowrank_linear (cuda): dropout p > 0 needs a seed tensor");
+  TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1 && seed->device() == like.device(),
+              "spu_kernels lowrank_linear (cuda): the seed must be one int64 on ", like.device(), ", got ",
+              seed->scalar_type(), " of ", seed->numel(), " elements on ", seed->device());
+  return seed->data_ptr<int64_t>();
+}
+
 // Per-rank scale s·g as fp32 (r,).
 Tensor rank_scale(const OptTensor& g, int64_t r, double scale, const Tensor& like) {
   if (g.has_value() && g->defined()) return g->to(at::kFloat) * scale;
@@ -49,14 +61,14 @@ Tensor rank_scale(const OptTensor& g, int64_t r, double scale, const Tensor& lik
 
 // ROW pass: out[t][r] = out_scale · Σ_c m(t, c)·rm(c, r), fp32 (rows, r); rm is (cols, r) as strides.
 Tensor row_pass(const Tensor& m, const Tensor& rm, int64_t rm_stride_c, int64_t rm_stride_r, int64_t rank,
-                bool dropout, int64_t seed, int64_t threshold, double out_scale) {
+                bool dropout, const int64_t* seed, int64_t threshold, double out_scale) {
   const auto plan = spu::skinny_plan(m.size(0), m.size(1), static_cast<int>(rank), false, m.get_device());
   Tensor part = at::empty({plan.col_blocks, m.size(0), rank}, m.options().dtype(at::kFloat));
   spu::SkinnyPass a{};
   a.dtype = kernel_dtype(m);
   a.m = m.data_ptr(); a.rows = m.size(0); a.cols = m.size(1); a.stride_mt = m.stride(0); a.stride_mc = m.stride(1);
   a.rank = static_cast<int>(rank);
-  a.dropout = dropout; a.seed = static_cast<uint64_t>(seed); a.threshold = static_cast<uint32_t>(threshold);
+  a.dropout = dropout; a.seed = seed; a.threshold = static_cast<uint32_t>(threshold);
   a.out_scale = static_cast<float>(out_scale);
   a.rm = rm.data_ptr(); a.stride_rmc = rm_stride_c; a.stride_rmr = rm_stride_r; a.row_part = part.data_ptr<float>();
   spu::skinny_pass(a, plan, c10::cuda::getCurrentCUDAStream());
@@ -65,16 +77,17 @@ Tensor row_pass(const Tensor& m, const Tensor& rm, int64_t rm_stride_c, int64_t 
 
 std::tuple<Tensor, Tensor> lowrank_linear_fwd_cuda(const Tensor& x, const Tensor& weight, const OptTensor& bias,
                                                    const Tensor& a, const Tensor& b, const OptTensor& g, double scale,
-                                                   double p, int64_t seed, int64_t threshold) {
+                                                   double p, const OptTensor& seed, int64_t threshold) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && a.dim() == 2 && b.dim() == 2,
               "spu_kernels lowrank_linear_fwd (cuda): x, weight, A, B must be 2-D");
+  const int64_t* seed_ptr = seed_pointer(seed, p, x);
   for (auto [t, name] : {std::pair{&weight, "weight"}, {&a, "A"}, {&b, "B"}}) check_cuda(*t, name, x);
   if (bias.has_value() && bias->defined()) check_cuda(*bias, "bias", x);
   if (g.has_value() && g->defined()) check_cuda(*g, "g", x);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t r = a.size(0);
   // u = drop(x) Aᵀ: the ROW pass over x with rm(c, r) = A[r][c]
-  Tensor u = row_pass(x, a, a.stride(1), a.stride(0), r, p > 0, seed, threshold, p > 0 ? 1.0 / (1.0 - p) : 1.0)
+  Tensor u = row_pass(x, a, a.stride(1), a.stride(0), r, p > 0, seed_ptr, threshold, p > 0 ? 1.0 / (1.0 - p) : 1.0)
                  .to(x.scalar_type());
   Tensor ug = (u.to(at::kFloat) * rank_scale(g, r, scale, x)).to(x.scalar_type());
   Tensor y = (bias.has_value() && bias->defined()) ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
@@ -84,7 +97,7 @@ std::tuple<Tensor, Tensor> lowrank_linear_fwd_cuda(const Tensor& x, const Tensor
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lowrank_linear_bwd_cuda(
     const Tensor& dy, const OptTensor& x, const OptTensor& weight, const Tensor& a, const Tensor& b,
-    const OptTensor& g, const Tensor& u, double scale, double p, int64_t seed, int64_t threshold, bool need_dx,
+    const OptTensor& g, const Tensor& u, double scale, double p, const OptTensor& seed, int64_t threshold, bool need_dx,
     bool need_dbias, bool need_da, bool need_db, bool need_dg) {
   TORCH_CHECK(dy.dim() == 2 && u.dim() == 2, "spu_kernels lowrank_linear_bwd (cuda): dy and u must be 2-D");
   for (auto [t, name] : {std::pair{&a, "A"}, {&b, "B"}, {&u, "u"}}) check_cuda(*t, name, dy);
@@ -92,6 +105,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lowrank_linear_bwd_cuda(
   TORCH_CHECK(!need_da || (x.has_value() && x->defined()), "lowrank_linear_bwd: need_da without x");
   if (need_dx) check_cuda(*weight, "weight", dy);
   if (g.has_value() && g->defined()) check_cuda(*g, "g", dy);
+  const int64_t* seed_ptr = seed_pointer(seed, p, dy);
   const c10::cuda::CUDAGuard guard(dy.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t T = dy.size(0), N = dy.size(1), r = a.size(0), K = a.size(1);
@@ -135,7 +149,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lowrank_linear_bwd_cuda(
     } else {
       spu::dropout_lowrank_add(kernel_dtype(dx), dx.data_ptr(), T, K, dx.stride(0), dx.stride(1), vg.data_ptr<float>(),
                                vg.stride(0), vg.stride(1), static_cast<int>(r), a.data_ptr(), a.stride(0), a.stride(1),
-                               static_cast<uint64_t>(seed), static_cast<uint32_t>(threshold),
+                               seed_ptr, static_cast<uint32_t>(threshold),
                                static_cast<float>(1.0 / (1.0 - p)), stream);
     }
   }
@@ -149,7 +163,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lowrank_linear_bwd_cuda(
     pa.dtype = kernel_dtype(xx);
     pa.m = xx.data_ptr(); pa.rows = T; pa.cols = K; pa.stride_mt = xx.stride(0); pa.stride_mc = xx.stride(1);
     pa.rank = static_cast<int>(r);
-    pa.dropout = p > 0; pa.seed = static_cast<uint64_t>(seed); pa.threshold = static_cast<uint32_t>(threshold);
+    pa.dropout = p > 0; pa.seed = seed_ptr; pa.threshold = static_cast<uint32_t>(threshold);
     pa.out_scale = static_cast<float>(p > 0 ? 1.0 / (1.0 - p) : 1.0);
     pa.l = vg.data_ptr<float>(); pa.stride_lt = vg.stride(0); pa.stride_lr = vg.stride(1);
     pa.col_part = part.data_ptr<float>();
@@ -162,13 +176,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lowrank_linear_bwd_cuda(
 // Meta (shape-only) versions for FakeTensor / torch.compile.
 std::tuple<Tensor, Tensor> lowrank_linear_fwd_meta(const Tensor& x, const Tensor& weight, const OptTensor&,
                                                    const Tensor& a, const Tensor&, const OptTensor&, double, double,
-                                                   int64_t, int64_t) {
+                                                   const OptTensor&, int64_t) {
   return {at::empty({x.size(0), weight.size(0)}, x.options()), at::empty({x.size(0), a.size(0)}, x.options())};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lowrank_linear_bwd_meta(
     const Tensor& dy, const OptTensor&, const OptTensor&, const Tensor& a, const Tensor& b, const OptTensor&,
-    const Tensor&, double, double, int64_t, int64_t, bool need_dx, bool need_dbias, bool need_da, bool need_db,
+    const Tensor&, double, double, const OptTensor&, int64_t, bool need_dx, bool need_dbias, bool need_da, bool need_db,
     bool need_dg) {
   const auto f32 = dy.options().dtype(at::kFloat);
   auto sized = [&](bool need, at::IntArrayRef shape, const at::TensorOptions& o) {
@@ -183,9 +197,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lowrank_linear_bwd_meta(
 
 TORCH_LIBRARY_FRAGMENT(spu_kernels, m) {
   m.def("lowrank_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor b, Tensor? g, float scale, "
-        "float p, int seed, int threshold) -> (Tensor, Tensor)");
+        "float p, Tensor? seed, int threshold) -> (Tensor, Tensor)");
   m.def("lowrank_linear_bwd(Tensor dy, Tensor? x, Tensor? weight, Tensor a, Tensor b, Tensor? g, Tensor u, "
-        "float scale, float p, int seed, int threshold, bool need_dx, bool need_dbias, bool need_da, bool need_db, "
+        "float scale, float p, Tensor? seed, int threshold, bool need_dx, bool need_dbias, bool need_da, bool need_db, "
         "bool need_dg) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

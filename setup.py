@@ -25,7 +25,8 @@ CSRC = os.path.join(HERE, "csrc")
 
 
 def _load_build_config():
-    spec = importlib.util.spec_from_file_location("_spu_cuda_build", os.path.join(HERE, "spu_kernels", "_cuda_build.py"))
+    path = os.path.join(HERE, "spu_kernels", "_cuda_build.py")
+    spec = importlib.util.spec_from_file_location("_spu_cuda_build", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -59,7 +59,8 @@ def _quantiles(times: list[float]) -> list[float]:
     return [statistics.median(times), q[1], q[7]]
 
 
-def cpu_times(fns: list[Callable], warmup_ms: float, rep_ms: float, min_reps: int, rounds: int = 1) -> list[list[float]]:
+def cpu_times(fns: list[Callable], warmup_ms: float, rep_ms: float, min_reps: int,
+              rounds: int = 1) -> list[list[float]]:
     """Seconds per call of each callable, timed call by call on the host clock with Python's cyclic
     garbage collector paused (as timeit does: its passes land on random calls). With several
     callables and ``rounds`` > 1 they take turns, ``rep_ms / rounds`` each per round, so that a

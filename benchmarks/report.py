@@ -184,7 +184,8 @@ def render_host(run: list[dict]) -> str:
 
         def cells(m, peft_us=peft_us):
             h, launches = m["host_us"], m.get("launches")
-            vs_peft = f"{_num(h['value']) / peft_us:.2f}×" if h["kind"].startswith("spu_") and peft_us == peft_us else ""
+            is_spu = h["kind"].startswith("spu_") and peft_us == peft_us
+            vs_peft = f"{_num(h['value']) / peft_us:.2f}×" if is_spu else ""
             return [_value(h, ".0f"), f"{_num(h['p20']):.0f}–{_num(h['p80']):.0f}", _x(h), vs_peft,
                     _value(launches, ".0f") if launches else ""]
         body += [[case] + row for row in _per_variant(rows, cells, 5)]

@@ -2,7 +2,8 @@
 
 Runs the suites' cases variant by variant, appends one row per metric to ``DIR/<device>.csv``
 (benchmarks/schema.py) as soon as it is measured, and prints a line per variant. Ratios divide by
-the case's reference kind measured in the same run. ``--resume`` continues the device's newest run (if it measured the same sources),
+the case's reference kind measured in the same run. ``--resume`` continues the device's newest run
+(if it measured the same sources),
 skipping what it already has (how ``make gpu-report PART=N`` splits the work into parts);
 ``--budget-s`` stops before starting a variant once that many seconds have passed (exit status 3).
 ``--smoke`` runs every suite on tiny shapes (on a CPU: torch backend, one Triton case under the
@@ -30,7 +31,8 @@ def _parse(argv):
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     ap.add_argument("suites", nargs="*", help=f"suites to run (default: all of {', '.join(SUITES)})")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; CPU-friendly; any failure fails the run")
-    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results, smoke: benchmarks/results/smoke)")
+    ap.add_argument("--out", default=None,
+                    help="results folder (default benchmarks/results, smoke: benchmarks/results/smoke)")
     ap.add_argument("--resume", action="store_true", help="continue this device's newest run, skipping what it has")
     ap.add_argument("--budget-s", type=float, default=None, help="start no variant after this many seconds")
     ap.add_argument("--cases", default=None, help="regex: run only the cases whose name matches")
@@ -105,7 +107,8 @@ def main(argv=None) -> int:
             # the rest is measured, and its rows written, one variant at a time
             for batch in ([pending] if case.host_timing and pending else [[v] for v in pending]):
                 if args.budget_s is not None and time.monotonic() - start > args.budget_s:
-                    print(f"benchmarks.run: budget of {args.budget_s:.0f} s reached; continue with --resume", flush=True)
+                    print(f"benchmarks.run: budget of {args.budget_s:.0f} s reached; continue with --resume",
+                          flush=True)
                     return BUDGET_REACHED
                 for kind, rows, failed in _measure_batch(case, batch, device, args.smoke):
                     failures += failed

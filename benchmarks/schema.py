@@ -133,7 +133,8 @@ def read_rows(paths: Iterable[str]) -> list[dict[str, str]]:
             reader = csv.DictReader(f)
             if reader.fieldnames != COLUMNS:
                 raise ValueError(f"{path}: columns {reader.fieldnames} are not the schema's {COLUMNS}; "
-                                 "rewrite it with benchmarks/schema.py's COLUMNS (or move it out of the results folder)")
+                                 "rewrite it with benchmarks/schema.py's COLUMNS (or move it out of the results "
+                                 "folder)")
             rows.extend(reader)
     return rows
 

@@ -10,13 +10,39 @@ Layers: patching -> modules -> ops -> (triton | _C | torch reference); README.md
 __version__ = "0.1.0"
 
 from .backends import available_backends, backend_status, use_backend
-from .modules import (IA3Linear, IA3ScaledActivation, KronALinear, LadderSideNetwork, LoRALinear, PromptClassifier,
-                      PromptTemplate, SiVALinear, SoftPromptBackbone)
+from .modules import (
+    IA3Linear,
+    IA3ScaledActivation,
+    KronALinear,
+    LadderSideNetwork,
+    LoRALinear,
+    PromptClassifier,
+    PromptTemplate,
+    SiVALinear,
+    SoftPromptBackbone,
+)
+from .ops import (
+    ia3_linear,
+    ia3_scaled_act,
+    kron_linear,
+    ladder_cross_attention,
+    ladder_cross_attention_reference,
+    lowrank_linear,
+    lowrank_linear_reference,
+)
 from .optim import MeZO
-from .ops import (ia3_linear, ia3_scaled_act, kron_linear, ladder_cross_attention, ladder_cross_attention_reference,
-                  lowrank_linear, lowrank_linear_reference)
-from .patching import (is_patched, known_methods, load_adapter, merge, patch, register_method, save_adapter,
-                       summary, unpatch)
+from .patching import (
+    is_patched,
+    known_methods,
+    load_adapter,
+    merge,
+    patch,
+    register_method,
+    save_adapter,
+    summary,
+    unpatch,
+)
+
 
 def describe_method(name: str) -> str:
     """One line on a method and its options with their defaults."""

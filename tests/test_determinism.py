@@ -11,13 +11,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_harness import tiny_config, tiny_model  # noqa: F401  (fixtures)
 
 from spu_kernels import ia3_linear, ia3_scaled_act, kron_linear, ladder_cross_attention, lowrank_linear
 from spu_kernels.backends import available_backends
 from spu_kernels.harness.config import from_dict
 from spu_kernels.harness.train import run
-
-from test_harness import tiny_config, tiny_model  # noqa: F401  (fixtures)
 
 VOLATILE = {"peak_memory_mb", "samples_per_s", "wall_s", "train_s", "output_dir"}
 BACKENDS = [b for b in available_backends() if b in ("torch", "triton")]

@@ -2,9 +2,9 @@
 (offsets past 2**32 included), and the keep rate."""
 import pytest
 import torch
-
 from helpers import DEVICE, LOWRANK_BACKENDS
-from spu_kernels.ops.dropout_rng import dropout_keep_mask, dropout_threshold, draw_seed, new_seed, philox4x32
+
+from spu_kernels.ops.dropout_rng import draw_seed, dropout_keep_mask, dropout_threshold, new_seed, philox4x32
 
 
 def test_philox_known_answer():

@@ -44,11 +44,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
+from test_harness import tiny_model  # noqa: F401  (session fixture: a tiny random BERT folder)
 
 from spu_kernels.harness import cli, data
 from spu_kernels.harness.config import from_dict
-
-from test_harness import tiny_model  # noqa: F401  (session fixture: a tiny random BERT folder)
 
 # hypothesis's cache (constants it collects) goes to the temp dir, not into the repository
 set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "spu_kernels_hypothesis"))

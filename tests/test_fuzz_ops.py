@@ -36,11 +36,11 @@ import tempfile
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
-from hypothesis.configuration import set_hypothesis_home_dir
-from hypothesis import strategies as st
-
 from helpers import REL_CEILING
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
+
 from spu_kernels import ia3_linear, ia3_scaled_act, kron_linear, ladder_cross_attention, lowrank_linear
 from spu_kernels.backends import available_backends
 from spu_kernels.ops.dropout_rng import dropout_keep_mask
@@ -426,7 +426,8 @@ def test_ia3_scaled_act_matches_float64_math(backend):
         gen = torch.Generator().manual_seed(c["seed"])
         pdt = torch.float32 if c["master_fp32"] else dt
         hleaf, view = make_x_leaf(gen, c["lead"], F, c["layout"], dt, c["mag"])
-        leaves = dict(h=_leaf(hleaf, dt, "h" in c["grads"]), l=_leaf(make_l(gen, F, c["l_kind"]), pdt, "l" in c["grads"]))
+        leaves = dict(h=_leaf(hleaf, dt, "h" in c["grads"]),
+                      l=_leaf(make_l(gen, F, c["l_kind"]), pdt, "l" in c["grads"]))
         dy = torch.randn(*c["lead"], F, generator=gen).to(DEVICE, dt)
 
         def op(t):

@@ -2,8 +2,8 @@
 backend on CUDA tensors, and the memory the op adds over the frozen layer."""
 import pytest
 import torch
-
 from helpers import assert_close_rel, rel_err
+
 from spu_kernels.backends import resolve_backend
 from spu_kernels.ops import lowrank_linear, lowrank_linear_reference
 from spu_kernels.ops.lowrank_linear import IMPLEMENTED
@@ -17,7 +17,8 @@ def test_default_backend_on_cuda_is_a_kernel():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("T, K, N, r, p", [(1000, 1024, 3000, 16, 0.0), (4097, 768, 768, 64, 0.1), (1, 4096, 4096, 16, 0.0)])
+@pytest.mark.parametrize("T, K, N, r, p",
+                         [(1000, 1024, 3000, 16, 0.0), (4097, 768, 768, 64, 0.1), (1, 4096, 4096, 16, 0.0)])
 def test_large_shapes(dtype, T, K, N, r, p):
     dev = "cuda"
     x = torch.randn(T, K, device=dev, dtype=dtype, requires_grad=True)

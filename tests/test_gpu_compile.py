@@ -3,9 +3,9 @@
 (``mode="reduce-overhead"``) with dropout drawing a new mask every replay."""
 import pytest
 import torch
+from models import make_batch, make_model
 
 import spu_kernels
-from models import make_batch, make_model
 
 pytestmark = pytest.mark.gpu
 

@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
     ({"method": {"name": "sivaa"}}, r"method\.name: method 'sivaa' is not available \(did you mean 'siva'\?\)"),
     ({"method": {"name": "siva", "args": {"rank": 8}}}, r"method\.args\.rank: unknown option for siva; siva takes r, "),
     ({"method": {"name": "siva", "args": {"r": 1.5}}}, r"method\.args\.r: must be an integer, got float"),
-    ({"method": {"name": "full", "args": {"r": 8}}}, r"method\.args\.r: unknown option for full; full takes no options"),
+    ({"method": {"name": "full", "args": {"r": 8}}},
+     r"method\.args\.r: unknown option for full; full takes no options"),
     ({"metric": "acc"}, r"metric: 'acc' is not allowed; choose one of accuracy, f1 \(did you mean 'accuracy'\?\)"),
     ({"compare": {"lora": {"args": {"rr": 4}}}}, r"compare\.lora\.args\.rr: unknown option for lora"),
     ({"cpu": {"training": {"epoch": 1}}}, r"cpu\.training\.epoch: unknown key \(did you mean 'epochs'\?\)"),
@@ -326,7 +327,8 @@ def test_resume_takes_the_newest_complete_checkpoint(tiny_config, tmp_path, monk
         _run_interrupted_in_epoch_2(tiny_config, tmp_path / "b", monkeypatch)
         (ckpts / "epoch_2").mkdir()
         shutil.copy(ckpts / "epoch_1" / "adapter.safetensors", ckpts / "epoch_2")
-        (ckpts / "epoch_2" / "trainer_state.pt").write_bytes((ckpts / "epoch_1" / "trainer_state.pt").read_bytes()[:200])
+        state = (ckpts / "epoch_1" / "trainer_state.pt").read_bytes()
+        (ckpts / "epoch_2" / "trainer_state.pt").write_bytes(state[:200])
     capsys.readouterr()
     resumed = run(from_dict(tiny_config), output_dir=tmp_path / "b", resume=True)
     err = capsys.readouterr().err
@@ -368,8 +370,8 @@ def test_prompt_based_run(tiny_config, method):
 
 def test_prompt_scores_are_the_label_words(tiny_model):
     from spu_kernels.harness.config import PromptConfig
-    from spu_kernels.harness.train import collate, encode, load_model
     from spu_kernels.harness.data import Example
+    from spu_kernels.harness.train import collate, encode, load_model
     model, tok, _, template = load_model(tiny_model, 2, PromptConfig(**PROMPT), 32)
     items = encode(tok, [Example("a fine film", 1), Example("dull", 0)], 32, template)
     batch = collate(items, tok.pad_token_id, "cpu")
@@ -400,7 +402,8 @@ def test_compile_setting(tiny_config, monkeypatch):
         calls.append(mode)
         return real(model, backend="aot_eager", fullgraph=True)
     monkeypatch.setattr(hcompile.torch, "compile", compile_aot_eager)
-    assert from_dict(tiny_config | {"training": tiny_config["training"] | {"compile": False}}).training.compile == "false"
+    off = from_dict(tiny_config | {"training": tiny_config["training"] | {"compile": False}})
+    assert off.training.compile == "false"
     tiny_config["training"]["compile"] = True
     res = run(from_dict(tiny_config))
     assert res.compile == "true" and res.steps == 2 and calls == [None]

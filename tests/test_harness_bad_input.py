@@ -7,12 +7,11 @@ import re
 
 import pytest
 import yaml
+from test_harness import tiny_config, tiny_model  # noqa: F401  (fixtures)
 
 from spu_kernels.harness import cli, data
 from spu_kernels.harness.config import from_dict
 from spu_kernels.patching import registry
-
-from test_harness import tiny_config, tiny_model  # noqa: F401  (fixtures)
 
 
 def _jsonl(path, rows):

@@ -16,12 +16,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-
 from test_harness import tiny_model  # noqa: F401  (session fixture: a tiny random BERT folder)
 
 VOLATILE = {"peak_memory_mb", "samples_per_s", "wall_s", "train_s", "output_dir"}

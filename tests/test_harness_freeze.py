@@ -1,11 +1,10 @@
 """The patch methods that only choose what trains: last_n and bitfit, on every family."""
 import pytest
 import torch
+from models import FAMILY_MODELS, make_batch, make_model
 
 import spu_kernels
 from spu_kernels.patching.architectures import HEAD_NAMES
-
-from models import FAMILY_MODELS, make_batch, make_model
 
 # name of the last / first block's parameters, per family
 LAYER_PREFIX = {"bert": "bert.encoder.layer.", "roberta": "roberta.encoder.layer.",

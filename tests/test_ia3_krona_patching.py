@@ -2,9 +2,9 @@
 targets, step 0 = the original model, unpatch bit-identical, merge, the kernels, save/load, errors."""
 import pytest
 import torch
+from models import FAMILY_MODELS, make_batch, make_model, model_output
 
 import spu_kernels
-from models import FAMILY_MODELS, make_batch, make_model, model_output
 from spu_kernels.backends import available_backends
 from spu_kernels.modules import IA3Linear, IA3ScaledActivation, KronALinear
 from spu_kernels.patching.architectures import HEAD_NAMES

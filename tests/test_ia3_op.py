@@ -2,11 +2,17 @@
 shapes, all dtypes, l == 0 columns; what backward keeps; what the ops refuse."""
 import pytest
 import torch
-
 from helpers import DEVICE, assert_close_rel
+
 from spu_kernels.backends import available_backends, triton_interpret
-from spu_kernels.ops.ia3 import (ACTIVATIONS, IMPLEMENTED, ia3_linear, ia3_linear_reference, ia3_scaled_act,
-                                 ia3_scaled_act_reference)
+from spu_kernels.ops.ia3 import (
+    ACTIVATIONS,
+    IMPLEMENTED,
+    ia3_linear,
+    ia3_linear_reference,
+    ia3_scaled_act,
+    ia3_scaled_act_reference,
+)
 
 BACKENDS = [b for b in available_backends() if b in IMPLEMENTED]
 INTERPRET = triton_interpret()

@@ -2,8 +2,8 @@
 every grad, awkward factor shapes, stacked slices, all dtypes; what backward keeps; bad input."""
 import pytest
 import torch
-
 from helpers import DEVICE, assert_close_rel
+
 from spu_kernels.backends import available_backends
 from spu_kernels.modules.krona import KronALinear, kron_shapes
 from spu_kernels.ops.kron_linear import IMPLEMENTED, kron_linear, kron_linear_reference, split_near_sqrt

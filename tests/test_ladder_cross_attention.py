@@ -3,11 +3,10 @@ every backend, for k = 1..9, awkward shapes (odd d_h, one head, T = 1, leading d
 a ladder tensor), fp32 / fp16 / bf16; bad input."""
 import pytest
 import torch
-
 from helpers import assert_close_rel
+
 from spu_kernels.backends import available_backends
-from spu_kernels.ops.ladder_cross_attention import (IMPLEMENTED, ladder_cross_attention,
-                                                    ladder_cross_attention_reference)
+from spu_kernels.ops.ladder_cross_attention import IMPLEMENTED, ladder_cross_attention, ladder_cross_attention_reference
 
 BACKENDS = [b for b in available_backends() if b in IMPLEMENTED]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

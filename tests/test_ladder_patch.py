@@ -5,9 +5,9 @@ import inspect
 
 import pytest
 import torch
+from models import make_batch, make_model, model_output
 
 import spu_kernels
-from models import make_batch, make_model, model_output
 from spu_kernels.modules import LadderBackbone
 
 FAMILIES = ["bert", "roberta", "distilbert", "gpt2", "llama", "mistral", "qwen2"]

@@ -3,11 +3,11 @@ side network alone learns), the frozen backbone does not move and never gets a g
 backend (the Triton kernel runs on the CPU through the interpreter)."""
 import pytest
 import torch
+from models import make_batch, make_model
 
 import spu_kernels
 from spu_kernels.backends import available_backends
 from spu_kernels.ops.ladder_cross_attention import IMPLEMENTED
-from models import make_batch, make_model
 
 CASES = [("bert", "lst", {}, "torch"), ("gpt2", "lst", {}, "torch")]
 CASES += [("bert", "klst", {"k": 3}, b) for b in available_backends() if b in IMPLEMENTED]

@@ -6,10 +6,10 @@ counts are part of the contract: the table is the documentation (README "Launche
 a change that adds a launch must say so here."""
 import pytest
 import torch
-
-import spu_kernels
 from helpers import LOWRANK_BACKENDS
 from launch_count import count_launches
+
+import spu_kernels
 
 pytestmark = pytest.mark.skipif("triton" not in LOWRANK_BACKENDS, reason="needs the triton backend")
 BF = torch.bfloat16

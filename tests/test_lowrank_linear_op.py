@@ -4,8 +4,8 @@ import re
 
 import pytest
 import torch
-
 from helpers import DEVICE, LOWRANK_BACKENDS, assert_close_rel
+
 from spu_kernels import use_backend
 from spu_kernels.ops import dropout_keep_mask, lowrank_linear, lowrank_linear_reference
 

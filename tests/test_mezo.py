@@ -5,8 +5,8 @@ import re
 
 import pytest
 import torch
-
 from helpers import DEVICE
+
 from spu_kernels.backends import available_backends, triton_interpret
 from spu_kernels.ops.zo_perturb import IMPLEMENTED, base_offsets, zo_axpby_, zo_normal
 from spu_kernels.optim import MeZO
@@ -136,6 +136,7 @@ def test_errors():
 def test_mezo_step_memory_is_inference_memory():
     """Two no-grad forwards and three in-place sweeps: peak ≤ 1.1× one forward's peak."""
     import transformers as tf
+
     import spu_kernels
     model = tf.BertForSequenceClassification(tf.BertConfig(hidden_size=256, num_hidden_layers=4,
                                                            num_attention_heads=4, intermediate_size=1024)).cuda()

@@ -2,9 +2,9 @@
 import pytest
 import torch
 import torch.nn as nn
+from helpers import LOWRANK_BACKENDS, rel_err
 from transformers.pytorch_utils import Conv1D
 
-from helpers import LOWRANK_BACKENDS, rel_err
 from spu_kernels import use_backend
 from spu_kernels.modules import LoRALinear, SiVALinear
 from spu_kernels.modules.siva import top_r_svd

@@ -4,9 +4,9 @@ import re
 import pytest
 import torch
 import torch.nn as nn
+from models import EXPECTED_TARGETS, FAMILY_MODELS, make_batch, make_model, model_output
 
 import spu_kernels
-from models import EXPECTED_TARGETS, FAMILY_MODELS, make_batch, make_model, model_output
 from spu_kernels.modules import LoRALinear, SiVALinear
 from spu_kernels.patching.architectures import HEAD_NAMES
 
@@ -61,7 +61,8 @@ def test_patch_step0_unpatch_merge(family, method):
     assert not any(m.training for m in model.modules())   # the model was in eval(): so are the adapters
     # only the adapters and the task head train
     for n, p in model.named_parameters():
-        assert p.requires_grad == (("lora_" in n or "siva_U" in n or "siva_Vh" in n) or n.split(".")[0] in HEAD_NAMES), n
+        adapter = "lora_" in n or "siva_U" in n or "siva_Vh" in n
+        assert p.requires_grad == (adapter or n.split(".")[0] in HEAD_NAMES), n
     assert s.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
     if family == "gpt2":   # q/k/v are thirds of the fused c_attn: two adapters, the third block untouched
         mod = model.get_submodule(want[0])

@@ -3,9 +3,9 @@ prompt acts only through attention, combination with other methods, unpatch, sav
 import pytest
 import torch
 import transformers as tf
+from models import FAMILY_MODELS, make_batch, make_model, model_output
 
 import spu_kernels
-from models import FAMILY_MODELS, make_batch, make_model, model_output
 
 FAMILIES = list(FAMILY_MODELS)
 

@@ -2,11 +2,10 @@
 frozen), on every backend; the frozen weights do not move."""
 import pytest
 import torch
-
-import spu_kernels
 from helpers import LOWRANK_BACKENDS
 from models import make_batch, make_model
 
+import spu_kernels
 
 TARGETS = r"bert\.encoder\.layer\.1\.attention\.self\.(query|value)"
 

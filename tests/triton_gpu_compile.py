@@ -99,7 +99,8 @@ def main(argv=None) -> int:
             except Exception as e:
                 print(f"FAIL sm_{args.arch} {dname} {name}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
                 return 1
-            print(f"ok   sm_{args.arch} {dname} {name}: {len(COMPILED) - n0} kernel compiles in {time.time() - t:.1f} s",
+            print(f"ok   sm_{args.arch} {dname} {name}: {len(COMPILED) - n0} kernel compiles in "
+                  f"{time.time() - t:.1f} s",
                   flush=True)
     print(f"compiled {len(COMPILED)} kernels for sm_{args.arch} ({triton.__version__}) in {time.time() - total:.0f} s")
     return 0

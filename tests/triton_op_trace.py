@@ -29,9 +29,10 @@ CASES = [("lora", "llama", {"r": 4, "dropout": 0.1}), ("siva", "roberta", {"r": 
 
 def main() -> int:
     stub = install_stub_launches(90)
-    import spu_kernels
     from models import make_batch, make_model
     from torch._dynamo.testing import CompileCounterWithBackend
+
+    import spu_kernels
 
     def loss(model, batch):
         return model(**batch).logits.float().square().mean()

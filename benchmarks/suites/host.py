@@ -12,7 +12,7 @@ frozen nn.Linear's host time and ≤ 0.6× PEFT's for the same method.
 from __future__ import annotations
 
 from benchmarks.measure import Case, Variant
-from benchmarks.suites.layers import GROUPS, backend_or_skip, build_layer, implemented, layer_step, ladder_call
+from benchmarks.suites.layers import GROUPS, backend_or_skip, build_layer, implemented, ladder_call, layer_step
 
 ISOLATED = True
 T, K, N, RANK = 8, 64, 64, 16
@@ -68,6 +68,7 @@ def cases(smoke: bool, device: str) -> list[Case]:
         out.append(Case(name="ladder",
                         config=f"T={LADDER_T} k={LADDER_K} d={LADDER_D} heads={LADDER_HEADS}",
                         variants=[Variant(f"spu_ladder_{b}", lambda b=b: ladder_call(
-                            LADDER_T, LADDER_K, b, heads=LADDER_HEADS, d=LADDER_D, device="cpu")) for b in ("torch", "triton")],
+                            LADDER_T, LADDER_K, b, heads=LADDER_HEADS, d=LADDER_D, device="cpu"))
+                                  for b in ("torch", "triton")],
                         reference="spu_ladder_torch", **common))
     return out

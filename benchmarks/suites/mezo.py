@@ -52,5 +52,6 @@ def cases(smoke: bool, device: str) -> list[Case]:
                         + ("all parameters" if trainable == "full" else "spu LoRA r=8 (q, v)"),
                  dtype="bf16", reference="two_forwards", memory="absolute", items_per_call=b,
                  target=MEMORY_TARGET, target_kinds=("mezo_step",), target_metric="peak_mib",
-                 variants=[Variant(kind, _setup(trainable, kind, smoke, device)) for kind in ("two_forwards", "mezo_step")])
+                 variants=[Variant(kind, _setup(trainable, kind, smoke, device))
+                           for kind in ("two_forwards", "mezo_step")])
             for trainable in ("full", "lora")]

@@ -203,7 +203,8 @@ def _read_records(path: Path) -> list[tuple[str, dict]]:
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise ValueError(f"{path} line {lineno}: not JSON ({e.msg}); expected one object per line") from None
+                        raise ValueError(f"{path} line {lineno}: not JSON ({e.msg}); expected one object per "
+                                         "line") from None
                     if not isinstance(record, dict):
                         raise ValueError(f"{path} line {lineno}: expected a JSON object, got {line.strip()[:80]}")
                     out.append((f"{path} line {lineno}", record))

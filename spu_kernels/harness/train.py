@@ -20,6 +20,7 @@ else ``resource.getrusage`` since the process began) -- it includes Python, torc
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -33,8 +34,8 @@ from pathlib import Path
 import torch
 
 from . import methods as hmethods
-from .config import Config
 from .compile import TrainStep, resolve_compile
+from .config import Config
 from .data import Example, Splits, check_labels, load_splits
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -174,8 +175,13 @@ def load_model(path: str | None, num_labels: int, prompt=None, max_length: int =
     the LM (AutoModelForMaskedLM, or AutoModelForCausalLM for causal templates) in a PromptClassifier."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
     transformers.logging.set_verbosity_error()     # the fresh classifier head is expected
     where = path or default_model_path()
     if path is not None and not Path(path).expanduser().is_dir():
@@ -407,8 +413,9 @@ def _optimizer(model, tr, lr: float):
 def run(cfg: Config, method: str | None = None, method_args: dict | None = None, learning_rate: float | None = None,
         output_dir: str | Path | None = None, resume: bool = False, splits: Splits | None = None) -> RunResult:
     """Fine-tune with one method (or ``cfg.phases`` in order); see the module docstring."""
-    import spu_kernels
     from tqdm.auto import tqdm
+
+    import spu_kernels
     t_start = time.perf_counter()
     if cfg.phases:
         if method not in (None, cfg.method.name) or method_args is not None or learning_rate is not None:
@@ -517,7 +524,7 @@ def run(cfg: Config, method: str | None = None, method_args: dict | None = None,
                     def closure():
                         with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                             enabled=amp_dtype is not None):
-                            return model(**batch).loss
+                            return model(**batch).loss   # noqa: F821 (called in this step, before `del model`)
                     loss = opt.step(closure)
                     model.train()
                 else:
@@ -527,7 +534,7 @@ def run(cfg: Config, method: str | None = None, method_args: dict | None = None,
                             loss = forward(**batch).loss
                         scaler.scale(loss).backward()
                         return loss.detach()
-                    loss = train_step(forward_backward, lambda: opt.zero_grad(set_to_none=True))
+                    loss = train_step(forward_backward, functools.partial(opt.zero_grad, set_to_none=True))
                     if tr.max_grad_norm:
                         scaler.unscale_(opt)
                         torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm)

@@ -145,7 +145,7 @@ class _TritonImpl:
 
     @staticmethod
     def _k():
-        from ..triton import ia3 as k   # imported on first use
+        from ..triton import ia3 as k  # imported on first use
         return k
 
     @staticmethod

@@ -95,7 +95,7 @@ class _TritonImpl:
 
     @staticmethod
     def _k():
-        from ..triton import kron_linear as k   # imported on first use
+        from ..triton import kron_linear as k  # imported on first use
         return k
 
     @staticmethod

@@ -98,7 +98,7 @@ class _TritonImpl:
 
     @staticmethod
     def _kernels():
-        from ..triton import ladder_cross_attention as k   # imported on first use
+        from ..triton import ladder_cross_attention as k  # imported on first use
         return k
 
     @staticmethod

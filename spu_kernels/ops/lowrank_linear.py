@@ -137,7 +137,7 @@ class _TritonImpl:
 
     @staticmethod
     def _kernels():
-        from ..triton import lowrank_linear as k   # imported on first use: Triton compiles lazily
+        from ..triton import lowrank_linear as k  # imported on first use: Triton compiles lazily
         return k
 
     @staticmethod

@@ -35,6 +35,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, path: str | Path) -> Path:
     from safetensors.torch import save_file
+
     from .. import __version__
     state = patch_state(model, "save_adapter")
     tensors = {n: t.detach().contiguous().cpu() for n, t in adapter_state_dict(model).items()}

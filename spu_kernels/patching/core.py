@@ -16,8 +16,15 @@ from typing import Any, Iterable, Sequence
 import torch.nn as nn
 
 from ..modules.lowrank_base import WrappedLinear, is_linear_like, linear_dims
-from .architectures import (HEAD_NAMES, Family, family_of, model_type_of, name_matches, role_targets,
-                            supported_model_types)
+from .architectures import (
+    HEAD_NAMES,
+    Family,
+    family_of,
+    model_type_of,
+    name_matches,
+    role_targets,
+    supported_model_types,
+)
 from .registry import get_method
 
 log = logging.getLogger("spu_kernels")

@@ -25,8 +25,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, cdiv, device_index, gemm_configs, grouped_tile, input_precision, launch, mma,
-                      next_pow2, num_sms, upcast_dot)
+from ._common import (
+    INTERPRET,
+    cdiv,
+    device_index,
+    gemm_configs,
+    grouped_tile,
+    input_precision,
+    launch,
+    mma,
+    next_pow2,
+    num_sms,
+    upcast_dot,
+)
 
 # ---------------------------------------------------------------------------------------------
 # the GEMM with scales

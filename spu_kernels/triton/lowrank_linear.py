@@ -26,8 +26,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, cdiv, device_index, dropout_keep, gemm_configs, grouped_tile, input_precision,
-                      launch, mma, next_pow2, num_sms, rank_pad, upcast_dot)
+from ._common import (
+    INTERPRET,
+    cdiv,
+    device_index,
+    dropout_keep,
+    gemm_configs,
+    grouped_tile,
+    input_precision,
+    launch,
+    mma,
+    next_pow2,
+    num_sms,
+    rank_pad,
+    upcast_dot,
+)
 
 # ---------------------------------------------------------------------------------------------
 # 1. u = drop(x) Aᵀ

@@ -3,7 +3,8 @@
 Two uses, both without a GPU:
 - ``compile_only``: every launch becomes a compile-only warm-up and autotuned kernels compile every
   config (tests/triton_gpu_compile.py: do all kernels build for sm_90 with their GPU configs?);
-- ``install_stub_launches`` / ``stub_launches``: kernels compile once (autotuning picks the first config, with no benchmark),
+- ``install_stub_launches`` / ``stub_launches``: kernels compile once (autotuning picks the first
+  config, with no benchmark),
   then every launch runs Triton's whole host-side path (argument binding, cache look-up, grid) and
   stops at a no-op launcher that counts the launch (benchmarks/suites/host.py: what the Python
   around the kernels costs per call).

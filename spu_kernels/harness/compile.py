@@ -17,13 +17,13 @@ from typing import Callable
 
 import torch
 
-SETTINGS = ("auto", "false", "true", "reduce-overhead")
+from .config import COMPILE_SETTINGS
 
 
 def resolve_compile(setting: str, device: torch.device, use_mezo: bool) -> str:
     """The mode a run uses: "false", "true" or "reduce-overhead" (errors say how to fix the config)."""
-    if setting not in SETTINGS:
-        raise ValueError(f"training.compile: {setting!r} is not one of {', '.join(SETTINGS)}")
+    if setting not in COMPILE_SETTINGS:
+        raise ValueError(f"training.compile: {setting!r} is not one of {', '.join(COMPILE_SETTINGS)}")
     if setting == "auto":
         setting = "true" if device.type == "cuda" else "false"
     if setting == "reduce-overhead" and device.type != "cuda":

@@ -75,6 +75,9 @@ class MethodConfig:
     args: dict = _opt("dict", {}, "the method's options (see `spu-kernels methods`)")
 
 
+COMPILE_SETTINGS = ("auto", "false", "true", "reduce-overhead")   # training.compile (harness/compile.py)
+
+
 @dataclass
 class TrainingConfig:
     epochs: int = _opt("int", 3, "passes over the training split", minimum=1)
@@ -97,7 +100,7 @@ class TrainingConfig:
     compile: str = _opt("switch", "auto", "torch.compile the training forward: false, true, reduce-overhead "
                                           "(CUDA graphs, GPU only) or auto (true on a GPU, false on the CPU); "
                                           "falls back to eager, with a message, if compiling fails",
-                        ["auto", "false", "true", "reduce-overhead"])
+                        list(COMPILE_SETTINGS))
     output_dir: str | None = _opt("str?", None, "where checkpoints, logs and results go "
                                                 "(null = runs/<name>/<method>)")
     save_checkpoints: bool = _opt("bool", True, "write a checkpoint after each epoch (needed for resume)")

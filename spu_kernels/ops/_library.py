@@ -127,3 +127,9 @@ def define_inplace_ops(name: str, backends: tuple[str, ...], schema: str, impl: 
 def no_grad_placeholder(like: torch.Tensor) -> torch.Tensor:
     """What a backward op returns for a grad that was not asked for (its schema returns Tensors)."""
     return like.new_empty((0,))
+
+
+def grads_or_placeholders(grads, dtypes, like: torch.Tensor) -> tuple:
+    """A backward op's outputs: each grad in its dtype (that of what it is for), a placeholder for
+    each grad not asked for (None)."""
+    return tuple(t.to(dt) if t is not None else no_grad_placeholder(like) for t, dt in zip(grads, dtypes))

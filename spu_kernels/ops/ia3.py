@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..backends import resolve_backend
 from ._checks import FLOAT_DTYPES, autocast_dtype, autocast_off, check_frozen_linear, frozen_linear_dtypes
-from ._library import define_op_pair, no_grad_placeholder
+from ._library import define_op_pair, grads_or_placeholders
 
 OP_LINEAR = "ia3_linear"
 OP_ACT = "ia3_scaled_act"
@@ -190,11 +190,6 @@ IMPLEMENTED = tuple(_IMPLS)
 # the op pairs (spu_kernels/ops/_library.py): 2-D inputs, validated and cast
 # ---------------------------------------------------------------------------------------------
 
-def _grads(dtypes, like, grads):
-    """grads in ``dtypes`` (those of what they are for), placeholders for those not asked for."""
-    return tuple(t.to(dt) if t is not None else no_grad_placeholder(like) for t, dt in zip(grads, dtypes))
-
-
 def _linear_fwd(backend, x, weight, bias, l, side):
     return _IMPLS["torch" if x.shape[0] == 0 else backend].linear_forward(x, weight, bias, l, side)
 
@@ -206,7 +201,7 @@ def _linear_fwd_fake(x, weight, bias, l, side):
 def _linear_bwd(backend, dy, x, y, weight, bias, l, side, need_dx, need_dbias, need_dl):
     impl = _IMPLS["torch" if dy.shape[0] == 0 else backend]
     grads = impl.linear_backward(dy, x, y, weight, bias, l, side, need_dx, need_dbias, need_dl)
-    return _grads((dy.dtype, dy.dtype, l.dtype), dy, grads)
+    return grads_or_placeholders(grads, (dy.dtype, dy.dtype, l.dtype), dy)
 
 
 def _linear_bwd_fake(dy, x, y, weight, bias, l, side, need_dx, need_dbias, need_dl):
@@ -258,7 +253,7 @@ def _act_fwd_fake(h, l, activation):
 
 def _act_bwd(backend, dy, h, l, activation, need_dh, need_dl):
     impl = _IMPLS["torch" if dy.shape[0] == 0 else backend]
-    return _grads((h.dtype, l.dtype), dy, impl.act_backward(dy, h, l, activation, need_dh, need_dl))
+    return grads_or_placeholders(impl.act_backward(dy, h, l, activation, need_dh, need_dl), (h.dtype, l.dtype), dy)
 
 
 def _act_bwd_fake(dy, h, l, activation, need_dh, need_dl):

@@ -23,7 +23,7 @@ import torch
 
 from ..backends import resolve_backend
 from ._checks import autocast_off, check_frozen_linear, frozen_linear_dtypes
-from ._library import define_op_pair, no_grad_placeholder
+from ._library import define_op_pair, grads_or_placeholders
 
 OP_NAME = "kron_linear"
 
@@ -148,8 +148,7 @@ def _fwd_fake(x, weight, bias, a, b, scale, offsets):
 def _bwd(backend, dy, x, weight, a, b, scale, offsets, need_dx, need_dbias, need_da, need_db):
     impl = _IMPLS["torch" if dy.shape[0] == 0 else backend]
     grads = impl.backward(dy, x, weight, a, b, scale, offsets, need_dx, need_dbias, need_da, need_db)
-    dtypes = (dy.dtype, dy.dtype, a.dtype, b.dtype)
-    return tuple(t.to(dt) if t is not None else no_grad_placeholder(dy) for t, dt in zip(grads, dtypes))
+    return grads_or_placeholders(grads, (dy.dtype, dy.dtype, a.dtype, b.dtype), dy)
 
 
 def _bwd_fake(dy, x, weight, a, b, scale, offsets, need_dx, need_dbias, need_da, need_db):

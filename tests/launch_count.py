@@ -1,5 +1,5 @@
 """Counting the GPU kernels one op call launches, on the CPU: every Triton launch (through
-``spu_kernels.triton._common.launch``, the one door the launchers use) and every ATen op that would
+``spu_kernels.triton._launcher.launch``, the one door the launchers use) and every ATen op that would
 launch a kernel on a GPU (not views, allocations or metadata), recorded with a TorchDispatchMode.
 What runs inside a Triton kernel under the interpreter is not counted."""
 from __future__ import annotations

@@ -44,9 +44,15 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(device.type)
 
 
+_NO_CONTEXT = contextlib.nullcontext()
+
+
 def autocast_off(device: torch.device):
-    """The context an op's autograd call runs in: autocast off (its inputs are cast already)."""
-    return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
+    """The context an op's autograd call runs in: autocast off (its inputs are cast already); no
+    context at all where autocast is not on (entering one costs host time on every call)."""
+    if device.type == "meta" or not torch.is_autocast_enabled(device.type):
+        return _NO_CONTEXT
+    return torch.autocast(device.type, enabled=False)
 
 
 def frozen_linear_dtypes(op: str, x, weight, bias):

@@ -35,7 +35,7 @@ NAMESPACE = "spu_kernels"
 def _define(qualname: str, schema: str, impl: Callable, fake: Callable, triton: bool):
     if triton and not triton_interpret():
         def body(*args):
-            from ..triton._common import in_triton_op  # its launchers go through wrap_triton
+            from ..triton._launcher import in_triton_op  # its launchers go through wrap_triton
             with in_triton_op():
                 return impl(*args)
         return torch.library.triton_op(qualname, body, mutates_args=(), schema=schema)

@@ -131,37 +131,31 @@ class _TorchImpl:
         return dx, _pack(grads, layout, total, dy.device)
 
 
+_triton_kernels = None
+
+
 class _TritonImpl:
     """The triton backend (kernels in spu_kernels/triton/lowrank_linear.py): A, B, g read in their
     own dtype, u and every reduced grad in fp32, so no cast kernel runs."""
 
     @staticmethod
     def _kernels():
-        from ..triton import lowrank_linear as k  # imported on first use: Triton compiles lazily
-        return k
+        global _triton_kernels
+        if _triton_kernels is None:     # imported on first use: Triton compiles lazily
+            from ..triton import lowrank_linear
+            _triton_kernels = lowrank_linear
+        return _triton_kernels
 
     @staticmethod
     def forward(x, weight, bias, a, b, g, scale, p, seed):
-        k = _TritonImpl._kernels()
-        thr = dropout_threshold(p) if p > 0 else 0
-        u = k.lowrank_down(x, a, p, seed, thr)
-        y = k.gemm_lowrank(x, weight.t(), bias, u, b.t(), g, scale)
-        return y, u
+        return _TritonImpl._kernels().forward(x, weight, bias, a, b, g, scale, p, seed,
+                                              dropout_threshold(p) if p > 0 else 0)
 
     @staticmethod
     def backward(dy, x, weight, a, b, g, u, scale, p, seed, need_dx, need_dbias, need_da, need_db, need_dg):
-        k = _TritonImpl._kernels()
-        thr = dropout_threshold(p) if p > 0 else 0
-        (T, N), (R, K) = dy.shape, a.shape
-        layout, total = grad_layout(R, K, N, need_dbias, need_da, need_db, need_dg)
-        # one memset: the packed grads, then v (T, r), all accumulated atomically by the kernels
-        ws = torch.zeros((total + T * R,), device=dy.device, dtype=torch.float32)
-        views = {name: ws[off:off + math.prod(shape)].view(shape) for name, (off, shape) in layout.items()}
-        v = ws[total:].view(T, R)
-        k.lowrank_dy(dy, b, u, g, scale, v, views.get("b"), views.get("bias"), views.get("g"))
-        dx = k.gemm_lowrank(dy, weight, None, v, a, g, scale, p, seed, thr) if need_dx else None
-        if need_da:
-            k.lowrank_grad_a(x, v, g, scale, p, seed, thr, views["a"])
+        layout, total = grad_layout(a.shape[0], a.shape[1], b.shape[0], need_dbias, need_da, need_db, need_dg)
+        dx, ws = _TritonImpl._kernels().backward(dy, x, weight, a, b, g, u, scale, p, seed,
+                                                 dropout_threshold(p) if p > 0 else 0, need_dx, layout, total)
         return dx, ws[:total]
 
 
@@ -209,6 +203,8 @@ IMPLEMENTED = tuple(_IMPLS)
 
 def _fwd(backend, x, weight, bias, a, b, g, scale, p, seed):
     impl = _IMPLS["torch" if x.numel() == 0 else backend]
+    if x.dim() == 2:
+        return impl.forward(x, weight, bias, a, b, g, scale, p, seed)
     y, u = impl.forward(x.reshape(-1, x.shape[-1]), weight, bias, a, b, g, scale, p, seed)
     return y.view(*x.shape[:-1], weight.shape[0]), u
 
@@ -221,11 +217,14 @@ def _fwd_fake(x, weight, bias, a, b, g, scale, p, seed):
 def _bwd(backend, dy, x, weight, a, b, g, u, scale, p, seed, need_dx, need_dbias, need_da, need_db, need_dg):
     """(dx or an empty placeholder, the packed fp32 grads: grad_layout)."""
     impl = _IMPLS["torch" if dy.numel() == 0 else backend]
-    dy2 = dy.reshape(-1, dy.shape[-1])
-    x2 = x.reshape(-1, x.shape[-1]) if x is not None else None
+    flat = dy.dim() == 2
+    dy2 = dy if flat else dy.reshape(-1, dy.shape[-1])
+    x2 = x if flat or x is None else x.reshape(-1, x.shape[-1])
     dx, packed = impl.backward(dy2, x2, weight, a, b, g, u, scale, p, seed, need_dx, need_dbias, need_da, need_db,
                                need_dg)
-    return (dx.view(*dy.shape[:-1], a.shape[1]) if dx is not None else no_grad_placeholder(dy)), packed
+    if dx is None:
+        return no_grad_placeholder(dy), packed
+    return (dx if flat else dx.view(*dy.shape[:-1], a.shape[1])), packed
 
 
 def _bwd_fake(dy, x, weight, a, b, g, u, scale, p, seed, need_dx, need_dbias, need_da, need_db, need_dg):

@@ -1,9 +1,8 @@
 """Helpers shared by the Triton kernels: the dropout keep mask, the dot that the interpreter gets
-right, and launch-side facts (interpreter mode, SM count, dtype maps)."""
+right, and launch-side facts (interpreter mode, SM count, dtype maps). How kernels are launched
+is triton/_launcher.py."""
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 
 import torch
@@ -13,9 +12,6 @@ import triton.language as tl
 from ..backends import triton_interpret
 
 INTERPRET = triton_interpret()
-
-# set while a triton_op's body runs (ops/_library.py): its launches must go through wrap_triton
-_IN_TRITON_OP = contextvars.ContextVar("spu_kernels_in_triton_op", default=False)
 
 TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -59,27 +55,6 @@ def num_sms(device_index: int) -> int:
     if INTERPRET or not torch.cuda.is_available():
         return 2
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-@contextlib.contextmanager
-def in_triton_op():
-    """The context a ``torch.library.triton_op`` body runs its launchers in (ops/_library.py)."""
-    token = _IN_TRITON_OP.set(True)
-    try:
-        yield
-    finally:
-        _IN_TRITON_OP.reset(token)
-
-
-def launch(kernel):
-    """How launchers call a kernel: inside a triton_op's body through ``torch.library.wrap_triton``,
-    which records the launch for Inductor when the op is traced (and dispatches a higher-order op
-    when it is not); everywhere else (the eager autograd.Function, the interpreter) the kernel
-    itself. wrap_triton costs 8 µs (a JITFunction) to 57 µs (an Autotuner) of host time a call in
-    torch 2.14, and the higher-order op ~0.3 ms a launch, which eager calls need not pay."""
-    if _IN_TRITON_OP.get():
-        return torch.library.wrap_triton(kernel)
-    return kernel
 
 
 def cdiv(a: int, b: int) -> int:

@@ -32,12 +32,12 @@ from ._common import (
     gemm_configs,
     grouped_tile,
     input_precision,
-    launch,
     mma,
     next_pow2,
     num_sms,
     upcast_dot,
 )
+from ._launcher import launch
 
 # ---------------------------------------------------------------------------------------------
 # the GEMM with scales

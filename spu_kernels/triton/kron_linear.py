@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, cdiv, device_index, input_precision, launch, mma, next_pow2, num_sms, upcast_dot
+from ._common import INTERPRET, cdiv, device_index, input_precision, mma, next_pow2, num_sms, upcast_dot
+from ._launcher import launch
 
 MAX_SIDE = 256   # sides of A that a program holds whole in registers (padded to a power of two)
 

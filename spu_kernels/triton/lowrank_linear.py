@@ -22,6 +22,8 @@ kernels only.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -34,13 +36,13 @@ from ._common import (
     gemm_configs,
     grouped_tile,
     input_precision,
-    launch,
     mma,
     next_pow2,
     num_sms,
     rank_pad,
     upcast_dot,
 )
+from ._launcher import PlanCache, aligned, launch, tensor_key
 
 # ---------------------------------------------------------------------------------------------
 # 1. u = drop(x) Aᵀ
@@ -81,8 +83,9 @@ def _down_kernel(x_ptr, a_ptr, u_ptr, T, K, R,
 
 
 def lowrank_down(x: torch.Tensor, a: torch.Tensor, dropout_p: float, seed: torch.Tensor | None,
-                 threshold: int) -> torch.Tensor:
-    """u = drop(x) Aᵀ for x (T, K), A (r, K) in any float dtype; returns u (T, r) in fp32.
+                 threshold: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """u = drop(x) Aᵀ for x (T, K), A (r, K) in any float dtype; returns u (T, r) in fp32 (``out``
+    if given: a contiguous fp32 (T, r) tensor).
     ``seed``: the 0-dim int64 tensor on x's device the kernel reads (None without dropout).
     One program per row block, each over all of K: every u element has one writer (no zeroed
     buffer, no atomics, no cast kernel); r is small, so a program's K loop is short."""
@@ -94,7 +97,7 @@ def lowrank_down(x: torch.Tensor, a: torch.Tensor, dropout_p: float, seed: torch
         # enough row blocks to fill the GPU where T allows; never more rows than needed
         block_t = 64 if T >= 64 * num_sms(device_index(x)) else 32 if T >= 16 * num_sms(device_index(x)) else 16
         block_k, warps = 128, 4
-    u = torch.empty((T, R), device=x.device, dtype=torch.float32)
+    u = out if out is not None else torch.empty((T, R), device=x.device, dtype=torch.float32)
     launch(_down_kernel)[(cdiv(T, block_t),)](
         x, a, u, T, K, R,
         x.stride(0), x.stride(1), a.stride(0), a.stride(1),
@@ -163,17 +166,19 @@ def _gemm_lowrank_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, rm_ptr, g_ptr,
 
 def gemm_lowrank(a_op: torch.Tensor, b_op: torch.Tensor, bias: torch.Tensor | None,
                  low: torch.Tensor, right: torch.Tensor, g: torch.Tensor | None, scale: float,
-                 dropout_p: float = 0.0, seed: torch.Tensor | None = None, threshold: int = 0) -> torch.Tensor:
+                 dropout_p: float = 0.0, seed: torch.Tensor | None = None, threshold: int = 0,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """C = a_op (M, K) @ b_op (K, N) + bias + keep ⊙ scale ((low (M, r) ⊙ g) @ right (r, N)) / (1-p).
 
-    Any strides; C is a new contiguous (M, N) tensor in a_op's dtype. low, right and g may have
-    any float dtype (fp32 u / v, master-dtype adapters): the epilogue rounds them itself. With dropout_p > 0 the keep
-    mask is the one of element (m, n) of an (M, N) input (used for dx, whose shape is x's).
+    Any strides; C is a new contiguous (M, N) tensor in a_op's dtype (``out`` if given: any strides).
+    low, right and g may have any float dtype (fp32 u / v, master-dtype adapters): the epilogue
+    rounds them itself. With dropout_p > 0 the keep mask is the one of element (m, n) of an (M, N)
+    input (used for dx, whose shape is x's).
     """
     M, K = a_op.shape
     N = b_op.shape[1]
     R = low.shape[1]
-    c = torch.empty((M, N), device=a_op.device, dtype=a_op.dtype)
+    c = out if out is not None else torch.empty((M, N), device=a_op.device, dtype=a_op.dtype)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     launch(_gemm_lowrank_kernel)[grid](
         a_op, b_op, c, bias if bias is not None else c, low, right, g if g is not None else c,
@@ -354,3 +359,63 @@ def lowrank_grad_a(x: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, sca
         HAS_G=g is not None, HAS_DROPOUT=dropout_p > 0, ATOMIC=atomic, R_PAD=rank_pad(R),
         BLOCK_T=block_t, BLOCK_K=block_k,
         UPCAST=upcast_dot(x.dtype), INPUT_PRECISION=input_precision(x.dtype), num_warps=warps)
+
+
+# ---------------------------------------------------------------------------------------------
+# the op's two directions: the launches above, recorded once per launch signature and replayed
+# (triton/_launcher.py PlanCache): a call with a known key runs no launcher Python
+# ---------------------------------------------------------------------------------------------
+
+_FORWARD_PLANS = PlanCache()
+_BACKWARD_PLANS = PlanCache()
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+            g: torch.Tensor | None, scale: float, dropout_p: float, seed: torch.Tensor | None,
+            threshold: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches 1 and 2: (y (T, N) in x's dtype, u (T, r) fp32) for x (T, K)."""
+    T = x.shape[0]
+    y = torch.empty((T, weight.shape[0]), device=x.device, dtype=x.dtype)
+    u = torch.empty((T, a.shape[0]), device=x.device, dtype=torch.float32)
+    w_t, b_t = weight.t(), b.t()
+    env = (x, w_t, bias, a, b_t, g, seed, u, y)
+
+    def key():
+        return (tensor_key(x), tensor_key(weight), tensor_key(bias), tensor_key(a), tensor_key(b), tensor_key(g),
+                aligned(seed, u, y), scale, dropout_p, threshold, input_precision(x.dtype))
+
+    def body():
+        lowrank_down(x, a, dropout_p, seed, threshold, out=u)
+        gemm_lowrank(x, w_t, bias, u, b_t, g, scale, out=y)
+    _FORWARD_PLANS.run(key, env, body)
+    return y, u
+
+
+def backward(dy: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor | None, a: torch.Tensor,
+             b: torch.Tensor, g: torch.Tensor | None, u: torch.Tensor, scale: float, dropout_p: float,
+             seed: torch.Tensor | None, threshold: int, need_dx: bool, layout: dict,
+             total: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Launches 0 and 3-5: (dx (T, K) in dy's dtype or None, the fp32 workspace whose first
+    ``total`` elements hold the reduced grads at ``layout`` = {name: (offset, shape)} for the
+    names a, b, bias, g asked for; v (T, r) follows them)."""
+    T, R = u.shape
+    ws = torch.zeros((total + T * R,), device=dy.device, dtype=torch.float32)
+    views = {name: ws[off:off + math.prod(shape)].view(shape) for name, (off, shape) in layout.items()}
+    v = ws[total:].view(T, R)
+    dx = torch.empty((T, a.shape[1]), device=dy.device, dtype=dy.dtype) if need_dx else None
+    ga, gb, gbias, gg = views.get("a"), views.get("b"), views.get("bias"), views.get("g")
+    env = (dy, x, weight, a, b, g, u, seed, v, ga, gb, gbias, gg, dx)
+
+    def key():
+        return (tensor_key(dy), tensor_key(x), tensor_key(weight), tensor_key(a), tensor_key(b), tensor_key(g),
+                tensor_key(u), aligned(seed, ws, dx), tuple(layout.items()), scale, dropout_p, threshold,
+                input_precision(dy.dtype))
+
+    def body():
+        lowrank_dy(dy, b, u, g, scale, v, gb, gbias, gg)
+        if need_dx:
+            gemm_lowrank(dy, weight, None, v, a, g, scale, dropout_p, seed, threshold, out=dx)
+        if ga is not None:
+            lowrank_grad_a(x, v, g, scale, dropout_p, seed, threshold, ga)
+    _BACKWARD_PLANS.run(key, env, body)
+    return dx, ws

@@ -5,9 +5,10 @@ Two uses, both without a GPU:
   config (tests/triton_gpu_compile.py: do all kernels build for sm_90 with their GPU configs?);
 - ``install_stub_launches`` / ``stub_launches``: kernels compile once (autotuning picks the first
   config, with no benchmark),
-  then every launch runs Triton's whole host-side path (argument binding, cache look-up, grid) and
-  stops at a no-op launcher that counts the launch (benchmarks/suites/host.py: what the Python
-  around the kernels costs per call).
+  then every launch runs the package's host-side path (triton/_launcher.py, or Triton's own:
+  argument binding, cache look-up, grid) and stops at a no-op launcher that counts the launch
+  (benchmarks/suites/host.py: what the Python around the kernels costs per call) and, when
+  ``recorded`` is a list, records what it was handed (tests/triton_launch_replay.py).
 
 Both let the triton backend take CPU tensors (nothing runs, so what the kernels write is garbage),
 patch process-wide Triton state and are meant for a process of their own; ``stub_launches`` is a
@@ -49,6 +50,7 @@ class StubDriver:
         self.target = GPUTarget("cuda", arch, 32)
         self.utils = _Utils()
         self.launches = 0
+        self.recorded: list | None = None   # a list: each launch appends (kernel name, hash, grid, args)
 
     def get_current_target(self):
         return self.target
@@ -63,8 +65,12 @@ class StubDriver:
         return torch.device("cpu")
 
     def launcher_cls(self, src, metadata):
-        def launch(*args):
+        name, digest = metadata.name, getattr(metadata, "hash", None)
+
+        def launch(grid_0, grid_1, grid_2, stream, function, packed_metadata, launch_metadata, enter, leave, *args):
             self.launches += 1
+            if self.recorded is not None:
+                self.recorded.append((name, digest, (grid_0, grid_1, grid_2), args))
         return launch
 
     def get_benchmarker(self):

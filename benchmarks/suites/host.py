@@ -4,7 +4,8 @@ K = N = 64, r = 16, bf16). On a GPU the seeds' models are launch-bound (a 1024×
 tokens takes ~6 µs on an H100), so this is their step time's floor.
 
 Runs without a GPU, in a process of its own (ISOLATED): Triton's real compiler builds the kernels
-for sm_90 once, then every launch runs Triton's whole host path and stops at the stand-in driver's
+for sm_90 once, then every launch runs the package's whole host path (spu_kernels/triton/_launcher.py:
+cached launches, replayed plans; Triton's own path on a miss) and stops at the stand-in driver's
 counting no-op launcher (spu_kernels/triton/stub_driver.py), which also gives the launches per
 call. The torch kinds run their (tiny) CPU math for real. Targets (issue #13): spu triton ≤ 2× the
 frozen nn.Linear's host time and ≤ 0.6× PEFT's for the same method.

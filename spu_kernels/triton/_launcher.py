@@ -228,6 +228,9 @@ class _Plan:
 
     @classmethod
     def from_recording(cls, recorded: list, env: tuple) -> _Plan | None:
+        named = [id(t) for t in env if t is not None]
+        if len(set(named)) != len(named):
+            return None     # one tensor in two roles: a later call may pass two, and a slot must say which
         steps = []
         for launch_ in recorded:
             if launch_ is None:

@@ -17,8 +17,8 @@ T, K, N, R = 40, 48, 40, 4
 
 # op call -> (kernels per forward+backward, what they are)
 LAUNCHES = {
-    "lowrank_linear": (6, "down, GEMM+epilogue | one memset (packed grads), dy pass, dx GEMM+epilogue, grad_A"),
-    "lowrank_linear dropout": (7, "the same + the seed drawn on the device"),
+    "lowrank_linear": (5, "down, GEMM+epilogue | one memset (packed grads), dy pass, dx GEMM + epilogue + grad_A"),
+    "lowrank_linear dropout": (6, "the same + the seed drawn on the device"),
     "ia3_linear output": (4, "GEMM⊙l | dx GEMM, memset, one pass over dy and y for grad_l"),
     "ia3_linear input": (3, "GEMM with x⊙l | memset, dx GEMM with the grad_l reduction"),
     "ia3_scaled_act": (3, "act⊙l | memset, one pass for dh and grad_l"),

@@ -21,6 +21,7 @@ CASES = {
     "W-transposed": ((23,), 36, 45, 4, True, True, 0.2, "w_transposed", "all"),   # GPT-2 Conv1D layout
     "r=1":          ((70,), 64, 64, 1, True, False, 0.0, "contig", "all"),
     "frozen-x-A":   ((9, 2), 50, 31, 6, True, True, 0.3, "contig", "B,g"),        # no dx, no grad_A
+    "frozen-x":     ((31,), 48, 36, 6, False, True, 0.2, "contig", "A,B,g"),      # grad_A without dx
     "bias-only":    ((13,), 29, 18, 2, True, False, 0.0, "contig", "bias"),
 }
 
@@ -43,7 +44,8 @@ def make_inputs(case, dtype, device=DEVICE):
         t["x"] = torch.empty(*lead, 2 * K, device=device, dtype=dtype)[..., ::2].copy_(t["x"])
     if layout == "w_transposed":
         t["w"] = t["w"].t().contiguous().t()
-    grads = {"all": ("x", "bias", "a", "b", "g"), "B,g": ("b", "g"), "bias": ("bias",)}[needs]
+    grads = {"all": ("x", "bias", "a", "b", "g"), "A,B,g": ("a", "b", "g"), "B,g": ("b", "g"),
+             "bias": ("bias",)}[needs]
     for k in grads:
         if t[k] is not None:
             t[k].requires_grad_(True)

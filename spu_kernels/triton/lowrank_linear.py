@@ -6,12 +6,14 @@ Forward, two launches:
   1. ``_down_kernel``          u = drop(x) Aᵀ (T, r) in fp32: one pass over x; u is what backward keeps.
   2. ``_gemm_lowrank_kernel``  y = x Wᵀ + b + (s u ⊙ g) Bᵀ: the rank-r product is added to the
                                GEMM's accumulator tile in its epilogue, no T×N branch output.
-Backward, a memset and up to three launches (each only when a grad it makes is needed):
+Backward, a memset and two launches (each only when a grad it makes is needed):
   0. one zero-filled fp32 workspace for every reduced result (ops/lowrank_linear.py packs them)
   3. ``_dy_kernel``            one pass over dy gives v = dy B (T, r), grad_B = s dyᵀ (u ⊙ g)
                                (N, r), grad_b = Σ_t dy and grad_g = s Σ_n B ⊙ (dyᵀ u) = s Σ_t u ⊙ v.
-  4. ``_gemm_lowrank_kernel``  dx = dy W + keep ⊙ s ((v ⊙ g) A) / (1 - p), the mask regenerated.
-  5. ``_grad_a_kernel``        grad_A = s (v ⊙ g)ᵀ drop(x), the mask regenerated; one pass over x.
+  4. ``_gemm_lowrank_kernel``  dx = dy W + keep ⊙ s ((v ⊙ g) A) / (1 - p), the mask regenerated,
+                               and in its epilogue grad_A += s (v ⊙ g)ᵀ drop(x) over the x tile
+                               that dx's tile covers (the same mask; x read once, no extra launch).
+  5. ``_grad_a_kernel``        grad_A alone, when dx is not needed (x frozen): one pass over x.
 A, B and g come in their own (master, usually fp32) dtype and are rounded to x's dtype in
 registers; grads are accumulated and returned in fp32: no cast kernel on either side.
 
@@ -114,14 +116,15 @@ def lowrank_down(x: torch.Tensor, a: torch.Tensor, dropout_p: float, seed: torch
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "HAS_DROPOUT", "HAS_BIAS"])
+@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "HAS_DROPOUT", "HAS_BIAS", "GRAD_A"])
 @triton.jit(do_not_specialize=["threshold"])
-def _gemm_lowrank_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, rm_ptr, g_ptr,
+def _gemm_lowrank_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, rm_ptr, g_ptr, x_ptr, ga_ptr,
                          M, N, K, R, M_BUCKET,
                          stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-                         stride_lm, stride_lr, stride_rmr, stride_rmn,
+                         stride_lm, stride_lr, stride_rmr, stride_rmn, stride_xm, stride_xn,
                          scale, seed_ptr, threshold, keep_scale,
                          HAS_BIAS: tl.constexpr, HAS_G: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                         GRAD_A: tl.constexpr,
                          R_PAD: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_M: tl.constexpr):
@@ -162,18 +165,39 @@ def _gemm_lowrank_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, rm_ptr, g_ptr,
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
+    if GRAD_A:
+        # dx's tile is x's tile: its share of grad_A = s (v ⊙ g)ᵀ drop(x), (R_PAD, BLOCK_N), added
+        # atomically across row blocks into the zeroed fp32 (r, N) buffer; the keep mask is the one
+        # just used for dx (no second regeneration, no separate pass over x)
+        xt = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xn,
+                     mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(c_ptr.dtype.element_ty)
+        if HAS_DROPOUT:     # a 0/1 multiply: an i1 mask in the dot operand's layout cannot go through shared memory
+            xt = xt * keep.to(xt.dtype)
+        # (L ⊙ g)ᵀ s read again transposed rather than tl.trans(low): Triton 3.8's sm_90 pipeline
+        # fails (TritonGPUReduceDataDuplication) on one value feeding two dots in two layouts
+        low_t = tl.load(l_ptr + offs_r[:, None] * stride_lr + rows[None, :] * stride_lm,
+                        mask=r_mask[:, None] & m_mask[None, :], other=0.0).to(tl.float32)
+        if HAS_G:
+            low_t = low_t * tl.load(g_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)[:, None]
+        low_t = (low_t * scale).to(c_ptr.dtype.element_ty)
+        ga = mma(low_t, xt, tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32), UPCAST, INPUT_PRECISION)
+        if HAS_DROPOUT:
+            ga = ga * keep_scale
+        tl.atomic_add(ga_ptr + offs_r[:, None] * N + cols[None, :], ga, mask=r_mask[:, None] & n_mask[None, :])
 
 
 def gemm_lowrank(a_op: torch.Tensor, b_op: torch.Tensor, bias: torch.Tensor | None,
                  low: torch.Tensor, right: torch.Tensor, g: torch.Tensor | None, scale: float,
                  dropout_p: float = 0.0, seed: torch.Tensor | None = None, threshold: int = 0,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, x: torch.Tensor | None = None,
+                 grad_a: torch.Tensor | None = None) -> torch.Tensor:
     """C = a_op (M, K) @ b_op (K, N) + bias + keep ⊙ scale ((low (M, r) ⊙ g) @ right (r, N)) / (1-p).
 
     Any strides; C is a new contiguous (M, N) tensor in a_op's dtype (``out`` if given: any strides).
     low, right and g may have any float dtype (fp32 u / v, master-dtype adapters): the epilogue
     rounds them itself. With dropout_p > 0 the keep mask is the one of element (m, n) of an (M, N)
-    input (used for dx, whose shape is x's).
+    input (used for dx, whose shape is x's). With ``grad_a`` (a zeroed contiguous fp32 (r, N)
+    buffer) and ``x`` (M, N), also adds s (low ⊙ g)ᵀ drop(x) into it (dx's grad_A).
     """
     M, K = a_op.shape
     N = b_op.shape[1]
@@ -182,11 +206,14 @@ def gemm_lowrank(a_op: torch.Tensor, b_op: torch.Tensor, bias: torch.Tensor | No
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     launch(_gemm_lowrank_kernel)[grid](
         a_op, b_op, c, bias if bias is not None else c, low, right, g if g is not None else c,
+        x if grad_a is not None else c, grad_a if grad_a is not None else c,
         M, N, K, R, next_pow2(M),
         a_op.stride(0), a_op.stride(1), b_op.stride(0), b_op.stride(1), c.stride(0), c.stride(1),
         low.stride(0), low.stride(1), right.stride(0), right.stride(1),
+        x.stride(0) if grad_a is not None else 0, x.stride(1) if grad_a is not None else 0,
         scale, seed if seed is not None else c, threshold, 1.0 / (1.0 - dropout_p),
-        HAS_BIAS=bias is not None, HAS_G=g is not None, HAS_DROPOUT=dropout_p > 0, R_PAD=rank_pad(R),
+        HAS_BIAS=bias is not None, HAS_G=g is not None, HAS_DROPOUT=dropout_p > 0, GRAD_A=grad_a is not None,
+        R_PAD=rank_pad(R),
         UPCAST=upcast_dot(a_op.dtype), INPUT_PRECISION=input_precision(a_op.dtype))
     return c
 
@@ -413,9 +440,9 @@ def backward(dy: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor | No
 
     def body():
         lowrank_dy(dy, b, u, g, scale, v, gb, gbias, gg)
-        if need_dx:
-            gemm_lowrank(dy, weight, None, v, a, g, scale, dropout_p, seed, threshold, out=dx)
-        if ga is not None:
+        if need_dx:     # grad_A in the dx GEMM's epilogue
+            gemm_lowrank(dy, weight, None, v, a, g, scale, dropout_p, seed, threshold, out=dx, x=x, grad_a=ga)
+        elif ga is not None:
             lowrank_grad_a(x, v, g, scale, dropout_p, seed, threshold, ga)
     _BACKWARD_PLANS.run(key, env, body)
     return dx, ws

@@ -47,4 +47,4 @@ def test_cached_launches_match_tritons_path():
     out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=900, env=env)
     print(out.stdout[-4000:])
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    assert out.stdout.count("same launches: ") == 13 and "plan replays: " in out.stdout
+    assert out.stdout.count("same launches: ") == 14 and "plan replays: " in out.stdout

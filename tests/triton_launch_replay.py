@@ -103,18 +103,21 @@ def _act():
     return call, [h, lv, dy]
 
 
-def _kron():
+def _kron(slices=None, x_grad=True):
     from spu_kernels.ops import kron_linear
     torch.manual_seed(0)
-    x = torch.randn(9, 48, dtype=BF16, requires_grad=True)
-    w = torch.randn(32, 48, dtype=BF16)
-    a = torch.randn(4, 6, requires_grad=True)
-    b = torch.randn(8, 8, requires_grad=True)
-    dy = torch.randn(9, 32, dtype=BF16)
+    n = 32 * (slices or 1)
+    x = torch.randn(9, 48, dtype=BF16, requires_grad=x_grad)
+    w = torch.randn(n, 48, dtype=BF16)
+    stack = (slices,) if slices else ()
+    a = torch.randn(*stack, 4, 6, requires_grad=True)
+    b = torch.randn(*stack, 8, 8, requires_grad=True)
+    offsets = [32 * s for s in range(slices)] if slices else None
+    dy = torch.randn(9, n, dtype=BF16)
 
     def call():
         x.grad = a.grad = b.grad = None
-        kron_linear(x, w, None, a, b, scale=2.0, backend="triton").backward(dy)
+        kron_linear(x, w, None, a, b, scale=2.0, out_offsets=offsets, backend="triton").backward(dy)
     return call, [x, w, a, b, dy]
 
 
@@ -147,13 +150,16 @@ CASES = [
     ("ia3 input", lambda: _ia3("input")),
     ("ia3 scaled act", _act),
     ("kron", _kron),
+    ("kron stacked slices, x frozen", lambda: _kron(slices=2, x_grad=False)),
     ("ladder", _ladder),
 ]
 
 
 def main() -> int:
     stub = install_stub_launches(90)
-    from spu_kernels.triton import _launcher, lowrank_linear
+    from spu_kernels.triton import _launcher, kron_linear, lowrank_linear
+    plans = (lowrank_linear._FORWARD_PLANS, lowrank_linear._BACKWARD_PLANS, kron_linear._FORWARD_PLANS,
+             kron_linear._BACKWARD_PLANS)
 
     def launches(call, inputs, cached: bool):
         _launcher.ENABLED = cached
@@ -170,9 +176,9 @@ def main() -> int:
         call, inputs = make()
         reference = launches(call, inputs, cached=False)
         for attempt in ("first", "second"):
-            before = lowrank_linear._FORWARD_PLANS.replays + lowrank_linear._BACKWARD_PLANS.replays
+            before = sum(p.replays for p in plans)
             got = launches(call, inputs, cached=True)
-            replays += lowrank_linear._FORWARD_PLANS.replays + lowrank_linear._BACKWARD_PLANS.replays - before
+            replays += sum(p.replays for p in plans) - before
             if got != reference:
                 print(f"FAIL {name}, {attempt} cached call: launches differ from Triton's path")
                 for i, (ref, new) in enumerate(zip(reference, got)):
@@ -183,9 +189,9 @@ def main() -> int:
                     print(f"  {len(reference)} launches on Triton's path, {len(got)} cached")
                 return 1
         print(f"same launches: {name} ({len(reference)} launches)")
-    lowrank_cases = sum(name.startswith("lowrank") for name, _ in CASES)
-    if replays < 2 * lowrank_cases:         # each low-rank case's second call replays both directions
-        print(f"FAIL only {replays} plan replays for {lowrank_cases} low-rank cases")
+    planned = sum(name.startswith(("lowrank", "kron")) for name, _ in CASES)
+    if replays < 2 * planned:         # each planned case's second call replays both directions
+        print(f"FAIL only {replays} plan replays for {planned} cases of ops with plans")
         return 1
     print(f"plan replays: {replays}")
     return 0

@@ -90,41 +90,33 @@ class _TorchImpl:
         return dx, dbias, da, db
 
 
+_triton_kernels = None
+
+
 class _TritonImpl:
     """cuBLAS for the base GEMMs, the Kronecker term in triton kernels (spu_kernels/triton/kron_linear.py)."""
 
     @staticmethod
     def _k():
-        from ..triton import kron_linear as k  # imported on first use
-        return k
+        global _triton_kernels
+        if _triton_kernels is None:     # imported on first use: Triton compiles lazily
+            from ..triton import kron_linear
+            _triton_kernels = kron_linear
+        return _triton_kernels
 
     @staticmethod
     def forward(x, weight, bias, a, b, scale, offsets):
-        k = _TritonImpl._k()
         y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
-        n = a.shape[1] * b.shape[1]
-        for s, off in enumerate(offsets):
-            k.kron_apply(x, a[s], b[s], y[:, off:off + n], scale)
+        _TritonImpl._k().add_terms(x, a, b, y, scale, offsets)
         return y
 
     @staticmethod
     def backward(dy, x, weight, a, b, scale, offsets, need_dx, need_dbias, need_da, need_db):
-        k = _TritonImpl._k()
-        S, a1, a2 = a.shape
-        _, b1, b2 = b.shape
-        n = a1 * b1
         dx = dy @ weight if need_dx else None
         # fp32, zeroed (the kernels add partial sums atomically), written in place: no copies
-        da = torch.zeros((S, a1, a2), device=dy.device, dtype=torch.float32) if need_da else None
-        db = torch.zeros((S, b1, b2), device=dy.device, dtype=torch.float32) if need_db else None
-        for s, off in enumerate(offsets):
-            dys = dy[:, off:off + n]
-            if need_dx:   # dX_t = Aᵀ dY_t B: L = Aᵀ, R = Bᵀ (views)
-                k.kron_apply(dys, a[s].t(), b[s].t(), dx, scale)
-            if need_da:
-                k.kron_grad_a(x, (a1, a2), b[s], dys, scale, da[s])
-            if need_db:
-                k.kron_grad_b(x, a[s], (b1, b2), dys, scale, db[s])
+        da = torch.zeros(a.shape, device=dy.device, dtype=torch.float32) if need_da else None
+        db = torch.zeros(b.shape, device=dy.device, dtype=torch.float32) if need_db else None
+        _TritonImpl._k().term_grads(dy, x, a, b, scale, offsets, dx, da, db)
         dbias = dy.float().sum(0) if need_dbias else None
         return dx, dbias, da, db
 

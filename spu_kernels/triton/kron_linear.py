@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, cdiv, device_index, input_precision, mma, next_pow2, num_sms, upcast_dot
-from ._launcher import launch
+from ._launcher import PlanCache, aligned, launch, tensor_key
 
 MAX_SIDE = 256   # sides of A that a program holds whole in registers (padded to a power of two)
 
@@ -217,3 +217,57 @@ def kron_grad_b(x: torch.Tensor, a: torch.Tensor, b_shape: tuple[int, int], dy: 
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), dy.stride(0), dy.stride(1),
         A1_PAD=_pad(a1), A2_PAD=_pad(a2), BLOCK_J=block_j, BLOCK_Q=block_q, ATOMIC=atomic,
         UPCAST=upcast_dot(x.dtype), INPUT_PRECISION=input_precision(x.dtype), num_warps=warps)
+
+
+# ---------------------------------------------------------------------------------------------
+# the op's Kronecker terms per direction, every slice: the launches above, recorded once per
+# launch signature and replayed (triton/_launcher.py PlanCache). The base GEMMs are cuBLAS's
+# (ops/kron_linear.py); per-slice views are named in env, so a replay passes the new call's.
+# ---------------------------------------------------------------------------------------------
+
+_FORWARD_PLANS = PlanCache()
+_BACKWARD_PLANS = PlanCache()
+
+
+def add_terms(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, y: torch.Tensor, scale: float,
+              offsets) -> None:
+    """y[:, o_s : o_s + a1·b1] += s · x (A_s ⊗ B_s)ᵀ for each slice s of A (S, a1, a2), B (S, b1, b2)."""
+    n = a.shape[1] * b.shape[1]
+    views = [(a[s], b[s], y[:, off:off + n]) for s, off in enumerate(offsets)]
+    env = (x, *[t for v in views for t in v])
+
+    def key():
+        return (tensor_key(x), tensor_key(a), tensor_key(b), tensor_key(y), scale, tuple(offsets),
+                input_precision(x.dtype))
+
+    def body():
+        for a_s, b_s, y_s in views:
+            kron_apply(x, a_s, b_s, y_s, scale)
+    _FORWARD_PLANS.run(key, env, body)
+
+
+def term_grads(dy: torch.Tensor, x: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float, offsets,
+               dx: torch.Tensor | None, da: torch.Tensor | None, db: torch.Tensor | None) -> None:
+    """The Kronecker terms' share of backward, per slice: dx += s Aᵀ dY_t B (dx holds dy Wᵀ already),
+    da[s] and db[s] (zeroed fp32) += their grads; a None output is not computed."""
+    _, a1, a2 = a.shape
+    _, b1, b2 = b.shape
+    n = a1 * b1
+    views = [(dy[:, off:off + n], a[s], b[s], da[s] if da is not None else None, db[s] if db is not None else None)
+             for s, off in enumerate(offsets)]
+    transposed = [(a_s.t(), b_s.t()) for _, a_s, b_s, _, _ in views] if dx is not None else []
+    env = (dy, x, dx, *[t for v in views for t in v], *[t for v in transposed for t in v])
+
+    def key():
+        return (tensor_key(dy), tensor_key(x), tensor_key(a), tensor_key(b), aligned(dx, da, db),
+                dx is None, da is None, db is None, scale, tuple(offsets), input_precision(dy.dtype))
+
+    def body():
+        for s, (dys, a_s, b_s, da_s, db_s) in enumerate(views):
+            if dx is not None:   # dX_t = Aᵀ dY_t B: L = Aᵀ, R = Bᵀ (views)
+                kron_apply(dys, *transposed[s], dx, scale)
+            if da_s is not None:
+                kron_grad_a(x, (a1, a2), b_s, dys, scale, da_s)
+            if db_s is not None:
+                kron_grad_b(x, a_s, (b1, b2), dys, scale, db_s)
+    _BACKWARD_PLANS.run(key, env, body)

@@ -1,4 +1,4 @@
-"""The cached launch path (spu_kernels/triton/_launcher.py: CachedLauncher, and the low-rank op's
+"""The cached launch path (spu_kernels/triton/_launcher.py: CachedLauncher, and the low-rank and KronA ops'
 recorded plans) hands every kernel launcher exactly what Triton's own path hands it: the same
 compiled kernel, grid and arguments, call after call, while shapes, dtypes, strides, alignment,
 optional tensors and dropout change and cache hits and misses interleave.

@@ -66,10 +66,11 @@ def _gemm_scaled_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, ks_ptr, ns_ptr, z_ptr, gl
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
+        k64 = offs_k.to(tl.int64)   # int64 address products: K·stride may pass 2**31
         k_mask = offs_k < K
-        a = tl.load(a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak,
+        a = tl.load(a_ptr + rows[:, None] * stride_am + k64[None, :] * stride_ak,
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn,
+        b = tl.load(b_ptr + k64[:, None] * stride_bk + cols[None, :] * stride_bn,
                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         if K_SCALE:   # diag(ks) B: the (BLOCK_K, BLOCK_N) tile's rows, in the operands' dtype
             ks = tl.load(ks_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
@@ -158,10 +159,11 @@ def _ia3_out_grad_kernel(dy_ptr, y_ptr, l_ptr, x_ptr, w_ptr, b_ptr, gbias_ptr, g
             z = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
+                k64 = offs_k.to(tl.int64)   # int64 address products: K·stride may pass 2**31
                 k_mask = offs_k < K
-                xt = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+                xt = tl.load(x_ptr + rows[:, None] * stride_xt + k64[None, :] * stride_xk,
                              mask=(offs_t < t_end)[:, None] & k_mask[None, :], other=0.0)
-                wt = tl.load(w_ptr + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                wt = tl.load(w_ptr + cols[None, :] * stride_wn + k64[:, None] * stride_wk,
                              mask=n_mask[None, :] & k_mask[:, None], other=0.0)        # Wᵀ tile (BLOCK_K, BLOCK_N)
                 z = mma(xt, wt, z, UPCAST, INPUT_PRECISION)
             if HAS_BIAS:
@@ -252,9 +254,10 @@ def _scaled_act_fwd_kernel(h_ptr, l_ptr, y_ptr, T, F, stride_ht, stride_hf,
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     rows = offs_t.to(tl.int64)
+    cols = offs_f.to(tl.int64)     # int64 address products: F·stride_hf may pass 2**31 (a transposed h)
     f_mask = offs_f < F
     mask = (offs_t < T)[:, None] & f_mask[None, :]
-    h = tl.load(h_ptr + rows[:, None] * stride_ht + offs_f[None, :] * stride_hf, mask=mask, other=0.0)
+    h = tl.load(h_ptr + rows[:, None] * stride_ht + cols[None, :] * stride_hf, mask=mask, other=0.0)
     a, _ = _act_and_grad(h.to(tl.float32), ACT, False)
     lv = tl.load(l_ptr + offs_f, mask=f_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows[:, None] * F + offs_f[None, :], (a * lv[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
@@ -268,6 +271,7 @@ def _scaled_act_bwd_kernel(dy_ptr, h_ptr, l_ptr, dh_ptr, gl_ptr, T, F, rows_per_
     pid_f = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    cols = offs_f.to(tl.int64)     # int64 address products: F·stride may pass 2**31 (a transposed h or dy)
     f_mask = offs_f < F
     lv = tl.load(l_ptr + offs_f, mask=f_mask, other=0.0).to(tl.float32)
     gl = tl.zeros((BLOCK_F,), dtype=tl.float32)
@@ -277,8 +281,8 @@ def _scaled_act_bwd_kernel(dy_ptr, h_ptr, l_ptr, dh_ptr, gl_ptr, T, F, rows_per_
         offs_t = t0 + tl.arange(0, BLOCK_T)
         rows = offs_t.to(tl.int64)
         mask = (offs_t < t_end)[:, None] & f_mask[None, :]
-        h = tl.load(h_ptr + rows[:, None] * stride_ht + offs_f[None, :] * stride_hf, mask=mask, other=0.0)
-        dy = tl.load(dy_ptr + rows[:, None] * stride_dyt + offs_f[None, :] * stride_dyf, mask=mask, other=0.0)
+        h = tl.load(h_ptr + rows[:, None] * stride_ht + cols[None, :] * stride_hf, mask=mask, other=0.0)
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dyt + cols[None, :] * stride_dyf, mask=mask, other=0.0)
         dy = dy.to(tl.float32)
         a, d = _act_and_grad(h.to(tl.float32), ACT, NEED_DH)
         if NEED_DH:

@@ -69,14 +69,15 @@ def _down_kernel(x_ptr, a_ptr, u_ptr, T, K, R,
         seed = tl.load(seed_ptr)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
+        k64 = offs_k.to(tl.int64)   # int64 address products: K·stride may pass 2**31
         k_mask = offs_k < K
-        x = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+        x = tl.load(x_ptr + rows[:, None] * stride_xt + k64[None, :] * stride_xk,
                     mask=t_mask[:, None] & k_mask[None, :], other=0.0)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, rows[:, None] * K + offs_k[None, :], threshold)
             x = tl.where(keep, x, 0.0)
         # Aᵀ tile (BLOCK_K, R_PAD), A in its own (master) dtype, rounded to x's here: no cast kernel
-        a_t = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+        a_t = tl.load(a_ptr + offs_r[None, :] * stride_ar + k64[:, None] * stride_ak,
                       mask=r_mask[None, :] & k_mask[:, None], other=0.0).to(x_ptr.dtype.element_ty)
         acc = mma(x, a_t, acc, UPCAST, INPUT_PRECISION)
     if HAS_DROPOUT:
@@ -139,10 +140,11 @@ def _gemm_lowrank_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, rm_ptr, g_ptr, x_
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
+        k64 = offs_k.to(tl.int64)   # int64 address products: K·stride may pass 2**31
         k_mask = offs_k < K
-        a = tl.load(a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak,
+        a = tl.load(a_ptr + rows[:, None] * stride_am + k64[None, :] * stride_ak,
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn,
+        b = tl.load(b_ptr + k64[:, None] * stride_bk + cols[None, :] * stride_bn,
                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = mma(a, b, acc, UPCAST, INPUT_PRECISION)
 
@@ -330,6 +332,7 @@ def _grad_a_kernel(x_ptr, v_ptr, g_ptr, ga_ptr, T, K, R, rows_per_split,
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k64 = offs_k.to(tl.int64)   # int64 address products: K·stride may pass 2**31
     k_mask = offs_k < K
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < R
@@ -345,7 +348,7 @@ def _grad_a_kernel(x_ptr, v_ptr, g_ptr, ga_ptr, T, K, R, rows_per_split,
         offs_t = t0 + tl.arange(0, BLOCK_T)
         rows = offs_t.to(tl.int64)
         t_mask = offs_t < t_end
-        x = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+        x = tl.load(x_ptr + rows[:, None] * stride_xt + k64[None, :] * stride_xk,
                     mask=t_mask[:, None] & k_mask[None, :], other=0.0)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, rows[:, None] * K + offs_k[None, :], threshold)

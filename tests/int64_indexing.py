@@ -5,7 +5,9 @@ that row n sits (n·S) elements in: past 2**31 from n = 32 on, what a contiguous
 N·K >= 2**31 gives (a LoRA on a 256k-vocabulary lm_head). The buffer is 4.3 GB of virtual memory of
 which only W's rows are touched. The low-rank and (IA)³ ops' triton backends (interpreter) must
 match their torch backends on it, forward and backward (the dx GEMMs read W as (N, K) and step
-through its rows). Run in a process of its own: wrapped addresses can crash it.
+through its rows). Likewise the ladder cross-attention with its k stacked features 2**30 elements
+apart (feature j at j·2**30: what k·T·D >= 2**31 gives, LST over all layers of a large batch).
+Run in a process of its own: wrapped addresses can crash it.
 
     TRITON_INTERPRET=1 python tests/int64_indexing.py     # exit 0 when every op matches
 """
@@ -38,6 +40,31 @@ def _grads(fn, leaves, dy):
     return [y.detach().clone()] + [t.grad.clone() for t in leaves]
 
 
+def _ladder() -> int:
+    """0 when the ladder cross-attention's triton backend matches torch with C's features 2**30 apart."""
+    from spu_kernels.ops import ladder_cross_attention
+    k, t, h, dh = 3, 8, 2, 16
+    d = h * dh
+    dtype = torch.float16
+    buf = torch.empty((k - 1) * 2 ** 30 + t * d, dtype=dtype)
+    c = buf.as_strided((k, t, d), (2 ** 30, d, 1))
+    torch.manual_seed(2)
+    c.copy_(torch.randn(k, t, d, dtype=dtype))
+    c.requires_grad_()
+    q = torch.randn(t, h, dh, dtype=dtype, requires_grad=True)
+    wk = (torch.randn(d, d) / d ** 0.5).requires_grad_()
+    wv = (torch.randn(d, d) / d ** 0.5).requires_grad_()
+    dy = torch.randn(t, h, dh, dtype=dtype)
+    leaves = [q, c, wk, wv]
+    want = _grads(lambda: ladder_cross_attention(q, c, wk, wv, backend="torch"), leaves, dy)
+    got = _grads(lambda: ladder_cross_attention(q, c, wk, wv, backend="triton"), leaves, dy)
+    errs = [float((g.float() - e.float()).abs().max() / e.float().abs().max().clamp_min(1e-12))
+            for g, e in zip(got, want)]
+    ok = max(errs) < 2e-2      # fp16 on both sides; a wrapped address reads garbage (or crashes)
+    print(f"{'ok  ' if ok else 'FAIL'} ladder_cross_attention: max relative error of o and grads {max(errs):.1e}")
+    return 0 if ok else 1
+
+
 def main() -> int:
     from spu_kernels.ops import ia3_linear, lowrank_linear
     dtype = torch.float32
@@ -54,7 +81,7 @@ def main() -> int:
                                                              backend=be), [x, a, b]),
         "ia3_linear input": (lambda be: ia3_linear(x, w, None, l_in, side="input", backend=be), [x, l_in]),
     }
-    failed = 0
+    failed = _ladder()
     for name, (call, leaves) in cases.items():
         want = _grads(lambda: call("torch"), leaves, dy)
         got = _grads(lambda: call("triton"), leaves, dy)

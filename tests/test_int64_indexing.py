@@ -16,4 +16,4 @@ def test_weight_rows_past_2_31_elements():
     out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600, env=env)
     print(out.stdout)
     assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-3000:]}{out.stderr[-3000:]}"
-    assert out.stdout.count("ok   ") == 3
+    assert out.stdout.count("ok   ") == 4

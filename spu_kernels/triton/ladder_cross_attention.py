@@ -52,7 +52,8 @@ def _project(c_ptr, w_ptr, j, rows, t_mask, col0, n_mask, offs_n, D,
              stride_ck, stride_ct, stride_cd, stride_w0, stride_w1,
              BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
              UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """C_j[rows] @ W[col0 + offs_n, :]ᵀ -> (BLOCK_T, BLOCK_N) fp32, reducing over D in chunks."""
+    """C_j[rows] @ W[col0 + offs_n, :]ᵀ -> (BLOCK_T, BLOCK_N) fp32, reducing over D in chunks (j: an
+    int64 scalar, so that j·stride_ck cannot wrap)."""
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     cols = (col0 + offs_n).to(tl.int64)
     for c0 in range(0, D, BLOCK_C):
@@ -91,7 +92,8 @@ def _fwd_kernel(q_ptr, c_ptr, wk_ptr, wv_ptr, o_ptr, lse_ptr,
     l = tl.zeros((BLOCK_T, H_PAD), dtype=tl.float32)
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for j in range(0, NK):
-        kj = _project(c_ptr, wk_ptr, j, rows, t_mask, col0, n_mask, offs_n, D, stride_ck, stride_ct, stride_cd,
+        j64 = j + tl.full([], 0, tl.int64)     # int64: j·stride_ck and j·T·D may pass 2**31
+        kj = _project(c_ptr, wk_ptr, j64, rows, t_mask, col0, n_mask, offs_n, D, stride_ck, stride_ct, stride_cd,
                       stride_wk0, stride_wk1, BLOCK_T, BLOCK_N, BLOCK_C, UPCAST, INPUT_PRECISION)
         s = tl.dot(q * kj, E, input_precision="ieee") * scale                   # (BLOCK_T, H_PAD)
         m_new = tl.maximum(m, s)
@@ -99,7 +101,7 @@ def _fwd_kernel(q_ptr, c_ptr, wk_ptr, wv_ptr, o_ptr, lse_ptr,
         p = tl.exp(s - m_new)
         l = l * alpha + p
         m = m_new
-        vj = _project(c_ptr, wv_ptr, j, rows, t_mask, col0, n_mask, offs_n, D, stride_ck, stride_ct, stride_cd,
+        vj = _project(c_ptr, wv_ptr, j64, rows, t_mask, col0, n_mask, offs_n, D, stride_ck, stride_ct, stride_cd,
                       stride_wv0, stride_wv1, BLOCK_T, BLOCK_N, BLOCK_C, UPCAST, INPUT_PRECISION)
         acc = acc * tl.dot(alpha, Et, input_precision="ieee") + tl.dot(p, Et, input_precision="ieee") * vj
     denom = tl.dot(l, Et, input_precision="ieee")
@@ -148,14 +150,15 @@ def _bwd_kernel(q_ptr, c_ptr, wk_ptr, wv_ptr, do_ptr, lse_ptr,
     a = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     bk = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for j in range(0, NK):
-        kj = _project(c_ptr, wk_ptr, j, rows, t_mask, col0, n_mask, offs_n, D, stride_ck, stride_ct, stride_cd,
+        j64 = j + tl.full([], 0, tl.int64)     # int64: j·stride_ck and j·T·D may pass 2**31
+        kj = _project(c_ptr, wk_ptr, j64, rows, t_mask, col0, n_mask, offs_n, D, stride_ck, stride_ct, stride_cd,
                       stride_wk0, stride_wk1, BLOCK_T, BLOCK_N, BLOCK_C, UPCAST, INPUT_PRECISION)
-        vj = _project(c_ptr, wv_ptr, j, rows, t_mask, col0, n_mask, offs_n, D, stride_ck, stride_ct, stride_cd,
+        vj = _project(c_ptr, wv_ptr, j64, rows, t_mask, col0, n_mask, offs_n, D, stride_ck, stride_ct, stride_cd,
                       stride_wv0, stride_wv1, BLOCK_T, BLOCK_N, BLOCK_C, UPCAST, INPUT_PRECISION)
         s = tl.dot(q * kj, E, input_precision="ieee") * scale
         p = tl.where(h_mask, tl.exp(s - lse), 0.0)
         dp = tl.dot(do * vj, E, input_precision="ieee")
-        hp = rows[:, None] * H + heads[None, :] + j * T * H
+        hp = rows[:, None] * H + heads[None, :] + j64 * T * H
         tl.store(p_ptr + hp, p, mask=h_mask)
         tl.store(ds_ptr + hp, dp, mask=h_mask)
         delta += p * dp
@@ -165,7 +168,8 @@ def _bwd_kernel(q_ptr, c_ptr, wk_ptr, wv_ptr, do_ptr, lse_ptr,
     tl.debug_barrier()
     # pass 2 (no projections): dS_j = p_j (dP_j − delta) -> DS; dC_j = dK_j W_k + dV_j W_v
     for j in range(0, NK):
-        hp = rows[:, None] * H + heads[None, :] + j * T * H
+        j64 = j + tl.full([], 0, tl.int64)     # int64: j·stride_ck and j·T·D may pass 2**31
+        hp = rows[:, None] * H + heads[None, :] + j64 * T * H
         p = tl.load(p_ptr + hp, mask=h_mask, other=0.0)
         ds = p * (tl.load(ds_ptr + hp, mask=h_mask, other=0.0) - delta)
         tl.store(ds_ptr + hp, ds, mask=h_mask)
@@ -181,7 +185,7 @@ def _bwd_kernel(q_ptr, c_ptr, wk_ptr, wv_ptr, do_ptr, lse_ptr,
                          mask=n_mask[:, None] & c_mask[None, :], other=0.0).to(c_ptr.dtype.element_ty)
             part = mma(dk, wk, tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32), UPCAST, INPUT_PRECISION)
             part = mma(dv, wv, part, UPCAST, INPUT_PRECISION)
-            dc_ptrs = dc_ptr + j * T * D + rows[:, None] * D + offs_c[None, :]
+            dc_ptrs = dc_ptr + j64 * T * D + rows[:, None] * D + offs_c[None, :]
             dc_mask = t_mask[:, None] & c_mask[None, :]
             if DC_ATOMIC:
                 tl.atomic_add(dc_ptrs, part, mask=dc_mask)
@@ -221,8 +225,9 @@ def _dw_kernel(q_ptr, c_ptr, do_ptr, p_ptr, ds_ptr, dwk_ptr, dwv_ptr,
         c0 = tl.load(c_rows, mask=ri_mask, other=0.0)
         c0f = c0.to(tl.float32)
         for j in range(0, NK):
-            c = tl.load(c_rows + j * stride_ck, mask=ri_mask, other=0.0)
-            hp = (t[:, None] + j * T) * H + head_o[None, :]
+            j64 = j + tl.full([], 0, tl.int64)     # int64: j·stride_ck and j·T·D may pass 2**31
+            c = tl.load(c_rows + j64 * stride_ck, mask=ri_mask, other=0.0)
+            hp = (t[:, None] + j64 * T) * H + head_o[None, :]
             p = tl.load(p_ptr + hp, mask=ro_mask, other=0.0)
             dv = (p * do).to(c_ptr.dtype.element_ty)                               # (BLOCK_R, BLOCK_O)
             acc_v = mma(tl.trans(dv), c, acc_v, UPCAST, INPUT_PRECISION)

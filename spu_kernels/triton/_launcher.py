@@ -208,12 +208,14 @@ def tensor_key(t: Tensor | None):
 
 
 def aligned(*tensors) -> int:
-    """A bit per tensor of a plan key whose alignment alone can vary (outputs, workspaces): set
-    when it is not 16-byte aligned (a None counts as aligned)."""
+    """What a plan key holds of tensors whose shape the rest of the key fixes (outputs,
+    workspaces): two bits each, one set for None, one for a data pointer not 16-byte aligned."""
     bits = 0
     for i, t in enumerate(tensors):
-        if t is not None and t.data_ptr() & 15:
-            bits |= 1 << i
+        if t is None:
+            bits |= 1 << (2 * i)
+        elif t.data_ptr() & 15:
+            bits |= 2 << (2 * i)
     return bits
 
 

@@ -259,8 +259,8 @@ def term_grads(dy: torch.Tensor, x: torch.Tensor | None, a: torch.Tensor, b: tor
     env = (dy, x, dx, *[t for v in views for t in v], *[t for v in transposed for t in v])
 
     def key():
-        return (tensor_key(dy), tensor_key(x), tensor_key(a), tensor_key(b), aligned(dx, da, db),
-                dx is None, da is None, db is None, scale, tuple(offsets), input_precision(dy.dtype))
+        return (tensor_key(dy), tensor_key(x), tensor_key(a), tensor_key(b), aligned(dx, da, db), scale,
+                tuple(offsets), input_precision(dy.dtype))
 
     def body():
         for s, (dys, a_s, b_s, da_s, db_s) in enumerate(views):

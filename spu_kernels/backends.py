@@ -32,6 +32,14 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+@functools.cache
+def triton_kernels(op_module: str):
+    """``spu_kernels.triton.<op_module>``: the triton backend's launchers of one op, imported on first
+    use (importing Triton kernels costs start-up time an unused backend need not pay) and cached, so
+    that the ops' eager path pays a dict look-up per call, not an import statement."""
+    return importlib.import_module(f"spu_kernels.triton.{op_module}")
+
+
 @functools.lru_cache(maxsize=None)
 def _import_error(module: str) -> str | None:
     """None when ``module`` imports, else the error (cached: this sits on every op call's path)."""

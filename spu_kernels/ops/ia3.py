@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..backends import resolve_backend
+from ..backends import resolve_backend, triton_kernels
 from ._checks import FLOAT_DTYPES, autocast_dtype, autocast_off, check_frozen_linear, frozen_linear_dtypes
 from ._library import define_op_pair, grads_or_placeholders
 
@@ -144,20 +144,15 @@ class _TritonImpl:
     """The triton backend (spu_kernels/triton/ia3.py)."""
 
     @staticmethod
-    def _k():
-        from ..triton import ia3 as k  # imported on first use
-        return k
-
-    @staticmethod
     def linear_forward(x, weight, bias, l, side):
-        k = _TritonImpl._k()
+        k = triton_kernels("ia3")
         if side == "input":
             return k.gemm_scaled(x, weight.t(), bias, k_scale=l)[0]
         return k.gemm_scaled(x, weight.t(), bias, n_scale=l)[0]
 
     @staticmethod
     def linear_backward(dy, x, y, weight, bias, l, side, need_dx, need_dbias, need_dl):
-        k = _TritonImpl._k()
+        k = triton_kernels("ia3")
         dx = dbias = dl = None
         if side == "input":
             if need_dx or need_dl:
@@ -175,11 +170,11 @@ class _TritonImpl:
 
     @staticmethod
     def act_forward(h, l, activation):
-        return _TritonImpl._k().scaled_act_fwd(h, l, activation)
+        return triton_kernels("ia3").scaled_act_fwd(h, l, activation)
 
     @staticmethod
     def act_backward(dy, h, l, activation, need_dh, need_dl):
-        return _TritonImpl._k().scaled_act_bwd(dy, h, l, activation, need_dh, need_dl)
+        return triton_kernels("ia3").scaled_act_bwd(dy, h, l, activation, need_dh, need_dl)
 
 
 _IMPLS = {"torch": _TorchImpl, "triton": _TritonImpl}

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from ..backends import resolve_backend
+from ..backends import resolve_backend, triton_kernels
 from ._checks import autocast_off, check_frozen_linear, frozen_linear_dtypes
 from ._library import define_op_pair, grads_or_placeholders
 
@@ -90,24 +90,13 @@ class _TorchImpl:
         return dx, dbias, da, db
 
 
-_triton_kernels = None
-
-
 class _TritonImpl:
     """cuBLAS for the base GEMMs, the Kronecker term in triton kernels (spu_kernels/triton/kron_linear.py)."""
 
     @staticmethod
-    def _k():
-        global _triton_kernels
-        if _triton_kernels is None:     # imported on first use: Triton compiles lazily
-            from ..triton import kron_linear
-            _triton_kernels = kron_linear
-        return _triton_kernels
-
-    @staticmethod
     def forward(x, weight, bias, a, b, scale, offsets):
         y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
-        _TritonImpl._k().add_terms(x, a, b, y, scale, offsets)
+        triton_kernels("kron_linear").add_terms(x, a, b, y, scale, offsets)
         return y
 
     @staticmethod
@@ -116,7 +105,7 @@ class _TritonImpl:
         # fp32, zeroed (the kernels add partial sums atomically), written in place: no copies
         da = torch.zeros(a.shape, device=dy.device, dtype=torch.float32) if need_da else None
         db = torch.zeros(b.shape, device=dy.device, dtype=torch.float32) if need_db else None
-        _TritonImpl._k().term_grads(dy, x, a, b, scale, offsets, dx, da, db)
+        triton_kernels("kron_linear").term_grads(dy, x, a, b, scale, offsets, dx, da, db)
         dbias = dy.float().sum(0) if need_dbias else None
         return dx, dbias, da, db
 

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from ..backends import resolve_backend
+from ..backends import resolve_backend, triton_kernels
 from ._checks import autocast_dtype, autocast_off
 from ._library import define_op_pair, no_grad_placeholder
 
@@ -97,17 +97,12 @@ class _TritonImpl:
     """The triton backend (kernels in spu_kernels/triton/ladder_cross_attention.py)."""
 
     @staticmethod
-    def _kernels():
-        from ..triton import ladder_cross_attention as k  # imported on first use
-        return k
-
-    @staticmethod
     def forward(q, c, wk, wv, h, scale):
-        return _TritonImpl._kernels().forward(q, c, wk, wv, h, scale)
+        return triton_kernels("ladder_cross_attention").forward(q, c, wk, wv, h, scale)
 
     @staticmethod
     def backward(do, q, c, wk, wv, lse, h, scale, need_dw):
-        return _TritonImpl._kernels().backward(do, q, c, wk, wv, lse, h, scale, need_dw)
+        return triton_kernels("ladder_cross_attention").backward(do, q, c, wk, wv, lse, h, scale, need_dw)
 
 
 _IMPLS = {"torch": _TorchImpl, "triton": _TritonImpl}

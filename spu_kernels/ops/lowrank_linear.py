@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from ..backends import resolve_backend
+from ..backends import resolve_backend, triton_kernels
 from ._checks import autocast_off, check_frozen_linear, frozen_linear_dtypes, seed_tensor
 from ._library import define_op_pair, no_grad_placeholder
 from .dropout_rng import dropout_keep_mask, dropout_threshold
@@ -131,31 +131,21 @@ class _TorchImpl:
         return dx, _pack(grads, layout, total, dy.device)
 
 
-_triton_kernels = None
-
-
 class _TritonImpl:
     """The triton backend (kernels in spu_kernels/triton/lowrank_linear.py): A, B, g read in their
     own dtype, u and every reduced grad in fp32, so no cast kernel runs."""
 
     @staticmethod
-    def _kernels():
-        global _triton_kernels
-        if _triton_kernels is None:     # imported on first use: Triton compiles lazily
-            from ..triton import lowrank_linear
-            _triton_kernels = lowrank_linear
-        return _triton_kernels
-
-    @staticmethod
     def forward(x, weight, bias, a, b, g, scale, p, seed):
-        return _TritonImpl._kernels().forward(x, weight, bias, a, b, g, scale, p, seed,
-                                              dropout_threshold(p) if p > 0 else 0)
+        return triton_kernels("lowrank_linear").forward(x, weight, bias, a, b, g, scale, p, seed,
+                                                        dropout_threshold(p) if p > 0 else 0)
 
     @staticmethod
     def backward(dy, x, weight, a, b, g, u, scale, p, seed, need_dx, need_dbias, need_da, need_db, need_dg):
         layout, total = grad_layout(a.shape[0], a.shape[1], b.shape[0], need_dbias, need_da, need_db, need_dg)
-        dx, ws = _TritonImpl._kernels().backward(dy, x, weight, a, b, g, u, scale, p, seed,
-                                                 dropout_threshold(p) if p > 0 else 0, need_dx, layout, total)
+        dx, ws = triton_kernels("lowrank_linear").backward(dy, x, weight, a, b, g, u, scale, p, seed,
+                                                           dropout_threshold(p) if p > 0 else 0, need_dx, layout,
+                                                           total)
         return dx, ws[:total]
 
 

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from ..backends import resolve_backend
+from ..backends import resolve_backend, triton_kernels
 from ._checks import check_seed
 from ._library import define_inplace_ops
 from .dropout_rng import philox4x32_words
@@ -108,8 +108,7 @@ def _axpby(backend, tensors, bases, seed, alpha, beta):
     if backend == "torch":
         _torch_axpby_(tensors, bases, seed, alpha, beta)
     else:
-        from ..triton.zo_perturb import zo_axpby_multi
-        zo_axpby_multi(tensors, bases, seed, alpha, beta, ZO_STREAM)
+        triton_kernels("zo_perturb").zo_axpby_multi(tensors, bases, seed, alpha, beta, ZO_STREAM)
 
 
 IMPLEMENTED = ("torch", "triton")

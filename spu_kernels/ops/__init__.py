@@ -5,9 +5,9 @@ from .dropout_rng import dropout_keep_mask, philox4x32
 from .ia3 import ia3_linear, ia3_linear_reference, ia3_scaled_act, ia3_scaled_act_reference
 from .kron_linear import kron_linear, kron_linear_reference
 from .ladder_cross_attention import (
-                                     LadderCrossAttentionFunction,
-                                     ladder_cross_attention,
-                                     ladder_cross_attention_reference,
+    LadderCrossAttentionFunction,
+    ladder_cross_attention,
+    ladder_cross_attention_reference,
 )
 from .lowrank_linear import LowRankLinearFunction, lowrank_linear, lowrank_linear_reference
 from .zo_perturb import zo_axpby_, zo_normal

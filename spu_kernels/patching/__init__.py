@@ -2,12 +2,12 @@
 Nothing here knows about kernels. Importing this package registers the built-in methods."""
 # importing the method files registers their methods
 from . import (  # noqa: F401
-           freeze_methods,  # noqa: F401  (last_n, bitfit)
-           ia3_methods,
-           krona_methods,
-           ladder_methods,
-           lowrank_methods,
-           prompt_methods,
+    freeze_methods,  # last_n, bitfit
+    ia3_methods,
+    krona_methods,
+    ladder_methods,
+    lowrank_methods,
+    prompt_methods,
 )
 from .checkpoint import load_adapter, save_adapter
 from .core import PatchContext, is_patched, merge, patch, summary, unpatch

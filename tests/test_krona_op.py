@@ -74,6 +74,17 @@ def test_kron_linear_matches_reference(backend, dtype, case):
         assert_close_rel(grads[k], g_ref[k], dtype, f"{backend} grad_{k}", g_low[k])
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["odd", "slices", "W-transposed", "factors-only"])
+def test_kron_linear_triton_with_cublas_base_gemms(monkeypatch, dtype, case):
+    """Past TRITON_GEMM_MAX_MACS the triton backend's base GEMMs run on cuBLAS (torch.addmm / mm) and the
+    Kronecker terms are added into their outputs: the same results as the reference."""
+    from spu_kernels.triton import kron_linear as triton_kron
+    monkeypatch.setattr(triton_kron, "TRITON_GEMM_MAX_MACS", 0)
+    test_kron_linear_matches_reference("triton", dtype, case)
+
+
 def test_zero_factor_is_exactly_the_base_layer():
     x, w, b = torch.randn(2, 7, 12), torch.randn(20, 12), torch.randn(20)
     base = torch.nn.functional.linear(x, w, b)

@@ -19,10 +19,12 @@ T, K, N, R = 40, 48, 40, 4
 LAUNCHES = {
     "lowrank_linear": (5, "down, GEMM+epilogue | one memset (packed grads), dy pass, dx GEMM + epilogue + grad_A"),
     "lowrank_linear dropout": (6, "the same + the seed drawn on the device"),
-    "ia3_linear output": (4, "GEMM⊙l | dx GEMM, memset, one pass over dy and y for grad_l"),
+    "ia3_linear output": (4, "GEMM⊙l | dx GEMM, one pass over dy and y for grad_l, the sum of its token "
+                             "splits' partials"),
     "ia3_linear input": (3, "GEMM with x⊙l | memset, dx GEMM with the grad_l reduction"),
-    "ia3_scaled_act": (3, "act⊙l | memset, one pass for dh and grad_l"),
-    "kron_linear": (8, "cuBLAS GEMM, Kronecker term | cuBLAS dx, term; memset, grad_A; memset, grad_B"),
+    "ia3_scaled_act": (3, "act⊙l | one pass for dh and grad_l, the sum of its token splits' partials"),
+    "kron_linear": (6, "GEMM, Kronecker term | dx GEMM, its term, grad_A and grad_B in one kernel, the sum of its "
+                       "token splits' partials (GEMMs past TRITON_GEMM_MAX_MACS: cuBLAS, same count)"),
     "ladder_cross_attention": (5, "fused attention | memset, fused backward (head groups add dC in fp32), its "
                                   "cast to the activations' dtype, dW"),
 }

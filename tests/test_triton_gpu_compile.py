@@ -40,11 +40,11 @@ def test_triton_ops_trace_under_torch_compile():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a process without a visible GPU is needed for the stub driver")
 def test_cached_launches_match_tritons_path():
-    """The cached launch path and the low-rank and KronA ops' replayed plans hand each kernel's launcher the
-    same compiled kernel, grid and arguments as Triton's own path (tests/triton_launch_replay.py)."""
+    """The cached launch path and the low-rank, (IA)³ and KronA ops' replayed plans hand each kernel's launcher
+    the same compiled kernel, grid and arguments as Triton's own path (tests/triton_launch_replay.py)."""
     script = os.path.join(os.path.dirname(__file__), "triton_launch_replay.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=900, env=env)
     print(out.stdout[-4000:])
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    assert out.stdout.count("same launches: ") == 14 and "plan replays: " in out.stdout
+    assert out.stdout.count("same launches: ") == 17 and "plan replays: " in out.stdout

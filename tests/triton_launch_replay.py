@@ -1,5 +1,5 @@
-"""The cached launch path (spu_kernels/triton/_launcher.py: CachedLauncher, and the low-rank and KronA ops'
-recorded plans) hands every kernel launcher exactly what Triton's own path hands it: the same
+"""The cached launch path (spu_kernels/triton/_launcher.py: CachedLauncher, and the low-rank, (IA)³ and KronA
+ops' recorded plans) hands every kernel launcher exactly what Triton's own path hands it: the same
 compiled kernel, grid and arguments, call after call, while shapes, dtypes, strides, alignment,
 optional tensors and dropout change and cache hits and misses interleave.
 
@@ -75,14 +75,14 @@ def _lowrank(dtype, shape, *, bias=True, g=False, p=0.0, x_grad=True, adapters=F
     return call, [t for t in (x, w, bb, a, b, gg, seed, dy) if t is not None]
 
 
-def _ia3(side):
+def _ia3(side, tokens=5):
     from spu_kernels.ops import ia3_linear
     torch.manual_seed(0)
-    x = torch.randn(2, 5, 40, dtype=BF16, requires_grad=True)
+    x = torch.randn(2, tokens, 40, dtype=BF16, requires_grad=True)
     w = torch.randn(24, 40, dtype=BF16)
     bias = torch.randn(24, dtype=BF16, requires_grad=True)
     lv = torch.rand(40 if side == "input" else 24, requires_grad=True)
-    dy = torch.randn(2, 5, 24, dtype=BF16)
+    dy = torch.randn(2, tokens, 24, dtype=BF16)
 
     def call():
         x.grad = bias.grad = lv.grad = None
@@ -90,12 +90,12 @@ def _ia3(side):
     return call, [x, w, bias, lv, dy]
 
 
-def _act():
+def _act(tokens=7):
     from spu_kernels.ops import ia3_scaled_act
     torch.manual_seed(0)
-    h = torch.randn(7, 40, dtype=BF16, requires_grad=True)
+    h = torch.randn(tokens, 40, dtype=BF16, requires_grad=True)
     lv = torch.rand(40, requires_grad=True)
-    dy = torch.randn(7, 40, dtype=BF16)
+    dy = torch.randn(tokens, 40, dtype=BF16)
 
     def call():
         h.grad = lv.grad = None
@@ -103,17 +103,17 @@ def _act():
     return call, [h, lv, dy]
 
 
-def _kron(slices=None, x_grad=True):
+def _kron(slices=None, x_grad=True, tokens=9):
     from spu_kernels.ops import kron_linear
     torch.manual_seed(0)
     n = 32 * (slices or 1)
-    x = torch.randn(9, 48, dtype=BF16, requires_grad=x_grad)
+    x = torch.randn(tokens, 48, dtype=BF16, requires_grad=x_grad)
     w = torch.randn(n, 48, dtype=BF16)
     stack = (slices,) if slices else ()
     a = torch.randn(*stack, 4, 6, requires_grad=True)
     b = torch.randn(*stack, 8, 8, requires_grad=True)
     offsets = [32 * s for s in range(slices)] if slices else None
-    dy = torch.randn(9, n, dtype=BF16)
+    dy = torch.randn(tokens, n, dtype=BF16)
 
     def call():
         x.grad = a.grad = b.grad = None
@@ -148,18 +148,21 @@ CASES = [
     ("lowrank bf16 T=8 (again)", lambda: _lowrank(BF16, (8, 64))),
     ("ia3 output", lambda: _ia3("output")),
     ("ia3 input", lambda: _ia3("input")),
+    ("ia3 output, token splits (partial sums)", lambda: _ia3("output", tokens=60)),
     ("ia3 scaled act", _act),
+    ("ia3 scaled act, token splits (partial sums)", lambda: _act(tokens=300)),
     ("kron", _kron),
     ("kron stacked slices, x frozen", lambda: _kron(slices=2, x_grad=False)),
+    ("kron stacked slices, token splits (partial sums)", lambda: _kron(slices=2, tokens=50)),
     ("ladder", _ladder),
 ]
 
 
 def main() -> int:
     stub = install_stub_launches(90)
-    from spu_kernels.triton import _launcher, kron_linear, lowrank_linear
+    from spu_kernels.triton import _launcher, ia3, kron_linear, lowrank_linear
     plans = (lowrank_linear._FORWARD_PLANS, lowrank_linear._BACKWARD_PLANS, kron_linear._FORWARD_PLANS,
-             kron_linear._BACKWARD_PLANS)
+             kron_linear._BACKWARD_PLANS, *ia3._PLANS.values())
 
     def launches(call, inputs, cached: bool):
         _launcher.ENABLED = cached
@@ -189,7 +192,7 @@ def main() -> int:
                     print(f"  {len(reference)} launches on Triton's path, {len(got)} cached")
                 return 1
         print(f"same launches: {name} ({len(reference)} launches)")
-    planned = sum(name.startswith(("lowrank", "kron")) for name, _ in CASES)
+    planned = sum(name.startswith(("lowrank", "kron", "ia3")) for name, _ in CASES)
     if replays < 2 * planned:         # each planned case's second call replays both directions
         print(f"FAIL only {replays} plan replays for {planned} cases of ops with plans")
         return 1

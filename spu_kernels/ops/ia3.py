@@ -128,8 +128,9 @@ class _TorchImpl:
 
     @staticmethod
     def act_forward(h, l, activation):
-        # torch's own activation (in h's dtype), then one fp32 product: at l = 1 exactly act(h)
-        return (activation_reference(h, activation).float() * l.float()).to(h.dtype)
+        # torch's own activation (in h's dtype), then one fp32 product: at l = 1 exactly act(h);
+        # contiguous, as the op's fake says (a strided h gives a strided product)
+        return (activation_reference(h, activation).float() * l.float()).to(h.dtype).contiguous()
 
     @staticmethod
     def act_backward(dy, h, l, activation, need_dh, need_dl):
@@ -141,40 +142,23 @@ class _TorchImpl:
 
 
 class _TritonImpl:
-    """The triton backend (spu_kernels/triton/ia3.py)."""
+    """The triton backend (spu_kernels/triton/ia3.py: launch plans over its kernels)."""
 
     @staticmethod
     def linear_forward(x, weight, bias, l, side):
-        k = triton_kernels("ia3")
-        if side == "input":
-            return k.gemm_scaled(x, weight.t(), bias, k_scale=l)[0]
-        return k.gemm_scaled(x, weight.t(), bias, n_scale=l)[0]
+        return triton_kernels("ia3").linear_forward(x, weight, bias, l, side)
 
     @staticmethod
     def linear_backward(dy, x, y, weight, bias, l, side, need_dx, need_dbias, need_dl):
-        k = triton_kernels("ia3")
-        dx = dbias = dl = None
-        if side == "input":
-            if need_dx or need_dl:
-                dx, dl = k.gemm_scaled(dy, weight, n_scale=l, reduce_z=x if need_dl else None, store_c=need_dx)
-            if need_dbias:
-                dbias = dy.float().sum(0)
-            return dx, dbias, dl
-        if need_dx:
-            dx = k.gemm_scaled(dy, weight, k_scale=l)[0]
-        if need_dl:
-            dl, dbias = k.ia3_out_grads(dy, y, l, x, weight, bias, need_dbias)
-        elif need_dbias:   # bias only: y and x were not saved
-            dbias = dy.float().sum(0) * l.float()
-        return dx, dbias, dl
+        return triton_kernels("ia3").linear_backward(dy, x, y, weight, bias, l, side, need_dx, need_dbias, need_dl)
 
     @staticmethod
     def act_forward(h, l, activation):
-        return triton_kernels("ia3").scaled_act_fwd(h, l, activation)
+        return triton_kernels("ia3").act_forward(h, l, activation)
 
     @staticmethod
     def act_backward(dy, h, l, activation, need_dh, need_dl):
-        return triton_kernels("ia3").scaled_act_bwd(dy, h, l, activation, need_dh, need_dl)
+        return triton_kernels("ia3").act_backward(dy, h, l, activation, need_dh, need_dl)
 
 
 _IMPLS = {"torch": _TorchImpl, "triton": _TritonImpl}
@@ -182,26 +166,36 @@ IMPLEMENTED = tuple(_IMPLS)
 
 
 # ---------------------------------------------------------------------------------------------
-# the op pairs (spu_kernels/ops/_library.py): 2-D inputs, validated and cast
+# the op pairs (spu_kernels/ops/_library.py): x / h (..., K), validated and cast. The leading dims
+# are flattened inside the ops, so that no view node sits around them in the autograd graph (each
+# costs host time in eager mode).
 # ---------------------------------------------------------------------------------------------
 
+def _flat(t):
+    return t if t is None or t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
 def _linear_fwd(backend, x, weight, bias, l, side):
-    return _IMPLS["torch" if x.shape[0] == 0 else backend].linear_forward(x, weight, bias, l, side)
+    y = _IMPLS["torch" if x.numel() == 0 else backend].linear_forward(_flat(x), weight, bias, l, side)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
 
 
 def _linear_fwd_fake(x, weight, bias, l, side):
-    return x.new_empty((x.shape[0], weight.shape[0]))
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def _linear_bwd(backend, dy, x, y, weight, bias, l, side, need_dx, need_dbias, need_dl):
-    impl = _IMPLS["torch" if dy.shape[0] == 0 else backend]
-    grads = impl.linear_backward(dy, x, y, weight, bias, l, side, need_dx, need_dbias, need_dl)
-    return grads_or_placeholders(grads, (dy.dtype, dy.dtype, l.dtype), dy)
+    impl = _IMPLS["torch" if dy.numel() == 0 else backend]
+    dx, dbias, dl = impl.linear_backward(_flat(dy), _flat(x), _flat(y), weight, bias, l, side, need_dx, need_dbias,
+                                         need_dl)
+    if dx is not None and dy.dim() != 2:
+        dx = dx.view(*dy.shape[:-1], dx.shape[1])
+    return grads_or_placeholders((dx, dbias, dl), (dy.dtype, dy.dtype, l.dtype), dy)
 
 
 def _linear_bwd_fake(dy, x, y, weight, bias, l, side, need_dx, need_dbias, need_dl):
     k = weight.shape[1] if weight is not None else 0
-    shapes = ((dy.shape[0], k), (dy.shape[1],), tuple(l.shape))
+    shapes = ((*dy.shape[:-1], k), (dy.shape[-1],), tuple(l.shape))
     return tuple(dy.new_empty(s if n else (0,), dtype=dt)
                  for s, n, dt in zip(shapes, (need_dx, need_dbias, need_dl), (dy.dtype, dy.dtype, l.dtype)))
 
@@ -239,16 +233,20 @@ IA3LinearFunction = IA3_LINEAR.function
 
 
 def _act_fwd(backend, h, l, activation):
-    return _IMPLS["torch" if h.shape[0] == 0 else backend].act_forward(h, l, activation)
+    y = _IMPLS["torch" if h.numel() == 0 else backend].act_forward(_flat(h), l, activation)
+    return y if h.dim() == 2 else y.view(h.shape)
 
 
 def _act_fwd_fake(h, l, activation):
-    return torch.empty_like(h)
+    return torch.empty_like(h, memory_format=torch.contiguous_format)
 
 
 def _act_bwd(backend, dy, h, l, activation, need_dh, need_dl):
-    impl = _IMPLS["torch" if dy.shape[0] == 0 else backend]
-    return grads_or_placeholders(impl.act_backward(dy, h, l, activation, need_dh, need_dl), (h.dtype, l.dtype), dy)
+    impl = _IMPLS["torch" if dy.numel() == 0 else backend]
+    dh, dl = impl.act_backward(_flat(dy), _flat(h), l, activation, need_dh, need_dl)
+    if dh is not None and h.dim() != 2:
+        dh = dh.view(h.shape)
+    return grads_or_placeholders((dh, dl), (h.dtype, l.dtype), dy)
 
 
 def _act_bwd_fake(dy, h, l, activation, need_dh, need_dl):
@@ -298,8 +296,7 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     x, weight, bias = frozen_linear_dtypes(OP_LINEAR, x, weight, bias)
     chosen = resolve_backend(OP_LINEAR, IMPLEMENTED, x.device, backend)
     with autocast_off(x.device):
-        y = IA3_LINEAR(chosen, x.reshape(-1, x.shape[-1]), weight, bias, l, side)
-    return y.view(*x.shape[:-1], weight.shape[0])
+        return IA3_LINEAR(chosen, x, weight, bias, l, side)
 
 
 def ia3_scaled_act(h: torch.Tensor, l: torch.Tensor, activation: str = "gelu", *,
@@ -318,8 +315,7 @@ def ia3_scaled_act(h: torch.Tensor, l: torch.Tensor, activation: str = "gelu", *
     h = h.to(dt) if dt is not None else h
     chosen = resolve_backend(OP_ACT, IMPLEMENTED, h.device, backend)
     with autocast_off(h.device):
-        y = IA3_SCALED_ACT(chosen, h.reshape(-1, h.shape[-1]), l, activation)
-    return y.view(h.shape)
+        return IA3_SCALED_ACT(chosen, h, l, activation)
 
 
 def _check_vec(op, l, size, dim_name, x):

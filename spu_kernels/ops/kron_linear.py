@@ -12,8 +12,9 @@ torch.compile, an autograd.Function for eager calls) saves x (the caller's tenso
 when A or B needs a grad), W (only for dx), A and B: nothing T-sized is created for backward:
     dx = dy W + s · vec(Aᵀ dY_t B)
     grad_A = s Σ_t dY_t (X_t Bᵀ)ᵀ,   grad_B = s Σ_t dY_tᵀ (A X_t)
-The triton backend runs the base GEMMs on cuBLAS (torch.addmm / mm) and adds the Kronecker term
-into their output in place (spu_kernels/triton/kron_linear.py): no T×N temporary.
+The triton backend runs the base GEMMs in its own GEMM (small, launch-bound shapes) or on cuBLAS
+(torch.addmm / mm) and adds the Kronecker term into their output in place
+(spu_kernels/triton/kron_linear.py): no T×N temporary.
 """
 from __future__ import annotations
 
@@ -91,23 +92,17 @@ class _TorchImpl:
 
 
 class _TritonImpl:
-    """cuBLAS for the base GEMMs, the Kronecker term in triton kernels (spu_kernels/triton/kron_linear.py)."""
+    """The triton backend (spu_kernels/triton/kron_linear.py): the base GEMMs in the Triton GEMM (small,
+    launch-bound shapes) or on cuBLAS, the Kronecker terms added into their outputs in place."""
 
     @staticmethod
     def forward(x, weight, bias, a, b, scale, offsets):
-        y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
-        triton_kernels("kron_linear").add_terms(x, a, b, y, scale, offsets)
-        return y
+        return triton_kernels("kron_linear").forward(x, weight, bias, a, b, scale, offsets)
 
     @staticmethod
     def backward(dy, x, weight, a, b, scale, offsets, need_dx, need_dbias, need_da, need_db):
-        dx = dy @ weight if need_dx else None
-        # fp32, zeroed (the kernels add partial sums atomically), written in place: no copies
-        da = torch.zeros(a.shape, device=dy.device, dtype=torch.float32) if need_da else None
-        db = torch.zeros(b.shape, device=dy.device, dtype=torch.float32) if need_db else None
-        triton_kernels("kron_linear").term_grads(dy, x, a, b, scale, offsets, dx, da, db)
-        dbias = dy.float().sum(0) if need_dbias else None
-        return dx, dbias, da, db
+        return triton_kernels("kron_linear").backward(dy, x, weight, a, b, scale, offsets, need_dx, need_dbias,
+                                                      need_da, need_db)
 
 
 _IMPLS = {"torch": _TorchImpl, "triton": _TritonImpl}
@@ -115,26 +110,36 @@ IMPLEMENTED = tuple(_IMPLS)
 
 
 # ---------------------------------------------------------------------------------------------
-# the op pair (spu_kernels/ops/_library.py): x (T, K), A (S, a1, a2), B (S, b1, b2), validated and cast
+# the op pair (spu_kernels/ops/_library.py): x (..., K), A (S, a1, a2), B (S, b1, b2), validated and
+# cast. The leading dims are flattened inside the ops, so that no view node sits around them in
+# the autograd graph (each costs host time in eager mode).
 # ---------------------------------------------------------------------------------------------
 
+def _flat(t):
+    return t if t is None or t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
 def _fwd(backend, x, weight, bias, a, b, scale, offsets):
-    return _IMPLS["torch" if x.shape[0] == 0 else backend].forward(x, weight, bias, a, b, scale, offsets)
+    y = _IMPLS["torch" if x.numel() == 0 else backend].forward(_flat(x), weight, bias, a, b, scale, offsets)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
 
 
 def _fwd_fake(x, weight, bias, a, b, scale, offsets):
-    return x.new_empty((x.shape[0], weight.shape[0]))
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def _bwd(backend, dy, x, weight, a, b, scale, offsets, need_dx, need_dbias, need_da, need_db):
-    impl = _IMPLS["torch" if dy.shape[0] == 0 else backend]
-    grads = impl.backward(dy, x, weight, a, b, scale, offsets, need_dx, need_dbias, need_da, need_db)
-    return grads_or_placeholders(grads, (dy.dtype, dy.dtype, a.dtype, b.dtype), dy)
+    impl = _IMPLS["torch" if dy.numel() == 0 else backend]
+    dx, dbias, da, db = impl.backward(_flat(dy), _flat(x), weight, a, b, scale, offsets, need_dx, need_dbias,
+                                      need_da, need_db)
+    if dx is not None and dy.dim() != 2:
+        dx = dx.view(*dy.shape[:-1], dx.shape[1])
+    return grads_or_placeholders((dx, dbias, da, db), (dy.dtype, dy.dtype, a.dtype, b.dtype), dy)
 
 
 def _bwd_fake(dy, x, weight, a, b, scale, offsets, need_dx, need_dbias, need_da, need_db):
     k = a.shape[2] * b.shape[2]
-    shapes = ((dy.shape[0], k), (dy.shape[1],), tuple(a.shape), tuple(b.shape))
+    shapes = ((*dy.shape[:-1], k), (dy.shape[-1],), tuple(a.shape), tuple(b.shape))
     return tuple(dy.new_empty(s if n else (0,), dtype=dt) for s, n, dt in
                  zip(shapes, (need_dx, need_dbias, need_da, need_db), (dy.dtype, dy.dtype, a.dtype, b.dtype)))
 
@@ -184,8 +189,7 @@ def kron_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     x, weight, bias = frozen_linear_dtypes(OP_NAME, x, weight, bias)
     chosen = resolve_backend(OP_NAME, IMPLEMENTED, x.device, backend)
     with autocast_off(x.device):
-        y = KRON_LINEAR(chosen, x.reshape(-1, x.shape[-1]), weight, bias, a3, b3, float(scale), list(offsets))
-    return y.view(*x.shape[:-1], weight.shape[0])
+        return KRON_LINEAR(chosen, x, weight, bias, a3, b3, float(scale), list(offsets))
 
 
 def _check(x, weight, bias, a, b, scale, out_offsets):

@@ -79,18 +79,21 @@ def device_index(t: torch.Tensor) -> int:
     return t.device.index if t.device.type == "cuda" and t.device.index is not None else 0
 
 
-def gemm_configs() -> list:
+def gemm_configs(fp32: bool = False) -> list:
     """Autotune configs of the package's tiled GEMMs (one config under the interpreter: autotuning
-    needs a GPU). Every config compiles for sm_80 / sm_90 (tests/triton_gpu_compile.py)."""
+    needs a GPU). Every config compiles for sm_80 / sm_90 (tests/triton_gpu_compile.py). fp32
+    operands (ieee dots: FMA, no tensor cores) get tiles of at most 64×128: on sm_90 their 128-row
+    tiles spill 1-23 KB of registers per thread (ptxas of Triton 3.8, 2026-11-24)."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
-    cfg = []
-    for bm, bn, bk, warps, stages in [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 3),
-                                      (128, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-                                      (64, 64, 64, 4, 4), (128, 128, 32, 4, 4), (64, 64, 32, 4, 5)]:
-        cfg.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                 num_warps=warps, num_stages=stages))
-    return cfg
+    if fp32:
+        tiles = [(64, 128, 32, 8, 4), (64, 64, 64, 4, 4), (64, 64, 32, 4, 5)]
+    else:
+        tiles = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4),
+                 (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4),
+                 (64, 64, 32, 4, 5)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps,
+                          num_stages=stages) for bm, bn, bk, warps, stages in tiles]
 
 
 @triton.jit

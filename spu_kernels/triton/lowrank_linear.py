@@ -117,7 +117,6 @@ def lowrank_down(x: torch.Tensor, a: torch.Tensor, dropout_p: float, seed: torch
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "HAS_DROPOUT", "HAS_BIAS", "GRAD_A"])
 @triton.jit(do_not_specialize=["threshold"])
 def _gemm_lowrank_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, rm_ptr, g_ptr, x_ptr, ga_ptr,
                          M, N, K, R, M_BUCKET,
@@ -188,6 +187,12 @@ def _gemm_lowrank_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, rm_ptr, g_ptr, x_
         tl.atomic_add(ga_ptr + offs_r[:, None] * N + cols[None, :], ga, mask=r_mask[:, None] & n_mask[None, :])
 
 
+# one autotuner per operand width, over the same kernel: fp32 gets its own (smaller) tiles
+_GEMM_LOWRANK = {fp32: triton.autotune(configs=gemm_configs(fp32),
+                                       key=["M_BUCKET", "N", "K", "HAS_DROPOUT", "HAS_BIAS", "GRAD_A"])(
+    _gemm_lowrank_kernel) for fp32 in (False, True)}
+
+
 def gemm_lowrank(a_op: torch.Tensor, b_op: torch.Tensor, bias: torch.Tensor | None,
                  low: torch.Tensor, right: torch.Tensor, g: torch.Tensor | None, scale: float,
                  dropout_p: float = 0.0, seed: torch.Tensor | None = None, threshold: int = 0,
@@ -206,7 +211,7 @@ def gemm_lowrank(a_op: torch.Tensor, b_op: torch.Tensor, bias: torch.Tensor | No
     R = low.shape[1]
     c = out if out is not None else torch.empty((M, N), device=a_op.device, dtype=a_op.dtype)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
-    launch(_gemm_lowrank_kernel)[grid](
+    launch(_GEMM_LOWRANK[a_op.dtype == torch.float32])[grid](
         a_op, b_op, c, bias if bias is not None else c, low, right, g if g is not None else c,
         x if grad_a is not None else c, grad_a if grad_a is not None else c,
         M, N, K, R, next_pow2(M),

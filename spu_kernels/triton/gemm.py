@@ -1,0 +1,96 @@
+"""The frozen-linear GEMM shared by the (IA)³ and KronA ops: C = (A @ (diag(k_scale) B) + bias) ⊙ n_scale
+with an optional epilogue reduction gl += Σ_rows (A @ diag(k_scale) B + bias) ⊙ Z.
+
+    A (M, K), B (K, N), any strides; bias, n_scale, gl (N,); k_scale (K,); Z, C (M, N)
+
+The per-reduction-index scale multiplies B's rows inside the K loop; bias, the column scale and the
+reduction act on the fp32 accumulator in the epilogue (the reduction before the scale, with atomics
+into a zero-filled fp32 gl). Plain pointers, cp.async-fed wgmma on sm_90: the TMA persistent core of
+issue #14 replaces it.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import cdiv, gemm_configs, grouped_tile, input_precision, mma, next_pow2, upcast_dot
+from ._launcher import launch
+
+
+@triton.jit
+def _gemm_scaled_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, ks_ptr, ns_ptr, z_ptr, gl_ptr,
+                        M, N, K, M_BUCKET,
+                        stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_zm, stride_zn,
+                        HAS_BIAS: tl.constexpr, K_SCALE: tl.constexpr, N_SCALE: tl.constexpr,
+                        REDUCE_Z: tl.constexpr, STORE_C: tl.constexpr,
+                        UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k64 = offs_k.to(tl.int64)   # int64 address products: K·stride may pass 2**31
+        k_mask = offs_k < K
+        a = tl.load(a_ptr + rows[:, None] * stride_am + k64[None, :] * stride_ak,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + k64[:, None] * stride_bk + cols[None, :] * stride_bn,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if K_SCALE:   # diag(ks) B: the (BLOCK_K, BLOCK_N) tile's rows, in the operands' dtype
+            ks = tl.load(ks_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            b = (b.to(tl.float32) * ks[:, None]).to(b_ptr.dtype.element_ty)
+        acc = mma(a, b, acc, UPCAST, INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tile_mask = m_mask[:, None] & n_mask[None, :]
+    if REDUCE_Z:   # gl[n] += Σ_m acc[m, n] · z[m, n], before the column scale
+        z = tl.load(z_ptr + rows[:, None] * stride_zm + cols[None, :] * stride_zn, mask=tile_mask, other=0.0)
+        tl.atomic_add(gl_ptr + offs_n, tl.sum(acc * z.to(tl.float32), axis=0), mask=n_mask)
+    if N_SCALE:
+        acc = acc * tl.load(ns_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if STORE_C:
+        tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
+                 mask=tile_mask)
+
+
+# one autotuner per operand width, over the same kernel: fp32 gets its own (smaller) tiles
+_AUTOTUNED = {fp32: triton.autotune(configs=gemm_configs(fp32), reset_to_zero=["gl_ptr"],
+                                    key=["M_BUCKET", "N", "K", "HAS_BIAS", "K_SCALE", "N_SCALE", "REDUCE_Z"])(
+    _gemm_scaled_kernel) for fp32 in (False, True)}
+
+
+def gemm_scaled(a_op: torch.Tensor, b_op: torch.Tensor, bias: torch.Tensor | None = None,
+                k_scale: torch.Tensor | None = None, n_scale: torch.Tensor | None = None,
+                reduce_z: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
+                gl: torch.Tensor | None = None) -> None:
+    """out = ((a_op (M, K) @ (diag(k_scale) b_op (K, N))) + bias) ⊙ n_scale (out: (M, N), any
+    strides; None: not stored). With ``reduce_z`` (M, N) also gl += Σ_m (a_op @ diag(k_scale) b_op
+    + bias) ⊙ z, taken before the column scale (gl: zero-filled fp32 (N,): atomics). Nothing is
+    allocated here: every tensor the kernel gets is the caller's (a launch plan can name it)."""
+    M, K = a_op.shape
+    N = b_op.shape[1]
+    if out is None and gl is None:
+        raise ValueError("gemm_scaled: nothing to compute (no out, no reduction)")
+    c = out if out is not None else gl       # a placeholder where nothing is stored (strides unused)
+    z = reduce_z if reduce_z is not None else c
+    c_strides = out.stride() if out is not None else (0, 0)
+    z_strides = reduce_z.stride() if reduce_z is not None else (0, 0)
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
+    # the autotuner zeroes gl_ptr between its trials: the real gl, or else c, an output about to be written
+    launch(_AUTOTUNED[a_op.dtype == torch.float32])[grid](
+        a_op, b_op, c, bias if bias is not None else c, k_scale if k_scale is not None else c,
+        n_scale if n_scale is not None else c, z, gl if gl is not None else c,
+        M, N, K, next_pow2(M),
+        a_op.stride(0), a_op.stride(1), b_op.stride(0), b_op.stride(1),
+        *c_strides, *z_strides,
+        HAS_BIAS=bias is not None, K_SCALE=k_scale is not None, N_SCALE=n_scale is not None,
+        REDUCE_Z=reduce_z is not None, STORE_C=out is not None,
+        UPCAST=upcast_dot(a_op.dtype), INPUT_PRECISION=input_precision(a_op.dtype))

@@ -96,7 +96,8 @@ __global__ void __launch_bounds__(kThreads) skinny_pass_kernel(const SkinnyPass 
           float v = 0.f;
           if (t < t_end && c < c_end) {
             v = to_f32(m[t * a.stride_mt + c * a.stride_mc]);
-            if (DROP && !dropout_keep(seed, static_cast<uint64_t>(t * a.cols + c), a.threshold)) v = 0.f;
+            if (DROP && !dropout_keep(seed, static_cast<uint64_t>(t), static_cast<uint64_t>(c),
+                                      static_cast<uint64_t>(a.cols), a.threshold)) v = 0.f;
           }
           ms[tt][cc] = v;
         }
@@ -216,7 +217,8 @@ __global__ void __launch_bounds__(kThreads) dropout_lowrank_add_kernel(
 #pragma unroll
   for (int i = 0; i < kBT * kBC / kThreads; ++i) {
     const int64_t t = t0 + i * (kThreads / kBC) + tid / kBC;
-    if (t < rows && dropout_keep(seed, static_cast<uint64_t>(t * cols + c), threshold)) {
+    if (t < rows && dropout_keep(seed, static_cast<uint64_t>(t), static_cast<uint64_t>(c),
+                                  static_cast<uint64_t>(cols), threshold)) {
       T* p = out + t * so_t + c * so_c;
       *p = from_f32<T>(to_f32(*p) + acc[i] * keep_scale);
     }

@@ -10,7 +10,7 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // One pass over a strided matrix M (rows x cols) in `dtype`, with the rank-R side products the
 // op needs, accumulated in fp32. With dropout, element (t, c) of M counts only if
-// dropout_keep(*seed, t * cols + c, threshold): the seed is read on the device (an int64 the op's
+// dropout_keep(*seed, t, c, cols, threshold) (philox.cuh): the seed is read on the device (an int64 the op's
 // caller drew there), so no host sync and CUDA graphs replay a fresh one. Each output is
 // multiplied by out_scale.
 //   ROW:    row_part[cb][t][r] = out_scale * sum_{c in column block cb} m(t, c) * rm(c, r)

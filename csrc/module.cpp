@@ -35,12 +35,23 @@ std::vector<uint32_t> philox_first_word(uint64_t seed, const std::vector<uint64_
   return out;
 }
 
+// The keep mask of a (rows, cols) input, row-major, from the kernels' own dropout_keep (host build).
+std::vector<uint8_t> dropout_keep_mask(uint64_t seed, uint64_t rows, uint64_t cols, uint32_t threshold) {
+  std::vector<uint8_t> out;
+  out.reserve(rows * cols);
+  for (uint64_t t = 0; t < rows; ++t)
+    for (uint64_t c = 0; c < cols; ++c) out.push_back(spu::dropout_keep(seed, t, c, cols, threshold) ? 1 : 0);
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "spu_kernels CUDA C++ backend: torch.ops.spu_kernels.* (registered on import) and build facts";
   m.def("philox_first_word", &philox_first_word, pybind11::arg("seed"), pybind11::arg("counters"),
         "Host build of the kernels' Philox4x32-10 first output word for each 64-bit counter");
+  m.def("dropout_keep_mask", &dropout_keep_mask, pybind11::arg("seed"), pybind11::arg("rows"), pybind11::arg("cols"),
+        pybind11::arg("threshold"), "Host build of the kernels' dropout keep mask, row-major (rows * cols bytes)");
   m.attr("cuda_archs") = std::string(SPU_CUDA_ARCHS);
   m.attr("build_info") = std::string(SPU_BUILD_INFO);
 }

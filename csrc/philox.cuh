@@ -12,9 +12,9 @@
 
 namespace spu {
 
-// First 32-bit output word of Philox4x32-10 with key (seed_lo, seed_hi) and counter
+// Output word `word` (0..3) of Philox4x32-10 with key (seed_lo, seed_hi) and counter
 // (ctr_lo, ctr_hi, 0, 0): the constants and round structure of triton.language.philox.
-SPU_HD uint32_t philox4x32_10_first(uint64_t seed, uint64_t counter) {
+SPU_HD uint32_t philox4x32_10_word(uint64_t seed, uint64_t counter, int word) {
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
   uint32_t c2 = 0, c3 = 0;
@@ -33,13 +33,17 @@ SPU_HD uint32_t philox4x32_10_first(uint64_t seed, uint64_t counter) {
     k0 += 0x9E3779B9u;   // Weyl key increments
     k1 += 0xBB67AE85u;
   }
-  return c0;
+  return word == 0 ? c0 : word == 1 ? c1 : word == 2 ? c2 : c3;
 }
 
-// Element e (row-major index into the (T, K) input) is kept iff its Philox word >= threshold,
-// threshold = min(floor(p * 2^32), 2^32 - 1).
-SPU_HD bool dropout_keep(uint64_t seed, uint64_t element, uint32_t threshold) {
-  return philox4x32_10_first(seed, element) >= threshold;
+SPU_HD uint32_t philox4x32_10_first(uint64_t seed, uint64_t counter) { return philox4x32_10_word(seed, counter, 0); }
+
+// Element (row, col) of a (rows, cols) input is kept iff word col % 4 of the Philox output for
+// counter g = row * ceil(cols / 4) + col / 4 is >= threshold = min(floor(p * 2^32), 2^32 - 1):
+// one Philox call serves four consecutive columns of a row (this code computes one word per call).
+SPU_HD bool dropout_keep(uint64_t seed, uint64_t row, uint64_t col, uint64_t cols, uint32_t threshold) {
+  const uint64_t g = row * ((cols + 3) / 4) + col / 4;
+  return philox4x32_10_word(seed, g, static_cast<int>(col & 3)) >= threshold;
 }
 
 }  // namespace spu

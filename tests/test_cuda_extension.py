@@ -15,7 +15,7 @@ import torch
 from spu_kernels import _cuda_build
 from spu_kernels._extension import extension_error, load_extension
 from spu_kernels.backends import backend_status
-from spu_kernels.ops.dropout_rng import philox4x32
+from spu_kernels.ops.dropout_rng import dropout_keep_mask, dropout_threshold, philox4x32
 
 EXPECT_EXT = os.environ.get("SPU_EXPECT_CUDA_EXT") == "1"
 
@@ -45,6 +45,14 @@ def test_kernel_philox_is_the_spec(ext, seed):
                           torch.tensor([2**32 - 1, 2**32, 2**32 + 1, 2**63 - 1])])
     got = torch.tensor(ext.philox_first_word(seed, counters.tolist()), dtype=torch.int64)
     assert torch.equal(got, philox4x32(seed, counters))
+
+
+@pytest.mark.parametrize("seed", [0, 77, 2**40 + 7])
+def test_kernel_keep_mask_is_the_spec(ext, seed):
+    rows, cols, p = 6, 23, 0.3          # 23 columns: each row ends in a partial group of four
+    thr = dropout_threshold(p)
+    got = torch.tensor(ext.dropout_keep_mask(seed, rows, cols, thr), dtype=torch.bool).view(rows, cols)
+    assert torch.equal(got, dropout_keep_mask(seed, rows, cols, p))
 
 
 def _meta(*shape, dtype=torch.bfloat16):

@@ -1,15 +1,18 @@
 """The dropout mask every backend regenerates from a seed, in plain torch (the reference).
 
 Spec (shared by the torch, Triton and CUDA backends, so that one seed gives one mask everywhere):
-element e of a (T, K) input, e = t*K + k in row-major order of the flattened tokens, is kept iff
+element (t, k) of a (T, K) input (leading dims flattened into T, row-major) is kept iff
 
-    philox4x32_10(key=(seed & 0xffffffff, seed >> 32), counter=(e & 0xffffffff, e >> 32, 0, 0))[0]
-        >= threshold,   threshold = min(floor(p * 2**32), 2**32 - 1)
+    philox4x32_10(key=(seed & 0xffffffff, seed >> 32), counter=(g & 0xffffffff, g >> 32, 0, 0))[k % 4]
+        >= threshold,   g = t * ceil(K / 4) + k // 4,   threshold = min(floor(p * 2**32), 2**32 - 1)
 
-and a kept element is scaled by 1 / (1 - p). The mask is never stored: forward and backward both
-recompute it from (seed, e), so no T x K mask and no dropped-out copy of x is kept for backward.
-Philox4x32-10 is the counter-based generator of Salmon et al. (SC'11, "Random123"), with the same
-constants as ``triton.language.philox``.
+so one Philox call gives the keep bits of four consecutive columns of a row (its four output
+words, in order), and a kept element is scaled by 1 / (1 - p). The mask is never stored: forward
+and backward both recompute it from (seed, t, k), so no T x K mask and no dropped-out copy of x is
+kept for backward. Philox4x32-10 is the counter-based generator of Salmon et al. (SC'11,
+"Random123"), with the same constants as ``triton.language.philox``; its four words are
+independent uniform 32-bit draws (it passes BigCrush per word and jointly), so grouping columns
+changes nothing in the mask's statistics.
 """
 from __future__ import annotations
 
@@ -69,13 +72,18 @@ def dropout_threshold(p: float) -> int:
     return min(int(p * 2**32), _M32)
 
 
+KEEP_GROUP = 4   # columns of a row served by one Philox call (its four output words)
+
+
 def dropout_keep_mask(seed: int | torch.Tensor, rows: int, cols: int, p: float, device: torch.device | str = "cpu",
                       row_start: int = 0) -> torch.Tensor:
     """Boolean keep mask of shape (rows, cols) for rows [row_start, row_start + rows) of an input
     with ``cols`` columns, exactly as the kernels regenerate it."""
     thr = dropout_threshold(p)
-    e = torch.arange(row_start * cols, (row_start + rows) * cols, device=device, dtype=torch.int64)
-    return (philox4x32(seed, e) >= thr).view(rows, cols)
+    groups = -(-cols // KEEP_GROUP)
+    g = torch.arange(row_start * groups, (row_start + rows) * groups, device=device, dtype=torch.int64)
+    words = torch.stack(philox4x32_words(seed, g), dim=-1)          # (rows * groups, 4): word k % 4 of group k // 4
+    return (words.view(rows, groups * KEEP_GROUP)[:, :cols] >= thr)
 
 
 SEED_HIGH = 2**63 - 1   # seeds are drawn from [0, 2**63 - 1): an int64 on every backend

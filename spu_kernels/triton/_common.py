@@ -1,6 +1,6 @@
-"""Helpers shared by the Triton kernels: the dropout keep mask, the dot that the interpreter gets
-right, and launch-side facts (interpreter mode, SM count, dtype maps). How kernels are launched
-is triton/_launcher.py."""
+"""Helpers shared by the Triton kernels: the dropout keep mask (a tile at a time), the dot that
+the interpreter gets right, and launch-side facts (interpreter mode, SM count, dtype maps). How
+kernels are launched is triton/_launcher.py."""
 from __future__ import annotations
 
 import functools
@@ -17,14 +17,19 @@ TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16
 
 
 @triton.jit
-def dropout_keep(seed, offsets, threshold):
-    """Keep mask for int64 element indices ``offsets``: the spec in ops/dropout_rng.py
-    (first Philox4x32-10 word of counter (e_lo, e_hi, 0, 0) >= threshold, unsigned)."""
-    c0 = (offsets & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (offsets >> 32).to(tl.uint32)
+def dropout_keep_tile(seed, rows, col0, cols, threshold, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """Keep mask (BLOCK_ROWS, BLOCK_COLS) of the elements (rows[i], col0 + j) of an input with
+    ``cols`` columns (rows: int64 row indices; col0 a multiple of 4): the spec in
+    ops/dropout_rng.py. One Philox call per four columns, its four words spread over them."""
+    groups = (cols + 3) // 4
+    g = rows[:, None] * groups + (col0 // 4 + tl.arange(0, BLOCK_COLS // 4))[None, :]     # (R, C/4) int64
+    c0 = (g & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (g >> 32).to(tl.uint32)
     zero = tl.zeros_like(c0)
-    r, _, _, _ = tl.philox(seed, c0, c1, zero, zero)
-    return r >= threshold.to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero)
+    # w[i, j, a, b] = r_(2a+b): row-major over (j, a, b) puts word w of group j at column 4j + w
+    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_ROWS, BLOCK_COLS))
+    return words >= threshold.to(tl.uint32)
 
 
 @triton.jit

@@ -34,7 +34,7 @@ from ._common import (
     INTERPRET,
     cdiv,
     device_index,
-    dropout_keep,
+    dropout_keep_tile,
     gemm_configs,
     grouped_tile,
     input_precision,
@@ -74,8 +74,7 @@ def _down_kernel(x_ptr, a_ptr, u_ptr, T, K, R,
         x = tl.load(x_ptr + rows[:, None] * stride_xt + k64[None, :] * stride_xk,
                     mask=t_mask[:, None] & k_mask[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, rows[:, None] * K + offs_k[None, :], threshold)
-            x = tl.where(keep, x, 0.0)
+            x = tl.where(dropout_keep_tile(seed, rows, k0, K, threshold, BLOCK_T, BLOCK_K), x, 0.0)
         # Aᵀ tile (BLOCK_K, R_PAD), A in its own (master) dtype, rounded to x's here: no cast kernel
         a_t = tl.load(a_ptr + offs_r[None, :] * stride_ar + k64[:, None] * stride_ak,
                       mask=r_mask[None, :] & k_mask[:, None], other=0.0).to(x_ptr.dtype.element_ty)
@@ -159,7 +158,7 @@ def _gemm_lowrank_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, rm_ptr, g_ptr, x_
                  mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(c_ptr.dtype.element_ty)
     lr = mma(low, rm, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, INPUT_PRECISION)
     if HAS_DROPOUT:
-        keep = dropout_keep(tl.load(seed_ptr), rows[:, None] * N + cols[None, :], threshold)
+        keep = dropout_keep_tile(tl.load(seed_ptr), rows, pid_n * BLOCK_N, N, threshold, BLOCK_M, BLOCK_N)
         lr = tl.where(keep, lr * keep_scale, 0.0)
     acc += lr
     if HAS_BIAS:
@@ -356,8 +355,7 @@ def _grad_a_kernel(x_ptr, v_ptr, g_ptr, ga_ptr, T, K, R, rows_per_split,
         x = tl.load(x_ptr + rows[:, None] * stride_xt + k64[None, :] * stride_xk,
                     mask=t_mask[:, None] & k_mask[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, rows[:, None] * K + offs_k[None, :], threshold)
-            x = tl.where(keep, x, 0.0)
+            x = tl.where(dropout_keep_tile(seed, rows, pid_k * BLOCK_K, K, threshold, BLOCK_T, BLOCK_K), x, 0.0)
         v = tl.load(v_ptr + rows[:, None] * R + offs_r[None, :], mask=t_mask[:, None] & r_mask[None, :], other=0.0)
         vg = (v * gs[None, :]).to(x_ptr.dtype.element_ty)
         acc = mma(tl.trans(vg), x, acc, UPCAST, INPUT_PRECISION)

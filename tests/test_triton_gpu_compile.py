@@ -1,7 +1,8 @@
 """Every Triton kernel, with its GPU tile configs (all autotune configs), compiles for sm_90
 (Hopper) — checked without a GPU by tests/triton_gpu_compile.py in a subprocess. The interpreter
 tests check numerics; this catches what only a GPU compile would (tile shapes, dot constraints,
-dtypes, register-hungry configs that fail in ptxas). Skipped where a GPU runs the kernels for real.
+dtypes, register-hungry configs that fail in ptxas), and fails a kernel whose register spills grow
+past its budget (SPILL_BUDGET there). Skipped where a GPU runs the kernels for real.
 SPU_COMPILE_CHECK_DTYPES picks the dtypes (default bf16, the training dtype: ~2.5 min on 2 cores; fp16 and
 fp32 pass too, see the script)."""
 import os

@@ -10,13 +10,19 @@ Compilation (Triton → PTX → cubin through ptxas) needs no GPU.
 
     python tests/triton_gpu_compile.py [--arch 90] [--dtypes bf16,fp16,fp32]
 
-Prints one line per op and exits non-zero on the first kernel that does not compile.
+Prints one line per op and exits non-zero on the first kernel that does not compile. Then, from
+each compiled cubin (cuobjdump -res-usage, Triton's bundled binary), a line per kernel: variants,
+most registers, most shared memory and most local-memory stack per thread (spills), and a FAIL line
+for a kernel whose stack passes its entry in SPILL_BUDGET: spills may only shrink.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.pop("TRITON_INTERPRET", None)     # the GPU code path, not the interpreter
@@ -27,6 +33,54 @@ import triton  # noqa: E402
 from spu_kernels.triton.stub_driver import COMPILED, compile_only  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# Local-memory stack (bytes per thread; registers spilled) each kernel may use at most, over all its
+# variants and dtypes: what sm_90 / Triton 3.8.0 gave on 2026-11-24. A kernel absent here must not
+# spill. Issue #14 is to bring these to zero (the bf16 128×256 / 256×128 GEMM configs, the low-rank
+# GEMM's dropout and grad_A variants, fp32 K-scaled GEMMs on FMA, the ladder's backward).
+SPILL_BUDGET = {
+    "_gemm_scaled_kernel": 4720,
+    "_gemm_lowrank_kernel": 1816,
+    "_dy_kernel": 4240,
+    "_bwd_kernel": 912,
+    "_dw_kernel": 968,
+    "_fwd_kernel": 40,
+    "_zo_axpby_kernel": 32,
+    "_scaled_act_bwd_kernel": 8,
+}
+_RES = re.compile(r"REG:(\d+) STACK:(\d+)")
+
+
+def resource_report(compiled) -> list[str]:
+    """Per kernel name: variants, max registers / shared bytes / stack bytes; FAIL lines past SPILL_BUDGET."""
+    import triton as _triton
+    tool = os.path.join(os.path.dirname(_triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    usage: dict[str, list[tuple[int, int, int]]] = {}
+    seen = set()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, _, kernel in compiled:
+            cubin = getattr(kernel, "asm", {}).get("cubin")
+            if cubin is None or hash(cubin) in seen:
+                continue
+            seen.add(hash(cubin))
+            path = os.path.join(tmp, "k.cubin")
+            with open(path, "wb") as f:
+                f.write(cubin)
+            text = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+            # the kernel's own line follows "Function <name>:" (device functions have their own)
+            m = re.search(rf"Function {re.escape(kernel.name)}:\s*\n\s*{_RES.pattern}", text)
+            if m:   # shared memory: Triton's dynamic allocation, from the kernel's metadata
+                usage.setdefault(name, []).append((int(m.group(1)), int(m.group(2)), kernel.metadata.shared))
+    lines = []
+    for name, rows in sorted(usage.items()):
+        regs, stack, shared = max(r[0] for r in rows), max(r[1] for r in rows), max(r[2] for r in rows)
+        spilling = sum(r[1] > 0 for r in rows)
+        lines.append(f"res  {name}: {len(rows)} variants, <= {regs} registers, <= {shared} B shared, "
+                     f"stack <= {stack} B ({spilling} spilling)")
+        if stack > SPILL_BUDGET.get(name, 0):
+            lines.append(f"FAIL {name} spills {stack} B per thread, over its budget of {SPILL_BUDGET.get(name, 0)} B "
+                         "(SPILL_BUDGET in tests/triton_gpu_compile.py)")
+    return lines
 
 
 def _grads(y, *leaves):
@@ -104,7 +158,9 @@ def main(argv=None) -> int:
                   f"{time.time() - t:.1f} s",
                   flush=True)
     print(f"compiled {len(COMPILED)} kernels for sm_{args.arch} ({triton.__version__}) in {time.time() - total:.0f} s")
-    return 0
+    report = resource_report(COMPILED)
+    print("\n".join(report))
+    return 1 if any(line.startswith("FAIL") for line in report) else 0
 
 
 if __name__ == "__main__":

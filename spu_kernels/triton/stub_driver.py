@@ -103,19 +103,19 @@ def _restore_backend_check() -> None:
     backends._reason = getattr(backends._reason, "_original", backends._reason)
 
 
-COMPILED: list[tuple[str, float]] = []
+COMPILED: list[tuple[str, float, object]] = []
 
 
 def compile_only(arch: int) -> None:
     """Install for the rest of the process: launches compile (all autotune configs) and never run.
-    Each compile is recorded in ``COMPILED`` as (kernel name, seconds)."""
+    Each compile is recorded in ``COMPILED`` as (kernel name, seconds, the CompiledKernel)."""
     driver.set_active(StubDriver(arch))
     jit_run = JITFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
         t = time.time()
         kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
-        COMPILED.append((self.fn.__name__, time.time() - t))
+        COMPILED.append((self.fn.__name__, time.time() - t, kernel))
         return kernel
 
     def autotuned(self, *args, **kwargs):

@@ -5,9 +5,8 @@ call (same inputs -> torch.equal) on the torch backend and on triton under the i
 enough tokens that the token-split (atomic) paths of the triton kernels run: lowrank_linear with and
 without dropout (fixed seed), kron_linear, ia3_linear (both sides), ia3_scaled_act and
 ladder_cross_attention. The same check of triton on a CUDA GPU is marked ``gpu`` (skipped without
-one): there lowrank_linear, ia3_linear's input side and the ladder still add split partial sums
-with atomics (issue #14), while ia3_linear's output side, ia3_scaled_act and kron_linear add them
-in a fixed order (triton/partials.py)."""
+one): there lowrank_linear and the ladder still add split partial sums with atomics (issue #14),
+while ia3_linear, ia3_scaled_act and kron_linear add them in a fixed order (triton/partials.py)."""
 import json
 
 import pytest

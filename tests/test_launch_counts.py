@@ -21,7 +21,7 @@ LAUNCHES = {
     "lowrank_linear dropout": (6, "the same + the seed drawn on the device"),
     "ia3_linear output": (4, "GEMM⊙l | dx GEMM, one pass over dy and y for grad_l, the sum of its token "
                              "splits' partials"),
-    "ia3_linear input": (3, "GEMM with x⊙l | memset, dx GEMM with the grad_l reduction"),
+    "ia3_linear input": (3, "GEMM with x⊙l | dx GEMM with grad_l's row-block partials, their sum"),
     "ia3_scaled_act": (3, "act⊙l | one pass for dh and grad_l, the sum of its token splits' partials"),
     "kron_linear": (6, "GEMM, Kronecker term | dx GEMM, its term, grad_A and grad_B in one kernel, the sum of its "
                        "token splits' partials (GEMMs past TRITON_GEMM_MAX_MACS: cuBLAS, same count)"),

@@ -1,12 +1,12 @@
 """The frozen-linear GEMM shared by the (IA)³ and KronA ops: C = (A @ (diag(k_scale) B) + bias) ⊙ n_scale
-with an optional epilogue reduction gl += Σ_rows (A @ diag(k_scale) B + bias) ⊙ Z.
+with an optional epilogue reduction Σ_rows (A @ diag(k_scale) B + bias) ⊙ Z, as per-row-block partials.
 
-    A (M, K), B (K, N), any strides; bias, n_scale, gl (N,); k_scale (K,); Z, C (M, N)
+    A (M, K), B (K, N), any strides; bias, n_scale (N,); k_scale (K,); Z, C (M, N)
 
 The per-reduction-index scale multiplies B's rows inside the K loop; bias, the column scale and the
-reduction act on the fp32 accumulator in the epilogue (the reduction before the scale, with atomics
-into a zero-filled fp32 gl). Plain pointers, cp.async-fed wgmma on sm_90: the TMA persistent core of
-issue #14 replaces it.
+reduction act on the fp32 accumulator in the epilogue (the reduction before the scale, one fp32
+workspace row per row block, summed in order afterwards: deterministic, no memset). Plain
+pointers, cp.async-fed wgmma on sm_90: the TMA persistent core of issue #14 replaces it.
 """
 from __future__ import annotations
 
@@ -51,9 +51,9 @@ def _gemm_scaled_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, ks_ptr, ns_ptr, z_ptr, gl
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tile_mask = m_mask[:, None] & n_mask[None, :]
-    if REDUCE_Z:   # gl[n] += Σ_m acc[m, n] · z[m, n], before the column scale
+    if REDUCE_Z:   # row pid_m of the (row blocks, N) workspace: Σ_(m in this block) acc[m, n] · z[m, n], unscaled
         z = tl.load(z_ptr + rows[:, None] * stride_zm + cols[None, :] * stride_zn, mask=tile_mask, other=0.0)
-        tl.atomic_add(gl_ptr + offs_n, tl.sum(acc * z.to(tl.float32), axis=0), mask=n_mask)
+        tl.store(gl_ptr + pid_m.to(tl.int64) * N + cols, tl.sum(acc * z.to(tl.float32), axis=0), mask=n_mask)
     if N_SCALE:
         acc = acc * tl.load(ns_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if STORE_C:
@@ -61,10 +61,28 @@ def _gemm_scaled_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, ks_ptr, ns_ptr, z_ptr, gl
                  mask=tile_mask)
 
 
-# one autotuner per operand width, over the same kernel: fp32 gets its own (smaller) tiles
-_AUTOTUNED = {fp32: triton.autotune(configs=gemm_configs(fp32), reset_to_zero=["gl_ptr"],
-                                    key=["M_BUCKET", "N", "K", "HAS_BIAS", "K_SCALE", "N_SCALE", "REDUCE_Z"])(
-    _gemm_scaled_kernel) for fp32 in (False, True)}
+def _reduce_block_m(fp32: bool) -> int:
+    heights = [cfg.kwargs["BLOCK_M"] for cfg in gemm_configs(fp32)]
+    return max(set(heights), key=lambda h: (heights.count(h), h))     # the most common tile height
+
+
+def reduce_block_m(dtype: torch.dtype) -> int:
+    """BLOCK_M of every config the reducing variant (``reduce_z``) may pick (the most common tile
+    height of the width's configs): its workspace has one row per row block, so their number
+    must be known before the launch."""
+    return _reduce_block_m(dtype == torch.float32)
+
+
+def _configs(fp32: bool, reduce: bool) -> list:
+    cfgs = gemm_configs(fp32)
+    return [cfg for cfg in cfgs if cfg.kwargs["BLOCK_M"] == _reduce_block_m(fp32)] if reduce else cfgs
+
+
+# one autotuner per (operand width, reduction): fp32 gets its own (smaller) tiles, the reducing
+# variant only tiles of one height
+_AUTOTUNED = {(fp32, reduce): triton.autotune(configs=_configs(fp32, reduce),
+                                              key=["M_BUCKET", "N", "K", "HAS_BIAS", "K_SCALE", "N_SCALE"])(
+    _gemm_scaled_kernel) for fp32 in (False, True) for reduce in (False, True)}
 
 
 def gemm_scaled(a_op: torch.Tensor, b_op: torch.Tensor, bias: torch.Tensor | None = None,
@@ -72,9 +90,11 @@ def gemm_scaled(a_op: torch.Tensor, b_op: torch.Tensor, bias: torch.Tensor | Non
                 reduce_z: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
                 gl: torch.Tensor | None = None) -> None:
     """out = ((a_op (M, K) @ (diag(k_scale) b_op (K, N))) + bias) ⊙ n_scale (out: (M, N), any
-    strides; None: not stored). With ``reduce_z`` (M, N) also gl += Σ_m (a_op @ diag(k_scale) b_op
-    + bias) ⊙ z, taken before the column scale (gl: zero-filled fp32 (N,): atomics). Nothing is
-    allocated here: every tensor the kernel gets is the caller's (a launch plan can name it)."""
+    strides; None: not stored). With ``reduce_z`` (M, N) also the partial sums of
+    Σ_m (a_op @ diag(k_scale) b_op + bias) ⊙ z (before the column scale) into ``gl``, a contiguous
+    fp32 (cdiv(M, reduce_block_m(dtype)), N) workspace, one row per row block, every row written:
+    sum them with triton/partials.py (in order: deterministic). Nothing is allocated here: every
+    tensor the kernel gets is the caller's (a launch plan can name it)."""
     M, K = a_op.shape
     N = b_op.shape[1]
     if out is None and gl is None:
@@ -84,8 +104,10 @@ def gemm_scaled(a_op: torch.Tensor, b_op: torch.Tensor, bias: torch.Tensor | Non
     c_strides = out.stride() if out is not None else (0, 0)
     z_strides = reduce_z.stride() if reduce_z is not None else (0, 0)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
-    # the autotuner zeroes gl_ptr between its trials: the real gl, or else c, an output about to be written
-    launch(_AUTOTUNED[a_op.dtype == torch.float32])[grid](
+    if reduce_z is not None and tuple(gl.shape) != (cdiv(M, reduce_block_m(a_op.dtype)), N):
+        raise ValueError(f"gemm_scaled: the workspace must be (row blocks {cdiv(M, reduce_block_m(a_op.dtype))}, "
+                         f"N={N}), got {tuple(gl.shape)}")
+    launch(_AUTOTUNED[(a_op.dtype == torch.float32, reduce_z is not None)])[grid](
         a_op, b_op, c, bias if bias is not None else c, k_scale if k_scale is not None else c,
         n_scale if n_scale is not None else c, z, gl if gl is not None else c,
         M, N, K, next_pow2(M),

@@ -17,8 +17,9 @@ per column. A column block where some l is exactly 0 (y carries no z there) reco
 tiles from x and W inside the kernel; the branch is taken on the device, no host sync.
 ``scaled_act_fwd`` / ``scaled_act_bwd``: one elementwise pass each; backward recomputes act(h)
 and act'(h) from h (the only activation saved) and reduces grad_l over tokens.
-The token reductions of the last two are deterministic: one split writes the grads itself, in
-their own dtypes; several write fp32 partial rows that triton/partials.py adds in order.
+Every token reduction is deterministic: one split writes the grads itself, in their own dtypes;
+several (token splits, or the GEMM's row blocks) write fp32 partial rows that triton/partials.py
+adds in order.
 ``linear_forward`` / ``linear_backward`` / ``act_forward`` / ``act_backward`` are what the ops
 call: they allocate, and replay recorded launch plans.
 """
@@ -30,7 +31,7 @@ import triton.language as tl
 
 from ._common import INTERPRET, cdiv, device_index, input_precision, mma, num_sms, upcast_dot
 from ._launcher import PlanCache, aligned, launch, tensor_key
-from .gemm import gemm_scaled
+from .gemm import gemm_scaled, reduce_block_m
 from .partials import sum_partials
 
 # ---------------------------------------------------------------------------------------------
@@ -301,26 +302,29 @@ def linear_backward(dy, x, y, weight, bias, l, side: str, need_dx: bool, need_db
     T = dy.shape[0]
     dev = dy.device
     dx = torch.empty((T, weight.shape[1]), device=dev, dtype=dy.dtype) if need_dx else None
-    dl = dbias = ws = gl32 = None
+    dl = dbias = ws = None
     if side == "input":
-        if need_dl:   # the GEMM's epilogue adds its M tiles' shares atomically: fp32, zeroed
-            gl32 = torch.zeros(l.shape, device=dev, dtype=torch.float32)
+        if need_dl:   # the GEMM's epilogue writes one fp32 row per row block, summed in order into dl
+            dl = torch.empty(l.shape, device=dev, dtype=l.dtype)
+            ws = torch.empty((cdiv(T, reduce_block_m(dy.dtype)), l.shape[0]), device=dev, dtype=torch.float32)
     elif need_dl:
         dl = torch.empty(l.shape, device=dev, dtype=l.dtype)
         dbias = torch.empty(dy.shape[1], device=dev, dtype=dy.dtype) if need_dbias else None
         splits, _ = out_grad_splits(T, dy.shape[1], dy)
         if splits > 1:
             ws = torch.empty((splits, dy.shape[1] * (2 if need_dbias else 1)), device=dev, dtype=torch.float32)
-    env = (dy, x, y, weight, bias, l, dx, dl, dbias, ws, gl32)
+    env = (dy, x, y, weight, bias, l, dx, dl, dbias, ws)
 
     def key():
         return (tensor_key(dy), tensor_key(x), tensor_key(y), tensor_key(weight), tensor_key(bias), tensor_key(l),
-                aligned(dx, dl, dbias, ws, gl32), side, need_dbias, input_precision(dy.dtype))
+                aligned(dx, dl, dbias, ws), side, need_dbias, input_precision(dy.dtype))
 
     def body():
         if side == "input":
             if need_dx or need_dl:   # g = dy W: dx = g ⊙ l, grad_l = Σ_t x ⊙ g
-                gemm_scaled(dy, weight, n_scale=l, reduce_z=x if need_dl else None, out=dx, gl=gl32)
+                gemm_scaled(dy, weight, n_scale=l, reduce_z=x if need_dl else None, out=dx, gl=ws)
+                if need_dl:
+                    sum_partials(ws, dl)
         else:
             if need_dx:              # dx = dy (diag(l) W)
                 gemm_scaled(dy, weight, k_scale=l, out=dx)
@@ -329,7 +333,6 @@ def linear_backward(dy, x, y, weight, bias, l, side: str, need_dx: bool, need_db
     if need_dx or need_dl:
         _PLANS["linear_bwd"].run(key, env, body)
     if side == "input":
-        dl = gl32 if gl32 is None or l.dtype == torch.float32 else gl32.to(l.dtype)
         dbias = dy.float().sum(0).to(dy.dtype) if need_dbias else None
     elif need_dbias and not need_dl:   # bias only: y and x were not saved
         dbias = (dy.float().sum(0) * l.float()).to(dy.dtype)

@@ -68,6 +68,13 @@ def frozen_linear_dtypes(op: str, x, weight, bias):
     return x, weight, bias
 
 
+def tokens_2d(t):
+    """t (..., C) as (tokens, C): t itself when 2-D (or None), else a reshape. The ops flatten inside
+    their autograd Function, so that no view node sits around them in the graph (each costs host
+    time in eager mode)."""
+    return t if t is None or t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
 SEED_LIMIT = 2**63   # the Philox key is 64 bits, but the cuda op takes an int64: [0, 2**63) on every backend
 
 

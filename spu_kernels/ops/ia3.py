@@ -28,7 +28,14 @@ import torch
 import torch.nn.functional as F
 
 from ..backends import resolve_backend, triton_kernels
-from ._checks import FLOAT_DTYPES, autocast_dtype, autocast_off, check_frozen_linear, frozen_linear_dtypes
+from ._checks import (
+    FLOAT_DTYPES,
+    autocast_dtype,
+    autocast_off,
+    check_frozen_linear,
+    frozen_linear_dtypes,
+    tokens_2d,
+)
 from ._library import define_op_pair, grads_or_placeholders
 
 OP_LINEAR = "ia3_linear"
@@ -171,12 +178,8 @@ IMPLEMENTED = tuple(_IMPLS)
 # costs host time in eager mode).
 # ---------------------------------------------------------------------------------------------
 
-def _flat(t):
-    return t if t is None or t.dim() == 2 else t.reshape(-1, t.shape[-1])
-
-
 def _linear_fwd(backend, x, weight, bias, l, side):
-    y = _IMPLS["torch" if x.numel() == 0 else backend].linear_forward(_flat(x), weight, bias, l, side)
+    y = _IMPLS["torch" if x.numel() == 0 else backend].linear_forward(tokens_2d(x), weight, bias, l, side)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -186,8 +189,8 @@ def _linear_fwd_fake(x, weight, bias, l, side):
 
 def _linear_bwd(backend, dy, x, y, weight, bias, l, side, need_dx, need_dbias, need_dl):
     impl = _IMPLS["torch" if dy.numel() == 0 else backend]
-    dx, dbias, dl = impl.linear_backward(_flat(dy), _flat(x), _flat(y), weight, bias, l, side, need_dx, need_dbias,
-                                         need_dl)
+    dx, dbias, dl = impl.linear_backward(tokens_2d(dy), tokens_2d(x), tokens_2d(y), weight, bias, l, side,
+                                         need_dx, need_dbias, need_dl)
     if dx is not None and dy.dim() != 2:
         dx = dx.view(*dy.shape[:-1], dx.shape[1])
     return grads_or_placeholders((dx, dbias, dl), (dy.dtype, dy.dtype, l.dtype), dy)
@@ -233,7 +236,7 @@ IA3LinearFunction = IA3_LINEAR.function
 
 
 def _act_fwd(backend, h, l, activation):
-    y = _IMPLS["torch" if h.numel() == 0 else backend].act_forward(_flat(h), l, activation)
+    y = _IMPLS["torch" if h.numel() == 0 else backend].act_forward(tokens_2d(h), l, activation)
     return y if h.dim() == 2 else y.view(h.shape)
 
 
@@ -243,7 +246,7 @@ def _act_fwd_fake(h, l, activation):
 
 def _act_bwd(backend, dy, h, l, activation, need_dh, need_dl):
     impl = _IMPLS["torch" if dy.numel() == 0 else backend]
-    dh, dl = impl.act_backward(_flat(dy), _flat(h), l, activation, need_dh, need_dl)
+    dh, dl = impl.act_backward(tokens_2d(dy), tokens_2d(h), l, activation, need_dh, need_dl)
     if dh is not None and h.dim() != 2:
         dh = dh.view(h.shape)
     return grads_or_placeholders((dh, dl), (h.dtype, l.dtype), dy)

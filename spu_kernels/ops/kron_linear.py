@@ -23,7 +23,7 @@ import math
 import torch
 
 from ..backends import resolve_backend, triton_kernels
-from ._checks import autocast_off, check_frozen_linear, frozen_linear_dtypes
+from ._checks import autocast_off, check_frozen_linear, frozen_linear_dtypes, tokens_2d
 from ._library import define_op_pair, grads_or_placeholders
 
 OP_NAME = "kron_linear"
@@ -115,12 +115,8 @@ IMPLEMENTED = tuple(_IMPLS)
 # the autograd graph (each costs host time in eager mode).
 # ---------------------------------------------------------------------------------------------
 
-def _flat(t):
-    return t if t is None or t.dim() == 2 else t.reshape(-1, t.shape[-1])
-
-
 def _fwd(backend, x, weight, bias, a, b, scale, offsets):
-    y = _IMPLS["torch" if x.numel() == 0 else backend].forward(_flat(x), weight, bias, a, b, scale, offsets)
+    y = _IMPLS["torch" if x.numel() == 0 else backend].forward(tokens_2d(x), weight, bias, a, b, scale, offsets)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -130,7 +126,7 @@ def _fwd_fake(x, weight, bias, a, b, scale, offsets):
 
 def _bwd(backend, dy, x, weight, a, b, scale, offsets, need_dx, need_dbias, need_da, need_db):
     impl = _IMPLS["torch" if dy.numel() == 0 else backend]
-    dx, dbias, da, db = impl.backward(_flat(dy), _flat(x), weight, a, b, scale, offsets, need_dx, need_dbias,
+    dx, dbias, da, db = impl.backward(tokens_2d(dy), tokens_2d(x), weight, a, b, scale, offsets, need_dx, need_dbias,
                                       need_da, need_db)
     if dx is not None and dy.dim() != 2:
         dx = dx.view(*dy.shape[:-1], dx.shape[1])

@@ -25,7 +25,7 @@ import math
 import torch
 
 from ..backends import resolve_backend, triton_kernels
-from ._checks import autocast_off, check_frozen_linear, frozen_linear_dtypes, seed_tensor
+from ._checks import autocast_off, check_frozen_linear, frozen_linear_dtypes, seed_tensor, tokens_2d
 from ._library import define_op_pair, no_grad_placeholder
 from .dropout_rng import dropout_keep_mask, dropout_threshold
 
@@ -193,10 +193,8 @@ IMPLEMENTED = tuple(_IMPLS)
 
 def _fwd(backend, x, weight, bias, a, b, g, scale, p, seed):
     impl = _IMPLS["torch" if x.numel() == 0 else backend]
-    if x.dim() == 2:
-        return impl.forward(x, weight, bias, a, b, g, scale, p, seed)
-    y, u = impl.forward(x.reshape(-1, x.shape[-1]), weight, bias, a, b, g, scale, p, seed)
-    return y.view(*x.shape[:-1], weight.shape[0]), u
+    y, u = impl.forward(tokens_2d(x), weight, bias, a, b, g, scale, p, seed)
+    return (y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])), u
 
 
 def _fwd_fake(x, weight, bias, a, b, g, scale, p, seed):
@@ -208,10 +206,8 @@ def _bwd(backend, dy, x, weight, a, b, g, u, scale, p, seed, need_dx, need_dbias
     """(dx or an empty placeholder, the packed fp32 grads: grad_layout)."""
     impl = _IMPLS["torch" if dy.numel() == 0 else backend]
     flat = dy.dim() == 2
-    dy2 = dy if flat else dy.reshape(-1, dy.shape[-1])
-    x2 = x if flat or x is None else x.reshape(-1, x.shape[-1])
-    dx, packed = impl.backward(dy2, x2, weight, a, b, g, u, scale, p, seed, need_dx, need_dbias, need_da, need_db,
-                               need_dg)
+    dx, packed = impl.backward(tokens_2d(dy), tokens_2d(x), weight, a, b, g, u, scale, p, seed, need_dx, need_dbias,
+                               need_da, need_db, need_dg)
     if dx is None:
         return no_grad_placeholder(dy), packed
     return (dx if flat else dx.view(*dy.shape[:-1], a.shape[1])), packed

@@ -84,6 +84,18 @@ def device_index(t: torch.Tensor) -> int:
     return t.device.index if t.device.type == "cuda" and t.device.index is not None else 0
 
 
+def token_splits(T: int, col_programs: int, like: torch.Tensor, per_sm: int, block: int = 1,
+                 min_rows: int = 1) -> tuple[int, int]:
+    """(splits, tokens per split) for a kernel that splits T tokens over a second grid dimension
+    beside ``col_programs`` column programs: about ``per_sm`` programs per SM (on ``like``'s GPU),
+    each split a whole number of ``block``-token blocks and at least ``min_rows`` tokens."""
+    t_blocks = cdiv(T, block)
+    wanted = cdiv(per_sm * num_sms(device_index(like)), col_programs)
+    splits = max(1, min(cdiv(t_blocks, cdiv(min_rows, block)), wanted))
+    rows = cdiv(t_blocks, splits) * block
+    return cdiv(T, rows), rows
+
+
 def gemm_configs(fp32: bool = False) -> list:
     """Autotune configs of the package's tiled GEMMs (one config under the interpreter: autotuning
     needs a GPU). Every config compiles for sm_80 / sm_90 (tests/triton_gpu_compile.py). fp32
@@ -99,6 +111,28 @@ def gemm_configs(fp32: bool = False) -> list:
                  (64, 64, 32, 4, 5)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps,
                           num_stages=stages) for bm, bn, bk, warps, stages in tiles]
+
+
+@triton.jit
+def gemm_tile(a_ptr, b_ptr, ks_ptr, rows, cols, m_mask, n_mask, K, stride_am, stride_ak, stride_bk, stride_bn,
+              K_SCALE: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The fp32 (BLOCK_M, BLOCK_N) tile A[rows, :] @ (diag(ks) B)[:, cols] of the package's tiled
+    GEMMs (rows, cols: int64 indices; the K_SCALE rows of B scaled in the operands' dtype)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k64 = offs_k.to(tl.int64)   # int64 address products: K·stride may pass 2**31
+        k_mask = offs_k < K
+        a = tl.load(a_ptr + rows[:, None] * stride_am + k64[None, :] * stride_ak,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + k64[:, None] * stride_bk + cols[None, :] * stride_bn,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if K_SCALE:   # diag(ks) B: the (BLOCK_K, BLOCK_N) tile's rows, in the operands' dtype
+            ks = tl.load(ks_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            b = (b.to(tl.float32) * ks[:, None]).to(b_ptr.dtype.element_ty)
+        acc = mma(a, b, acc, UPCAST, INPUT_PRECISION)
+    return acc
 
 
 @triton.jit

@@ -10,11 +10,13 @@ pointers, cp.async-fed wgmma on sm_90: the TMA persistent core of issue #14 repl
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, gemm_configs, grouped_tile, input_precision, mma, next_pow2, upcast_dot
+from ._common import cdiv, gemm_configs, gemm_tile, grouped_tile, input_precision, next_pow2, upcast_dot
 from ._launcher import launch
 
 
@@ -35,19 +37,8 @@ def _gemm_scaled_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, ks_ptr, ns_ptr, z_ptr, gl
     cols = offs_n.to(tl.int64)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k64 = offs_k.to(tl.int64)   # int64 address products: K·stride may pass 2**31
-        k_mask = offs_k < K
-        a = tl.load(a_ptr + rows[:, None] * stride_am + k64[None, :] * stride_ak,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptr + k64[:, None] * stride_bk + cols[None, :] * stride_bn,
-                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if K_SCALE:   # diag(ks) B: the (BLOCK_K, BLOCK_N) tile's rows, in the operands' dtype
-            ks = tl.load(ks_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            b = (b.to(tl.float32) * ks[:, None]).to(b_ptr.dtype.element_ty)
-        acc = mma(a, b, acc, UPCAST, INPUT_PRECISION)
+    acc = gemm_tile(a_ptr, b_ptr, ks_ptr, rows, cols, m_mask, n_mask, K, stride_am, stride_ak, stride_bk, stride_bn,
+                    K_SCALE, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tile_mask = m_mask[:, None] & n_mask[None, :]
@@ -61,6 +52,7 @@ def _gemm_scaled_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, ks_ptr, ns_ptr, z_ptr, gl
                  mask=tile_mask)
 
 
+@functools.cache
 def _reduce_block_m(fp32: bool) -> int:
     heights = [cfg.kwargs["BLOCK_M"] for cfg in gemm_configs(fp32)]
     return max(set(heights), key=lambda h: (heights.count(h), h))     # the most common tile height
@@ -104,9 +96,11 @@ def gemm_scaled(a_op: torch.Tensor, b_op: torch.Tensor, bias: torch.Tensor | Non
     c_strides = out.stride() if out is not None else (0, 0)
     z_strides = reduce_z.stride() if reduce_z is not None else (0, 0)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
-    if reduce_z is not None and tuple(gl.shape) != (cdiv(M, reduce_block_m(a_op.dtype)), N):
-        raise ValueError(f"gemm_scaled: the workspace must be (row blocks {cdiv(M, reduce_block_m(a_op.dtype))}, "
-                         f"N={N}), got {tuple(gl.shape)}")
+    if reduce_z is not None:
+        row_blocks = cdiv(M, reduce_block_m(a_op.dtype))
+        if tuple(gl.shape) != (row_blocks, N):
+            raise ValueError(f"gemm_scaled: the workspace must be (row blocks {row_blocks}, N={N}), "
+                             f"got {tuple(gl.shape)}")
     launch(_AUTOTUNED[(a_op.dtype == torch.float32, reduce_z is not None)])[grid](
         a_op, b_op, c, bias if bias is not None else c, k_scale if k_scale is not None else c,
         n_scale if n_scale is not None else c, z, gl if gl is not None else c,

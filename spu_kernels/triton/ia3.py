@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, cdiv, device_index, input_precision, mma, num_sms, upcast_dot
+from ._common import INTERPRET, cdiv, input_precision, mma, token_splits, upcast_dot
 from ._launcher import PlanCache, aligned, launch, tensor_key
 from .gemm import gemm_scaled, reduce_block_m
 from .partials import sum_partials
@@ -37,12 +37,6 @@ from .partials import sum_partials
 # ---------------------------------------------------------------------------------------------
 # output side backward: one pass over dy and y for grad_l and grad_bias
 # ---------------------------------------------------------------------------------------------
-
-
-def _splits(t_blocks: int, col_blocks: int, sms: int) -> int:
-    """Token splits so that about two programs run per SM (each split's partial sums get a
-    workspace row, reduced in order: triton/partials.py)."""
-    return max(1, min(t_blocks, cdiv(2 * sms, col_blocks)))
 
 
 @triton.jit
@@ -104,12 +98,10 @@ def _ia3_out_grad_kernel(dy_ptr, y_ptr, l_ptr, x_ptr, w_ptr, b_ptr, gbias_ptr, g
 
 
 def out_grad_splits(T: int, N: int, dy: torch.Tensor) -> tuple[int, int]:
-    """(token splits, tokens per split) of ``ia3_out_grads``: one workspace row per split when
-    there is more than one."""
+    """(token splits, tokens per split) of ``ia3_out_grads``: about two programs per SM, one
+    workspace row per split when there is more than one."""
     block_t, block_n, _, _ = _out_grad_blocks()
-    t_blocks = cdiv(T, block_t)
-    rows_per_split = cdiv(t_blocks, _splits(t_blocks, cdiv(N, block_n), num_sms(device_index(dy)))) * block_t
-    return cdiv(T, rows_per_split), rows_per_split
+    return token_splits(T, cdiv(N, block_n), dy, per_sm=2, block=block_t)
 
 
 def _out_grad_blocks():
@@ -240,10 +232,7 @@ def act_splits(T: int, F: int, h: torch.Tensor) -> tuple[int, int]:
     """(token splits, tokens per split) of ``scaled_act_bwd``: dh is elementwise, so tokens are
     split enough to fill the GPU; grad_l's shares then go through a workspace row each."""
     block_t, block_f, _ = _act_blocks()
-    t_blocks = cdiv(T, block_t)
-    splits = max(1, min(t_blocks, cdiv(8 * num_sms(device_index(h)), cdiv(F, block_f))))
-    rows_per_split = cdiv(t_blocks, splits) * block_t
-    return cdiv(T, rows_per_split), rows_per_split
+    return token_splits(T, cdiv(F, block_f), h, per_sm=8, block=block_t)
 
 
 def scaled_act_bwd(dy: torch.Tensor, h: torch.Tensor, l: torch.Tensor, act: str, dh: torch.Tensor | None,

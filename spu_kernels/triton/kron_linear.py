@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, cdiv, device_index, input_precision, mma, next_pow2, num_sms, upcast_dot
+from ._common import INTERPRET, cdiv, input_precision, mma, next_pow2, token_splits, upcast_dot
 from ._launcher import PlanCache, aligned, launch, tensor_key
 from .gemm import gemm_scaled
 from .partials import sum_partials
@@ -45,13 +45,6 @@ def check_factor_sides(a1: int, a2: int) -> None:
 def _blocks():
     # (BLOCK_J, BLOCK_Q, warps): columns of the output block per program, reduction chunk
     return (16, 16, 4) if INTERPRET else (64, 64, 8)
-
-
-def _token_splits(T: int, col_blocks: int, x: torch.Tensor, per_sm: int = 4, min_rows: int = 1) -> tuple[int, int]:
-    """(splits, tokens per split): about ``per_sm`` programs per SM, each split ``min_rows`` tokens or more."""
-    splits = max(1, min(cdiv(T, min_rows), cdiv(per_sm * num_sms(device_index(x)), col_blocks)))
-    rows = cdiv(T, splits)
-    return cdiv(T, rows), rows
 
 
 @triton.jit
@@ -120,7 +113,7 @@ def kron_apply(inp: torch.Tensor, in_col: int, lmat: torch.Tensor, rmat: torch.T
     check_factor_sides(M, P)
     block_j, block_q, warps = _blocks()
     j_blocks = cdiv(NN, block_j)
-    splits, rows = _token_splits(T, j_blocks, inp)
+    splits, rows = token_splits(T, j_blocks, inp, per_sm=4)
     launch(_kron_apply_kernel)[(splits, j_blocks)](
         inp, lmat, rmat, out, T, M, P, Q, NN, rows, scale,
         in_col * inp.stride(1), l_off, r_off, out_col * out.stride(1),
@@ -212,7 +205,7 @@ def grads_splits(T: int, b1: int, b2: int, need_da: bool, need_db: bool, x: torc
     programs = int(need_da) + (cdiv(b1, block_j) * cdiv(b2, block_q) if need_db else 0)
     # a split below 16 tokens saves a program less time than its workspace row and the sum launch
     # cost (a guess, to be measured on a GPU); the interpreter's tests split anyway
-    return _token_splits(T, programs, x, per_sm=2, min_rows=1 if INTERPRET else 16)
+    return token_splits(T, programs, x, per_sm=2, min_rows=1 if INTERPRET else 16)
 
 
 def kron_factor_grads(x: torch.Tensor, dy: torch.Tensor, dy_col: int, a: torch.Tensor, b: torch.Tensor, s: int,

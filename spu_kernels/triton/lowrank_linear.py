@@ -36,12 +36,14 @@ from ._common import (
     device_index,
     dropout_keep_tile,
     gemm_configs,
+    gemm_tile,
     grouped_tile,
     input_precision,
     mma,
     next_pow2,
     num_sms,
     rank_pad,
+    token_splits,
     upcast_dot,
 )
 from ._launcher import PlanCache, aligned, launch, tensor_key
@@ -135,16 +137,8 @@ def _gemm_lowrank_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, rm_ptr, g_ptr, x_
     cols = offs_n.to(tl.int64)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k64 = offs_k.to(tl.int64)   # int64 address products: K·stride may pass 2**31
-        k_mask = offs_k < K
-        a = tl.load(a_ptr + rows[:, None] * stride_am + k64[None, :] * stride_ak,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptr + k64[:, None] * stride_bk + cols[None, :] * stride_bn,
-                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = mma(a, b, acc, UPCAST, INPUT_PRECISION)
+    acc = gemm_tile(a_ptr, b_ptr, a_ptr, rows, cols, m_mask, n_mask, K, stride_am, stride_ak, stride_bk, stride_bn,
+                    False, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
     # epilogue: the rank-r term, (BLOCK_M, R_PAD) @ (R_PAD, BLOCK_N)
     offs_r = tl.arange(0, R_PAD)
@@ -299,17 +293,13 @@ def lowrank_dy(dy: torch.Tensor, b: torch.Tensor, u: torch.Tensor, g: torch.Tens
     (r,) where given: fp32, contiguous, zero-filled (partial sums of programs are added atomically)."""
     T, N = dy.shape
     R = b.shape[1]
-    sms = num_sms(device_index(dy))
     if INTERPRET:
         block_t, block_n, warps = 32, 32, 4
     else:
         block_t, block_n, warps = 64, 128, 4
     n_blocks = cdiv(N, block_n)
-    t_blocks = cdiv(T, block_t)
     # split T so that about two programs run per SM; each split's grad_B partial is added atomically
-    splits = max(1, min(t_blocks, cdiv(2 * sms, n_blocks)))
-    rows_per_split = cdiv(t_blocks, splits) * block_t
-    splits = cdiv(T, rows_per_split)
+    splits, rows_per_split = token_splits(T, n_blocks, dy, per_sm=2, block=block_t)
     launch(_dy_kernel)[(n_blocks, splits)](
         dy, b, u, g if g is not None else v, v, grad_b if grad_b is not None else v,
         grad_bias if grad_bias is not None else v, grad_g if grad_g is not None else v,
@@ -375,16 +365,12 @@ def lowrank_grad_a(x: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, sca
     v is the fp32 (T, r) from lowrank_dy."""
     T, K = x.shape
     R = v.shape[1]
-    sms = num_sms(device_index(x))
     if INTERPRET:
         block_t, block_k, warps = 32, 32, 4
     else:
         block_t, block_k, warps = 64, 128, 4
     k_blocks = cdiv(K, block_k)
-    t_blocks = cdiv(T, block_t)
-    splits = max(1, min(t_blocks, cdiv(2 * sms, k_blocks)))
-    rows_per_split = cdiv(t_blocks, splits) * block_t
-    splits = cdiv(T, rows_per_split)
+    splits, rows_per_split = token_splits(T, k_blocks, x, per_sm=2, block=block_t)
     atomic = splits > 1
     launch(_grad_a_kernel)[(k_blocks, splits)](
         x, v, g if g is not None else v, ga, T, K, R, rows_per_split,

@@ -78,17 +78,25 @@ def test_kron_linear_matches_reference(backend, dtype, case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", ["odd", "slices", "W-transposed", "factors-only"])
 def test_kron_linear_triton_with_cublas_base_gemms(monkeypatch, dtype, case):
-    """Past TRITON_GEMM_MAX_MACS the triton backend's base GEMMs run on cuBLAS (torch.addmm / mm) and the
-    Kronecker terms are added into their outputs: the same results as the reference."""
-    from spu_kernels.triton import kron_linear as triton_kron
-    monkeypatch.setattr(triton_kron, "TRITON_GEMM_MAX_MACS", 0)
+    """With the base GEMMs on cuBLAS (torch.addmm / mm; SPU_KERNELS_GEMM=cublas forces the per-shape
+    choice of triton/choice.py) the Kronecker terms are added into their outputs: the same results
+    as the reference."""
+    monkeypatch.setenv("SPU_KERNELS_GEMM", "cublas")
     test_kron_linear_matches_reference("triton", dtype, case)
 
 
 def test_zero_factor_is_exactly_the_base_layer():
+    """A zero factor adds exact zeros to the backend's own base GEMM (torch: F.linear; triton: the
+    package's GEMM core, whose summation order is not cuBLAS's)."""
     x, w, b = torch.randn(2, 7, 12), torch.randn(20, 12), torch.randn(20)
-    base = torch.nn.functional.linear(x, w, b)
     for backend in BACKENDS:
+        if backend == "triton":
+            from spu_kernels.triton.gemm import gemm
+            base = torch.empty(14, 20)
+            gemm(x.reshape(14, 12), w.t(), base, bias=b)
+            base = base.view(2, 7, 20)
+        else:
+            base = torch.nn.functional.linear(x, w, b)
         y = kron_linear(x, w, b, torch.randn(4, 3), torch.zeros(5, 4), backend=backend)
         assert torch.equal(y, base)
 

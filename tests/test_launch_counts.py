@@ -17,7 +17,8 @@ T, K, N, R = 40, 48, 40, 4
 
 # op call -> (kernels per forward+backward, what they are)
 LAUNCHES = {
-    "lowrank_linear": (5, "down, GEMM+epilogue | one memset (packed grads), dy pass, dx GEMM + epilogue + grad_A"),
+    "lowrank_linear": (5, "down, GEMM+epilogue | dy pass, the sum of v's partials over dy's two column blocks, "
+                          "dx GEMM + epilogue + grad_A (no memset, no atomics)"),
     "lowrank_linear dropout": (6, "the same + the seed drawn on the device"),
     "ia3_linear output": (4, "GEMM⊙l | dx GEMM, one pass over dy and y for grad_l, the sum of its token "
                              "splits' partials"),
@@ -25,8 +26,8 @@ LAUNCHES = {
     "ia3_scaled_act": (3, "act⊙l | one pass for dh and grad_l, the sum of its token splits' partials"),
     "kron_linear": (6, "GEMM, Kronecker term | dx GEMM, its term, grad_A and grad_B in one kernel, the sum of its "
                        "token splits' partials (GEMMs past TRITON_GEMM_MAX_MACS: cuBLAS, same count)"),
-    "ladder_cross_attention": (5, "fused attention | memset, fused backward (head groups add dC in fp32), its "
-                                  "cast to the activations' dtype, dW"),
+    "ladder_cross_attention": (4, "fused attention | fused backward (head groups write fp32 parts of dC), their "
+                                  "ordered sum in the activations' dtype, dW (3 with one head group)"),
 }
 
 

@@ -13,7 +13,10 @@ Compilation (Triton → PTX → cubin through ptxas) needs no GPU.
 Prints one line per op and exits non-zero on the first kernel that does not compile. Then, from
 each compiled cubin (cuobjdump -res-usage, Triton's bundled binary), a line per kernel: variants,
 most registers, most shared memory and most local-memory stack per thread (spills), and a FAIL line
-for a kernel whose stack passes its entry in SPILL_BUDGET: spills may only shrink.
+for a kernel whose stack passes its entry in SPILL_BUDGET (spills may only shrink), for a variant
+that asks for more shared memory than an sm_90 block may have (227 KB), and, on sm_90, for a
+variant of the GEMM core (triton/gemm.py) whose operands qualify for TMA but whose PTX has no TMA
+bulk-tensor load (``cp.async.bulk.tensor``) or, for 16-bit operands, no ``wgmma``.
 """
 from __future__ import annotations
 
@@ -35,24 +38,56 @@ from spu_kernels.triton.stub_driver import COMPILED, compile_only  # noqa: E402
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # Local-memory stack (bytes per thread; registers spilled) each kernel may use at most, over all its
-# variants and dtypes: what sm_90 / Triton 3.8.0 gave on 2026-11-24. A kernel absent here must not
-# spill. Issue #14 is to bring these to zero (the bf16 128×256 / 256×128 GEMM configs, the low-rank
-# GEMM's dropout and grad_A variants, fp32 K-scaled GEMMs on FMA, the ladder's backward).
+# variants, per operand width: what sm_90 / Triton 3.8.0 gave on 2026-11-24. A kernel absent here
+# must not spill; spills may only shrink. fp32 operands run on FMA (ieee dots, no tensor cores).
 SPILL_BUDGET = {
-    "_gemm_scaled_kernel": 4720,
-    "_gemm_lowrank_kernel": 1816,
-    "_dy_kernel": 4240,
-    "_bwd_kernel": 912,
-    "_dw_kernel": 968,
-    "_fwd_kernel": 40,
-    "_zo_axpby_kernel": 32,
-    "_scaled_act_bwd_kernel": 8,
+    "16-bit": {
+        "_gemm_kernel": 80,         # the dx GEMM with dropout and grad_A (bf16 16-48 B, fp16 80 B)
+        "_bwd_kernel": 912,         # the ladder's backward
+        "_dw_kernel": 968,
+        "_fwd_kernel": 40,
+        "_zo_axpby_kernel": 32,
+        "_scaled_act_bwd_kernel": 8,
+    },
+    "fp32": {
+        "_gemm_kernel": 152,        # the rank-r and grad_A epilogues beside a 64×64 FMA accumulator
+        "_bwd_kernel": 912,
+        "_dw_kernel": 968,
+        "_fwd_kernel": 40,
+        "_grad_a_kernel": 8,
+        "_zo_axpby_kernel": 32,
+        "_scaled_act_bwd_kernel": 8,
+    },
 }
 _RES = re.compile(r"REG:(\d+) STACK:(\d+)")
+MAX_SHARED = 232448                 # bytes of shared memory one block may have on sm_90 (227 KB)
 
 
-def resource_report(compiled) -> list[str]:
-    """Per kernel name: variants, max registers / shared bytes / stack bytes; FAIL lines past SPILL_BUDGET."""
+def gemm_core_report(compiled, arch: int) -> list[str]:
+    """Per compiled variant of the GEMM core: whether it uses TMA and wgmma where it should."""
+    lines, seen = [], set()
+    for name, _, kernel in compiled:
+        if name != "_gemm_kernel" or arch < 90 or id(kernel) in seen:
+            continue
+        seen.add(id(kernel))
+        names = kernel.src.fn.arg_names
+        const = {names[k[0]] if isinstance(k, tuple) else k: v for k, v in kernel.src.constants.items()}
+        ptx = kernel.asm["ptx"]
+        tag = (f"{const['BLOCK_M']}x{const['BLOCK_N']}x{const['BLOCK_K']} "
+               f"{kernel.src.signature.get('a_ptr', '')}")
+        if const.get("A_TMA") and "cp.async.bulk.tensor" not in ptx:
+            lines.append(f"FAIL _gemm_kernel {tag}: A qualifies for TMA but the PTX has no cp.async.bulk.tensor")
+        if const.get("A_TMA") and const.get("UPCAST") is False and "16" in tag and "wgmma.mma_async" not in ptx:
+            lines.append(f"FAIL _gemm_kernel {tag}: 16-bit operands but no wgmma in the PTX")
+    tma = sum(1 for n, _, k in compiled if n == "_gemm_kernel" and "cp.async.bulk.tensor" in k.asm["ptx"])
+    lines.append(f"gemm {tma} TMA variants of _gemm_kernel")
+    return lines
+
+
+def resource_report(compiled, dname: str) -> list[str]:
+    """Per kernel name: variants, max registers / shared bytes / stack bytes of the kernels compiled
+    for operands of dtype ``dname``; FAIL lines past SPILL_BUDGET and MAX_SHARED."""
+    budget = SPILL_BUDGET["fp32" if dname == "fp32" else "16-bit"]
     import triton as _triton
     tool = os.path.join(os.path.dirname(_triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     usage: dict[str, list[tuple[int, int, int]]] = {}
@@ -75,10 +110,12 @@ def resource_report(compiled) -> list[str]:
     for name, rows in sorted(usage.items()):
         regs, stack, shared = max(r[0] for r in rows), max(r[1] for r in rows), max(r[2] for r in rows)
         spilling = sum(r[1] > 0 for r in rows)
-        lines.append(f"res  {name}: {len(rows)} variants, <= {regs} registers, <= {shared} B shared, "
+        lines.append(f"res  {dname} {name}: {len(rows)} variants, <= {regs} registers, <= {shared} B shared, "
                      f"stack <= {stack} B ({spilling} spilling)")
-        if stack > SPILL_BUDGET.get(name, 0):
-            lines.append(f"FAIL {name} spills {stack} B per thread, over its budget of {SPILL_BUDGET.get(name, 0)} B "
+        if shared > MAX_SHARED:
+            lines.append(f"FAIL {name} asks for {shared} B of shared memory, past the {MAX_SHARED} B of an sm_90 block")
+        if stack > budget.get(name, 0):
+            lines.append(f"FAIL {dname} {name} spills {stack} B per thread, over its budget of {budget.get(name, 0)} B "
                          "(SPILL_BUDGET in tests/triton_gpu_compile.py)")
     return lines
 
@@ -129,6 +166,20 @@ def ops(dt):
     yield "lowrank_linear", lowrank(0.0)
     yield "lowrank_linear dropout", lowrank(0.1)
     yield "lowrank_linear dropout, x frozen", lowrank(0.1, x_grad=False)
+
+    def strided():   # x (70, 96) with unit stride along tokens: the GEMM core's pointer path for A
+        x = torch.randn(96, 70, dtype=dt).t().requires_grad_(True)
+        a, b = r(8, 96, grad=True), r(80, 8, grad=True)
+        _grads(O.lowrank_linear(x, r(80, 96), None, a, b, backend="triton"), x, a, b)
+    yield "lowrank_linear, x strided", strided
+
+    def cublas_way():   # the K = 0 pass of the GEMM core that cuBLAS adds the dense product into
+        os.environ["SPU_KERNELS_GEMM"] = "cublas"
+        try:
+            lowrank(0.1)()
+        finally:
+            del os.environ["SPU_KERNELS_GEMM"]
+    yield "lowrank_linear dropout, cuBLAS way", cublas_way
     yield "ia3_linear output", ia3("output")
     yield "ia3_linear input", ia3("input")
     for name in O.ia3.ACTIVATIONS:
@@ -146,7 +197,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     compile_only(args.arch)
     total = time.time()
+    first = {}          # dtype name -> index of its first compile in COMPILED
     for dname in args.dtypes.split(","):
+        first[dname] = len(COMPILED)
         for name, fn in ops(DTYPES[dname]):
             n0, t = len(COMPILED), time.time()
             try:
@@ -158,7 +211,9 @@ def main(argv=None) -> int:
                   f"{time.time() - t:.1f} s",
                   flush=True)
     print(f"compiled {len(COMPILED)} kernels for sm_{args.arch} ({triton.__version__}) in {time.time() - total:.0f} s")
-    report = resource_report(COMPILED)
+    ends = list(first.values())[1:] + [len(COMPILED)]
+    report = [line for (dname, start), end in zip(first.items(), ends)
+              for line in resource_report(COMPILED[start:end], dname)] + gemm_core_report(COMPILED, args.arch)
     print("\n".join(report))
     return 1 if any(line.startswith("FAIL") for line in report) else 0
 

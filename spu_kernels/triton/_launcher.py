@@ -35,10 +35,11 @@ import os
 from typing import Callable
 
 import torch
+import triton
 from torch import Tensor
 from triton import knobs
 from triton.knobs import HookChain
-from triton.runtime import driver
+from triton.runtime import _allocation, driver
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
@@ -76,6 +77,20 @@ def direct_launches() -> bool:
     return ENABLED and not INTERPRET and not _IN_TRITON_OP.get()
 
 
+def _scratch(size: int, alignment: int, stream) -> Tensor:
+    """Global scratch for a launch (Triton's allocator protocol): the device-side TMA descriptors of
+    triton/gemm.py, 128 bytes each per program, from torch's caching allocator (CUDA-graph safe)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_allocator() -> None:
+    """Kernels that build TMA descriptors on the device need Triton's allocator, a context variable:
+    unset in a new thread (autograd's device threads run the backward). Set ours where none is set;
+    a user's own allocator is left alone."""
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
 def launch(kernel):
     """How launchers call a kernel, ``launch(kernel)[grid](*args, **constexprs)``: inside a
     triton_op's body through ``torch.library.wrap_triton``, which records the launch for Inductor
@@ -83,7 +98,10 @@ def launch(kernel):
     under the interpreter the kernel itself; everywhere else through the kernel's CachedLauncher."""
     if _IN_TRITON_OP.get():
         return torch.library.wrap_triton(kernel)
-    if INTERPRET or not ENABLED:
+    if INTERPRET:
+        return kernel
+    ensure_allocator()
+    if not ENABLED:
         return kernel
     cached = _CACHED.get(kernel)
     if cached is None:
@@ -279,6 +297,7 @@ class PlanCache:
         key = (key(), device)
         plan = self._plans.get(key)
         if plan is not None:
+            ensure_allocator()
             plan.replay(env, driver.active.get_current_stream(device))
             self.replays += 1
             return

@@ -5,11 +5,11 @@ Output side (keys, values)      y = (x Wᵀ + b) ⊙ l            x (T, K), W (N
 Input side (gated MLP's down)   y = (x ⊙ l) Wᵀ + b            l (K,)
 Scaled activation (FFN)         y = act(h) ⊙ l                h (T, F), l (F,)
 
-``gemm_scaled`` (triton/gemm.py, with scales folded into the K loop and the epilogue) serves
-four products:
+``gemm`` (triton/gemm.py, the package's GEMM core, with scales folded into the K loop and the
+epilogue) serves four products:
     output side forward:  y  = (x @ Wᵀ + b) ⊙ l                   (column scale in the epilogue)
-    output side dx:       dx = dy @ (diag(l) W)                    (l scales W's rows in the K loop)
-    input side forward:   y  = x @ (diag(l) Wᵀ) + b                (l scales Wᵀ's rows in the K loop)
+    output side dx:       dx = (dy diag(l)) @ W                    (l scales dy's columns in the K loop)
+    input side forward:   y  = (x diag(l)) @ Wᵀ + b                (l scales x's columns in the K loop)
     input side dx:        g = dy @ W; dx = g ⊙ l; grad_l = Σ_t x ⊙ g   (epilogue, one pass)
 ``ia3_out_grads``: the output side's grad_l = Σ_t dy ⊙ z (z = x Wᵀ + b) from one pass over dy and
 the saved output y (= z ⊙ l, the tensor the next layer holds anyway): Σ_t dy ⊙ y, divided by l
@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ._common import INTERPRET, cdiv, input_precision, mma, token_splits, upcast_dot
 from ._launcher import PlanCache, aligned, launch, tensor_key
-from .gemm import gemm_scaled, reduce_block_m
+from .gemm import gemm, reduce_block_m
 from .partials import sum_partials
 
 # ---------------------------------------------------------------------------------------------
@@ -277,9 +277,9 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
     def body():
         if side == "input":
-            gemm_scaled(x, w_t, bias, k_scale=l, out=y)
+            gemm(x, w_t, y, bias=bias, k_scale=l)
         else:
-            gemm_scaled(x, w_t, bias, n_scale=l, out=y)
+            gemm(x, w_t, y, bias=bias, n_scale=l)
     _PLANS["linear_fwd"].run(key, env, body)
     return y
 
@@ -311,12 +311,12 @@ def linear_backward(dy, x, y, weight, bias, l, side: str, need_dx: bool, need_db
     def body():
         if side == "input":
             if need_dx or need_dl:   # g = dy W: dx = g ⊙ l, grad_l = Σ_t x ⊙ g
-                gemm_scaled(dy, weight, n_scale=l, reduce_z=x if need_dl else None, out=dx, gl=ws)
+                gemm(dy, weight, dx, n_scale=l, reduce_z=x if need_dl else None, zp=ws)
                 if need_dl:
                     sum_partials(ws, dl)
         else:
             if need_dx:              # dx = dy (diag(l) W)
-                gemm_scaled(dy, weight, k_scale=l, out=dx)
+                gemm(dy, weight, dx, k_scale=l)
             if need_dl:
                 ia3_out_grads(dy, y, l, x, weight, bias, dl, dbias, ws)
     if need_dx or need_dl:

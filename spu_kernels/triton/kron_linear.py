@@ -25,7 +25,8 @@ import triton.language as tl
 
 from ._common import INTERPRET, cdiv, input_precision, mma, next_pow2, token_splits, upcast_dot
 from ._launcher import PlanCache, aligned, launch, tensor_key
-from .gemm import gemm_scaled
+from .choice import ShapeChoice
+from .gemm import gemm
 from .partials import sum_partials
 
 MAX_SIDE = 256   # sides of A that a program holds whole in registers (padded to a power of two)
@@ -248,19 +249,29 @@ def kron_factor_grads(x: torch.Tensor, dy: torch.Tensor, dy_col: int, a: torch.T
 # never by views, so env names only the op's own tensors.
 # ---------------------------------------------------------------------------------------------
 
-# Base GEMMs of at most this many multiply-adds (M·N·K) run in the Triton GEMM (triton/gemm.py),
-# inside the op's plan: on an H100 such a GEMM takes a few µs, so the host decides the step time and
-# a replayed launch costs less of it than an ATen call. Larger ones run on cuBLAS (torch.addmm /
-# mm), which the plain-pointer Triton GEMM trails by 1.2-1.3× at large shapes (shared/DESIGN.md).
-# A rule of thumb until issue #14's per-shape choice by measurement replaces it.
+# The base GEMM runs in the Triton GEMM core (triton/gemm.py), inside the op's plan, or on cuBLAS
+# (torch.mm / addmm before the plan, the Kronecker terms then added into its output), chosen per shape
+# by timing both on a GPU (triton/choice.py). Where nothing can be timed, base GEMMs of at most this
+# many multiply-adds (M·N·K) take Triton: on an H100 such a GEMM takes a few µs, so the host decides
+# the step time and a replayed launch costs less of it than an ATen call.
 TRITON_GEMM_MAX_MACS = 2 ** 32
 
 _FORWARD_PLANS = PlanCache()
 _BACKWARD_PLANS = PlanCache()
+_FORWARD_CHOICE = ShapeChoice("kron_linear forward", default=lambda key: _default_way(*key[:3]))
+_DX_CHOICE = ShapeChoice("kron_linear dx", default=lambda key: _default_way(*key[:3]))
 
 
-def _triton_gemm(m: int, n: int, k: int) -> bool:
-    return m * n * k <= TRITON_GEMM_MAX_MACS
+def _default_way(m: int, n: int, k: int) -> str:
+    return "triton" if m * n * k <= TRITON_GEMM_MAX_MACS else "cublas"
+
+
+def _dense(out: torch.Tensor, a_op: torch.Tensor, b_op: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """out = a_op @ b_op (+ bias) on cuBLAS."""
+    if bias is not None:
+        torch.addmm(bias, a_op, b_op, out=out)
+    else:
+        torch.mm(a_op, b_op, out=out)
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
@@ -269,23 +280,25 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a:
     A (S, a1, a2), B (S, b1, b2): y (T, N) in x's dtype, the terms added in place."""
     T, K = x.shape
     N = weight.shape[0]
-    fused = _triton_gemm(T, N, K)
-    if fused:
-        y = torch.empty((T, N), device=x.device, dtype=x.dtype)
-    else:
-        y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    y = torch.empty((T, N), device=x.device, dtype=x.dtype)
     w_t = weight.t()
 
     def key():
         return (tensor_key(x), tensor_key(weight), tensor_key(bias), tensor_key(a), tensor_key(b), aligned(y),
-                scale, tuple(offsets), fused, input_precision(x.dtype))
+                scale, tuple(offsets), input_precision(x.dtype))
 
-    def body():
-        if fused:
-            gemm_scaled(x, w_t, bias, out=y)
-        for s, off in enumerate(offsets):
-            kron_apply(x, 0, a, b, s, False, y, off, scale)
-    _FORWARD_PLANS.run(key, (x, w_t, bias, a, b, y), body)
+    def run(way: str) -> None:
+        fused = way == "triton"
+        if not fused:
+            _dense(y, x, w_t, bias)
+
+        def body():
+            if fused:
+                gemm(x, w_t, y, bias=bias)
+            for s, off in enumerate(offsets):
+                kron_apply(x, 0, a, b, s, False, y, off, scale)
+        _FORWARD_PLANS.run(lambda: key() + (way,), (x, w_t, bias, a, b, y), body)
+    run(_FORWARD_CHOICE.choose((next_pow2(T), N, K, str(x.dtype), bias is not None), run))
     return y
 
 
@@ -299,10 +312,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor | No
     _, b1, b2 = b.shape
     K = a2 * b2
     dev = dy.device
-    fused = need_dx and _triton_gemm(T, N, K)
-    dx = None
-    if need_dx:
-        dx = torch.empty((T, K), device=dev, dtype=dy.dtype) if fused else dy @ weight
+    dx = torch.empty((T, K), device=dev, dtype=dy.dtype) if need_dx else None
     da = torch.empty(a.shape, device=dev, dtype=a.dtype) if need_da else None
     db = torch.empty(b.shape, device=dev, dtype=b.dtype) if need_db else None
     ws = None
@@ -313,18 +323,24 @@ def backward(dy: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor | No
 
     def key():
         return (tensor_key(dy), tensor_key(x), tensor_key(weight), tensor_key(a), tensor_key(b),
-                aligned(dx, da, db, ws), scale, tuple(offsets), fused, input_precision(dy.dtype))
+                aligned(dx, da, db, ws), scale, tuple(offsets), input_precision(dy.dtype))
 
-    def body():
-        if fused:
-            gemm_scaled(dy, weight, out=dx)
-        for s, off in enumerate(offsets):
-            if dx is not None:   # dX_t += s Aᵀ dY_t B: L = Aᵀ, R = Bᵀ (by strides)
-                kron_apply(dy, off, a, b, s, True, dx, 0, scale)
-            if da is not None or db is not None:
-                kron_factor_grads(x, dy, off, a, b, s, scale, da, db, ws)
-        if ws is not None:
-            sum_partials(ws, *(t for t in (da, db) if t is not None))
+    def run(way: str) -> None:
+        fused = way == "triton"
+        if need_dx and not fused:
+            _dense(dx, dy, weight, None)
+
+        def body():
+            if need_dx and fused:
+                gemm(dy, weight, dx)
+            for s, off in enumerate(offsets):
+                if dx is not None:   # dX_t += s Aᵀ dY_t B: L = Aᵀ, R = Bᵀ (by strides)
+                    kron_apply(dy, off, a, b, s, True, dx, 0, scale)
+                if da is not None or db is not None:
+                    kron_factor_grads(x, dy, off, a, b, s, scale, da, db, ws)
+            if ws is not None:
+                sum_partials(ws, *(t for t in (da, db) if t is not None))
+        _BACKWARD_PLANS.run(lambda: key() + (way,), (dy, x, weight, a, b, dx, da, db, ws), body)
     if need_dx or need_da or need_db:
-        _BACKWARD_PLANS.run(key, (dy, x, weight, a, b, dx, da, db, ws), body)
+        run(_DX_CHOICE.choose((next_pow2(T), N, K, str(dy.dtype)), run) if need_dx else "triton")
     return dx, (dy.float().sum(0).to(dy.dtype) if need_dbias else None), da, db

@@ -24,7 +24,9 @@ Backward, two launches:
   ``_dw_kernel``   dW_k = Σ_{j,t} dK_{j,t}ᵀ (C_{j,t} − C_{0,t}) (= Σ dKᵀ C, since Σ_j dK_j = 0; the
                    difference keeps the shared part of alike ladders out of the bf16 dots) and
                    dW_v = Σ_{j,t} dV_{j,t}ᵀ C_{j,t}: GEMMs reducing over tokens (and j inside), dK / dV
-                   rebuilt from (dS, q) / (p, dO) on load; token splits add into fp32 with atomics.
+                   rebuilt from (dS, q) / (p, dO) on load; token splits write fp32 partials.
+With several head groups (dC) or token splits (dW), the partials are summed in order by
+triton/partials.py: no atomics, no memset, the same bits every call.
 Biases of the K / V projections are not needed: q·b_k is constant over j (softmax ignores it) and
 b_v passes straight to the output (the caller's output projection's bias absorbs it).
 """
@@ -36,6 +38,7 @@ import triton.language as tl
 
 from ._common import INTERPRET, cdiv, device_index, input_precision, mma, next_pow2, num_sms, upcast_dot
 from ._launcher import launch
+from .partials import sum_partials
 
 
 @triton.jit
@@ -120,7 +123,7 @@ def _bwd_kernel(q_ptr, c_ptr, wk_ptr, wv_ptr, do_ptr, lse_ptr,
                 T, D, H, NK, DH, G, scale,
                 stride_qt, stride_qd, stride_ck, stride_ct, stride_cd,
                 stride_wk0, stride_wk1, stride_wv0, stride_wv1, stride_dot, stride_dod,
-                DC_ATOMIC: tl.constexpr,
+                DC_PARTIAL: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, H_PAD: tl.constexpr,
                 UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     pid_t = tl.program_id(0)
@@ -186,11 +189,9 @@ def _bwd_kernel(q_ptr, c_ptr, wk_ptr, wv_ptr, do_ptr, lse_ptr,
             part = mma(dk, wk, tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32), UPCAST, INPUT_PRECISION)
             part = mma(dv, wv, part, UPCAST, INPUT_PRECISION)
             dc_ptrs = dc_ptr + j64 * T * D + rows[:, None] * D + offs_c[None, :]
-            dc_mask = t_mask[:, None] & c_mask[None, :]
-            if DC_ATOMIC:
-                tl.atomic_add(dc_ptrs, part, mask=dc_mask)
-            else:
-                tl.store(dc_ptrs, part.to(dc_ptr.dtype.element_ty), mask=dc_mask)
+            if DC_PARTIAL:   # this head group's fp32 partial of dC: its own (k, T, D) block
+                dc_ptrs += pid_g.to(tl.int64) * NK * T * D
+            tl.store(dc_ptrs, part.to(dc_ptr.dtype.element_ty), mask=t_mask[:, None] & c_mask[None, :])
     tl.store(dq_ptr + rows[:, None] * D + cols[None, :], dq.to(dq_ptr.dtype.element_ty), mask=tn_mask)
 
 
@@ -198,7 +199,7 @@ def _bwd_kernel(q_ptr, c_ptr, wk_ptr, wv_ptr, do_ptr, lse_ptr,
 def _dw_kernel(q_ptr, c_ptr, do_ptr, p_ptr, ds_ptr, dwk_ptr, dwv_ptr,
                T, D, H, NK, DH, scale, rows_per_split,
                stride_qt, stride_qd, stride_ck, stride_ct, stride_cd, stride_dot, stride_dod,
-               ATOMIC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
+               PARTIAL: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
                UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     pid_o = tl.program_id(0)
     pid_i = tl.program_id(1)
@@ -240,9 +241,10 @@ def _dw_kernel(q_ptr, c_ptr, do_ptr, p_ptr, ds_ptr, dwk_ptr, dwv_ptr,
                 acc_k = mma(tl.trans(dk), cd, acc_k, UPCAST, INPUT_PRECISION)
     w_offs = offs_o[:, None].to(tl.int64) * D + offs_i[None, :]
     w_mask = o_mask[:, None] & i_mask[None, :]
-    if ATOMIC:
-        tl.atomic_add(dwk_ptr + w_offs, acc_k, mask=w_mask)
-        tl.atomic_add(dwv_ptr + w_offs, acc_v, mask=w_mask)
+    if PARTIAL:     # this token split's row of the (splits, 2·D·D) workspace: [dW_k | dW_v]
+        row = dwk_ptr + pid_s.to(tl.int64) * 2 * D * D
+        tl.store(row + w_offs, acc_k, mask=w_mask)
+        tl.store(row + D * D + w_offs, acc_v, mask=w_mask)
     else:
         tl.store(dwk_ptr + w_offs, acc_k.to(dwk_ptr.dtype.element_ty), mask=w_mask)
         tl.store(dwv_ptr + w_offs, acc_v.to(dwv_ptr.dtype.element_ty), mask=w_mask)
@@ -256,7 +258,7 @@ def _dw_kernel(q_ptr, c_ptr, do_ptr, p_ptr, ds_ptr, dwk_ptr, dwv_ptr,
 def _tiles(D: int, H: int):
     """Heads per program G, its padded width BLOCK_N, H_PAD, BLOCK_C, BLOCK_T and warps."""
     dh = D // H
-    cap = 16 if INTERPRET else 128          # small groups under the interpreter: exercises the dC atomics
+    cap = 16 if INTERPRET else 128          # small groups under the interpreter: exercises the dC partials
     g = max(1, min(H, cap // dh))
     block_n = max(16, next_pow2(g * dh))
     h_pad = max(16, next_pow2(g))
@@ -290,21 +292,21 @@ def backward(do, q, c, wk, wv, lse, num_heads: int, scale: float, need_dw: bool)
     H = num_heads
     g, block_n, h_pad, block_c, block_t, warps = _tiles(D, H)
     groups = cdiv(H, g)
-    dc_atomic = groups > 1                       # head groups each add their part of dC_j
+    dc_partial = groups > 1          # head groups each write their part of dC_j, summed in order
     dq = torch.empty((T, D), device=q.device, dtype=q.dtype)
-    dc = (torch.zeros((NK, T, D), device=q.device, dtype=torch.float32) if dc_atomic
-          else torch.empty((NK, T, D), device=q.device, dtype=c.dtype))
+    dc = torch.empty((NK, T, D), device=q.device, dtype=c.dtype)
+    dc_parts = torch.empty((groups, NK, T, D), device=q.device, dtype=torch.float32) if dc_partial else None
     p = torch.empty((NK, T, H), device=q.device, dtype=torch.float32)
     ds = torch.empty((NK, T, H), device=q.device, dtype=torch.float32)
     launch(_bwd_kernel)[(cdiv(T, block_t), groups)](
-        q, c, wk, wv, do, lse, dq, dc, p, ds, T, D, H, NK, D // H, g, scale,
+        q, c, wk, wv, do, lse, dq, dc_parts if dc_partial else dc, p, ds, T, D, H, NK, D // H, g, scale,
         q.stride(0), q.stride(1), c.stride(0), c.stride(1), c.stride(2),
         wk.stride(0), wk.stride(1), wv.stride(0), wv.stride(1),
-        do.stride(0), do.stride(1), DC_ATOMIC=dc_atomic,
+        do.stride(0), do.stride(1), DC_PARTIAL=dc_partial,
         BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_C=block_c, H_PAD=h_pad,
         UPCAST=upcast_dot(c.dtype), INPUT_PRECISION=input_precision(c.dtype), num_warps=warps)
-    if dc_atomic:
-        dc = dc.to(c.dtype)
+    if dc_partial:
+        sum_partials(dc_parts.view(groups, -1), dc)
     dwk = dwv = None
     if need_dw:
         if INTERPRET:
@@ -315,17 +317,19 @@ def backward(do, q, c, wk, wv, lse, num_heads: int, scale: float, need_dw: bool)
             block_r, warps = 64, 4
         tiles = cdiv(D, block_o) * cdiv(D, block_i)
         r_blocks = cdiv(T, block_r)
-        # split the tokens so that about two programs run per SM; partials add atomically in fp32
+        # split the tokens so that about two programs run per SM; each split writes fp32 partials,
+        # summed in order (triton/partials.py)
         splits = max(1, min(r_blocks, (2 * num_sms(device_index(c))) // tiles))
         rows_per_split = cdiv(r_blocks, splits) * block_r
         splits = cdiv(T, rows_per_split)
-        atomic = splits > 1
-        alloc = torch.zeros if atomic else torch.empty
-        dwk = alloc((D, D), device=q.device, dtype=torch.float32)
-        dwv = alloc((D, D), device=q.device, dtype=torch.float32)
+        dwk = torch.empty((D, D), device=q.device, dtype=torch.float32)
+        dwv = torch.empty((D, D), device=q.device, dtype=torch.float32)
+        ws = torch.empty((splits, 2 * D * D), device=q.device, dtype=torch.float32) if splits > 1 else None
         launch(_dw_kernel)[(cdiv(D, block_o), cdiv(D, block_i), splits)](
-            q, c, do, p, ds, dwk, dwv, T, D, H, NK, D // H, scale, rows_per_split,
+            q, c, do, p, ds, ws if ws is not None else dwk, dwv, T, D, H, NK, D // H, scale, rows_per_split,
             q.stride(0), q.stride(1), c.stride(0), c.stride(1), c.stride(2), do.stride(0), do.stride(1),
-            ATOMIC=atomic, BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_R=block_r,
+            PARTIAL=ws is not None, BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_R=block_r,
             UPCAST=upcast_dot(c.dtype), INPUT_PRECISION=input_precision(c.dtype), num_warps=warps)
+        if ws is not None:
+            sum_partials(ws, dwk, dwv)
     return dq, dc, dwk, dwv

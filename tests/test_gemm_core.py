@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import LOWRANK_BACKENDS, assert_close_rel
+from helpers import DEVICE, LOWRANK_BACKENDS, assert_close_rel
 
 pytestmark = pytest.mark.skipif("triton" not in LOWRANK_BACKENDS, reason="needs the triton backend")
 
@@ -24,10 +24,10 @@ def _operand(rows, cols, dtype, layout, gen):
     view: unit stride along rows) or "gap" (a column slice of a wider tensor: rows 16-byte aligned
     only by chance)."""
     if layout == "row":
-        return torch.randn(rows, cols, generator=gen).to(dtype)
+        return torch.randn(rows, cols, generator=gen).to(DEVICE, dtype)
     if layout == "col":
-        return torch.randn(cols, rows, generator=gen).to(dtype).t()
-    return torch.randn(rows, cols + 3, generator=gen).to(dtype)[:, 1:cols + 1]
+        return torch.randn(cols, rows, generator=gen).to(DEVICE, dtype).t()
+    return torch.randn(rows, cols + 3, generator=gen).to(DEVICE, dtype)[:, 1:cols + 1]
 
 
 CASES = [  # (M, K, N, a layout, b layout)
@@ -44,18 +44,20 @@ def test_gemm_epilogues_match_fp64(case, dtype):
     gemm, _ = _mods()
     M, K, N, la, lb = case
     gen = torch.Generator().manual_seed(M * K + N)
-    a, b = _operand(M, K, dtype, la, gen), _operand(K, N, dtype, lb, gen) * K ** -0.5
-    bias, ns, ks = torch.randn(N, generator=gen), torch.rand(N, generator=gen) + 0.5, torch.rand(K, generator=gen) + .5
-    low, right, g = torch.randn(M, 5, generator=gen), torch.randn(5, N, generator=gen), torch.rand(5, generator=gen)
+    a, b = _operand(M, K, dtype, la, gen), _operand(K, N, dtype, lb, gen)
+    r = lambda *s, add=0.0: (torch.rand(*s, generator=gen) + add).to(DEVICE) if add else \
+        torch.randn(*s, generator=gen).to(DEVICE)    # noqa: E731
+    bias, ns, ks = r(N), r(N, add=0.5), r(K, add=0.5)
+    low, right, g = r(M, 5), r(5, N), r(5, add=0.1)
     a64, b64 = a.double(), b.double()
     dense = (a64 * ks.double()) @ b64 + bias.double() + 0.5 * (low.double() * g.double()) @ right.double()
 
-    out = torch.empty(M, N, dtype=dtype)
+    out = torch.empty(M, N, dtype=dtype, device=DEVICE)
     gemm.gemm(a, b, out, bias=bias, k_scale=ks, low=low, right=right, g=g, scale=0.5)
     assert_close_rel(out, dense, dtype, "bias + K scale + rank term")
 
-    z = torch.randn(M, N, generator=gen).to(dtype)
-    zp = torch.empty(-(-M // gemm.reduce_block_m(dtype)), N)
+    z = r(M, N).to(dtype)
+    zp = torch.empty(-(-M // gemm.reduce_block_m(dtype)), N, device=DEVICE)
     gemm.gemm(a, b, out, bias=bias, n_scale=ns, reduce_z=z, zp=zp)
     plain = a64 @ b64 + bias.double()
     assert_close_rel(out, plain * ns.double(), dtype, "bias, column scale")
@@ -73,18 +75,19 @@ def test_gemm_grad_a_and_grad_g_partials(p):
     gemm, _ = _mods()
     gen = torch.Generator().manual_seed(3)
     M, K, N, r = 150, 40, 70, 6          # dx (M, N) = dy (M, K) @ W (K, N): several row and column blocks
-    dy, w, x = torch.randn(M, K, generator=gen), torch.randn(K, N, generator=gen), torch.randn(M, N, generator=gen)
-    v, u, a = torch.randn(M, r, generator=gen), torch.randn(M, r, generator=gen), torch.randn(r, N, generator=gen)
-    g = torch.rand(r, generator=gen) + 0.5
-    seed = torch.tensor(77)
+    t = lambda *s: torch.randn(*s, generator=gen).to(DEVICE)    # noqa: E731
+    dy, w, x, v, u, a = t(M, K), t(K, N), t(M, N), t(M, r), t(M, r), t(r, N)
+    g = (torch.rand(r, generator=gen) + 0.5).to(DEVICE)
+    seed = torch.tensor(77, device=DEVICE)
     splits = gemm.row_splits(M, N, torch.float32, dy)
-    assert splits > 1, "the interpreter's shapes must exercise several row splits"
-    ws = torch.full((splits, r * N + 2 + r), float("nan"))      # every partial written: no NaN survives
-    out = torch.empty(M, N)
+    assert splits > 1 or DEVICE == "cuda", "the interpreter's shapes must exercise several row splits"
+    ws = torch.full((splits, r * N + 2 + r), float("nan"), device=DEVICE)   # every partial written: no NaN survives
+    out = torch.empty(M, N, device=DEVICE)
     gemm.gemm(dy, w, out, low=v, right=a, g=g, scale=0.5, dropout_p=p, seed=seed,
               threshold=dropout_threshold(p) if p else 0, x=x, grad_a=ws[:, :r * N], u=u,
               grad_g=ws[:, r * N + 2:], splits=splits)
-    keep = dropout_keep_mask(seed, M, N, p, "cpu").double() / (1 - p) if p else torch.ones(M, N, dtype=torch.float64)
+    keep = (dropout_keep_mask(seed, M, N, p, DEVICE).double() / (1 - p) if p
+            else torch.ones(M, N, dtype=torch.float64, device=DEVICE))
     vg = v.double() * g.double() * 0.5
     assert_close_rel(out, dy.double() @ w.double() + keep * (vg @ a.double()), torch.float32, "dx")
     assert_close_rel(ws[:, :r * N].sum(0).view(r, N), vg.t() @ (x.double() * keep), torch.float32, "grad_A")
@@ -173,10 +176,10 @@ def test_ops_agree_on_both_ways(monkeypatch, p):
     from spu_kernels.ops.kron_linear import kron_linear_reference
     from spu_kernels.ops.lowrank_linear import lowrank_linear_reference
     gen = torch.Generator().manual_seed(5)
-    t = lambda *s: torch.randn(*s, generator=gen).requires_grad_(True)    # noqa: E731
-    x, w, bias, a, b, g = t(2, 35, 48), torch.randn(40, 48, generator=gen), t(40), t(4, 48), t(40, 4), t(4)
+    t = lambda *s: torch.randn(*s, generator=gen).to(DEVICE).requires_grad_(True)    # noqa: E731
+    x, w, bias, a, b, g = t(2, 35, 48), torch.randn(40, 48, generator=gen).to(DEVICE), t(40), t(4, 48), t(40, 4), t(4)
     ka, kb = t(5, 6), t(8, 8)
-    dy = torch.randn(2, 35, 40, generator=gen)
+    dy = torch.randn(2, 35, 40, generator=gen).to(DEVICE)
     runs = {
         "lowrank": (lambda **kw: spu_kernels.lowrank_linear(x, w, bias, a, b, scale=0.5, rank_scale=g, dropout_p=p,
                                                             seed=9, **kw),

@@ -51,9 +51,14 @@ def cache_file() -> str:
     return os.path.join(root, "choices.json")
 
 
+@functools.cache
+def _has_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
 def measurable() -> bool:
     """Whether a trial can be timed now: eager launches on a GPU, not inside CUDA-graph capture."""
-    return direct_launches() and torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing()
+    return _has_gpu() and direct_launches() and not torch.cuda.is_current_stream_capturing()
 
 
 def time_us(fn: Callable[[], None]) -> float:
@@ -127,13 +132,21 @@ class ShapeChoice:
         return stored["way"] if isinstance(stored, dict) and stored.get("way") in WAYS else None
 
     def choose(self, key: tuple, trial: Callable[[str], None]) -> str:
-        way = forced() or self._memory.get(key)
-        if way is not None:
-            return way
-        if not measurable():        # not remembered as measured: a later eager call on a GPU may time it
+        way = self._memory.get(key)
+        if way is None:
+            way = self._choose(key, trial)
+        forced_way = os.environ.get("SPU_KERNELS_GEMM")     # read per call: cheap (~0.3 µs), and tests set it
+        return way if forced_way is None or forced_way == "auto" else forced()
+
+    def _choose(self, key: tuple, trial: Callable[[str], None]) -> str:
+        if forced() is not None:
+            return forced()
+        if not measurable():        # a later eager call on a GPU may time it; without a GPU none will
             way = self._untimed.get(key)
             if way is None:
                 way = self._untimed[key] = self._stored(key) or self.default(key)
+            if not _has_gpu():
+                self._memory[key] = way
             return way
         stored = self._stored(key)
         if stored is not None:

@@ -310,8 +310,13 @@ def row_splits(M: int, N: int, dtype: torch.dtype, like: torch.Tensor) -> int:
     split) go to min(#SMs, units) persistent programs; S minimises the busiest program's tiles,
     ceil(units / #SMs) · ceil(row blocks / S) (ties: the fewest splits, the smallest workspace).
     Its fp32 workspace holds S rows of grad_A's r·N partial sums."""
-    bm, bn = _grad_a_tile(dtype == torch.float32)
-    col_blocks, row_blocks, sms = cdiv(N, bn), cdiv(M, bm), num_sms(device_index(like))
+    return _row_splits(M, N, dtype == torch.float32, num_sms(device_index(like)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _row_splits(M: int, N: int, fp32: bool, sms: int) -> int:
+    bm, bn = _grad_a_tile(fp32)
+    col_blocks, row_blocks = cdiv(N, bn), cdiv(M, bm)
     return min(range(1, min(row_blocks, 16) + 1),
                key=lambda s: (cdiv(col_blocks * s, sms) * cdiv(row_blocks, s), s))
 

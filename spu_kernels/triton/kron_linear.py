@@ -298,7 +298,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a:
             for s, off in enumerate(offsets):
                 kron_apply(x, 0, a, b, s, False, y, off, scale)
         _FORWARD_PLANS.run(lambda: key() + (way,), (x, w_t, bias, a, b, y), body)
-    run(_FORWARD_CHOICE.choose((next_pow2(T), N, K, str(x.dtype), bias is not None), run))
+    run(_FORWARD_CHOICE.choose((next_pow2(T), N, K, x.dtype, bias is not None), run))
     return y
 
 
@@ -342,5 +342,5 @@ def backward(dy: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor | No
                 sum_partials(ws, *(t for t in (da, db) if t is not None))
         _BACKWARD_PLANS.run(lambda: key() + (way,), (dy, x, weight, a, b, dx, da, db, ws), body)
     if need_dx or need_da or need_db:
-        run(_DX_CHOICE.choose((next_pow2(T), N, K, str(dy.dtype)), run) if need_dx else "triton")
+        run(_DX_CHOICE.choose((next_pow2(T), N, K, dy.dtype), run) if need_dx else "triton")
     return dx, (dy.float().sum(0).to(dy.dtype) if need_dbias else None), da, db

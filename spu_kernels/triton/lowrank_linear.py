@@ -307,7 +307,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a:
         _FORWARD_PLANS.run(lambda: key() + (way,), env, body)
         if way == "cublas":     # outside the plan: a plan replays Triton launches only
             y.addmm_(x, w_t)
-    run(_FORWARD_CHOICE.choose((next_pow2(T), N, K, R, str(x.dtype), bias is not None), run))
+    run(_FORWARD_CHOICE.choose((next_pow2(T), N, K, R, x.dtype, bias is not None), run))
     return y, u
 
 
@@ -369,6 +369,6 @@ def backward(dy: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor | No
         _BACKWARD_PLANS.run(lambda: key() + (way,), env, body)
         if way == "cublas":     # outside the plan: a plan replays Triton launches only
             dx.addmm_(dy, weight)
-    run(_DX_CHOICE.choose((next_pow2(T), N, K, R, str(dy.dtype), dropout_p > 0, "a" in need), run) if need_dx
+    run(_DX_CHOICE.choose((next_pow2(T), N, K, R, dy.dtype, dropout_p > 0, "a" in need), run) if need_dx
         else "triton")
     return dx, out

@@ -84,8 +84,8 @@ def test_gemm_grad_a_and_grad_g_partials(p):
     ws = torch.full((splits, r * N + 2 + r), float("nan"), device=DEVICE)   # every partial written: no NaN survives
     out = torch.empty(M, N, device=DEVICE)
     gemm.gemm(dy, w, out, low=v, right=a, g=g, scale=0.5, dropout_p=p, seed=seed,
-              threshold=dropout_threshold(p) if p else 0, x=x, grad_a=ws[:, :r * N], u=u,
-              grad_g=ws[:, r * N + 2:], splits=splits)
+              threshold=dropout_threshold(p) if p else 0, x=x, grads=ws, grad_a_at=0, u=u,
+              grad_g_at=r * N + 2, splits=splits)
     keep = (dropout_keep_mask(seed, M, N, p, DEVICE).double() / (1 - p) if p
             else torch.ones(M, N, dtype=torch.float64, device=DEVICE))
     vg = v.double() * g.double() * 0.5

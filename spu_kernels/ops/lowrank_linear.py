@@ -56,9 +56,9 @@ def grad_layout(r: int, k: int, n: int, need_dbias: bool, need_da: bool, need_db
                 need_dg: bool) -> tuple[dict, int]:
     """Where the reduced grads sit in the one fp32 vector the backward op returns: grad_A (r, K),
     grad_B (N, r), grad_bias (N,), grad_g (r,), those asked for, in this order. Returns
-    ({name: (offset, shape)}, total length). One vector: the triton backend fills them all in one
-    zeroed workspace (one memset), and a custom op may not return views of one buffer as several
-    outputs."""
+    ({name: (offset, shape)}, total length). One vector: the triton backend's kernels write their
+    token splits' partial sums into rows laid out this way and one ordered sum finishes them all,
+    and a custom op may not return views of one buffer as several outputs."""
     if type(r) is int and type(k) is int and type(n) is int:   # not symbolic (a fake tensor's sizes)
         return _cached_grad_layout(r, k, n, need_dbias, need_da, need_db, need_dg)
     return _grad_layout(r, k, n, need_dbias, need_da, need_db, need_dg)
@@ -146,7 +146,7 @@ class _TritonImpl:
         dx, ws = triton_kernels("lowrank_linear").backward(dy, x, weight, a, b, g, u, scale, p, seed,
                                                            dropout_threshold(p) if p > 0 else 0, need_dx, layout,
                                                            total)
-        return dx, ws[:total]
+        return dx, ws
 
 
 class _CudaImpl:

@@ -58,9 +58,9 @@ def grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["threshold"])
-def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, ks_ptr, ns_ptr, l_ptr, rm_ptr, g_ptr, z_ptr, zp_ptr, x_ptr, ga_ptr,
-                 u_ptr, gg_ptr, seed_ptr,
-                 M, N, K, R, M_BUCKET, ROW_SPLITS, stride_split,
+def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, ks_ptr, ns_ptr, l_ptr, rm_ptr, g_ptr, z_ptr, zp_ptr, x_ptr, ws_ptr,
+                 u_ptr, seed_ptr,
+                 M, N, K, R, M_BUCKET, ROW_SPLITS, stride_split, ga_at, gg_at,
                  stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                  stride_lm, stride_lr, stride_rmr, stride_rmn, stride_zm, stride_zn, stride_xm, stride_xn,
                  scale, threshold, keep_scale,
@@ -206,11 +206,11 @@ def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, ks_ptr, ns_ptr, l_ptr, rm_ptr, g
             c = unit // ROW_SPLITS
             split_row = (unit % ROW_SPLITS).to(tl.int64) * stride_split
             offs_n = c * BLOCK_N + tl.arange(0, BLOCK_N)
-            tl.store(ga_ptr + split_row + offs_r[:, None] * N + offs_n[None, :], ga_acc,
+            tl.store(ws_ptr + split_row + ga_at + offs_r[:, None] * N + offs_n[None, :], ga_acc,
                      mask=r_mask[:, None] & (offs_n < N)[None, :])
             if GRAD_G:
                 if c == 0:
-                    tl.store(gg_ptr + split_row + offs_r, gg_acc * scale, mask=r_mask)
+                    tl.store(ws_ptr + split_row + gg_at + offs_r, gg_acc * scale, mask=r_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,8 +326,8 @@ def gemm(a_op: torch.Tensor | None, b_op: torch.Tensor | None, out: torch.Tensor
          low: torch.Tensor | None = None, right: torch.Tensor | None = None, g: torch.Tensor | None = None,
          scale: float = 1.0, dropout_p: float = 0.0, seed: torch.Tensor | None = None, threshold: int = 0,
          reduce_z: torch.Tensor | None = None, zp: torch.Tensor | None = None,
-         x: torch.Tensor | None = None, grad_a: torch.Tensor | None = None, u: torch.Tensor | None = None,
-         grad_g: torch.Tensor | None = None, splits: int = 1) -> None:
+         x: torch.Tensor | None = None, grads: torch.Tensor | None = None, grad_a_at: int = 0,
+         u: torch.Tensor | None = None, grad_g_at: int = 0, splits: int = 1) -> None:
     """out = ((a_op (M, K) diag(k_scale)) @ b_op (K, N) + bias + keep ⊙ scale ((low ⊙ g) @ right) / (1-p))
     ⊙ n_scale, ``out`` (M, N) any strides (None: not stored). Every tensor the kernel gets is the
     caller's: nothing is allocated here (a launch plan can name it).
@@ -337,10 +337,10 @@ def gemm(a_op: torch.Tensor | None, b_op: torch.Tensor | None, out: torch.Tensor
     - ``reduce_z`` (M, N) with ``zp``: Σ_m (the sum before the column scale) ⊙ z as partial sums
       in ``zp``, contiguous fp32 (cdiv(M, reduce_block_m(dtype)), N), every row written: sum them
       with triton/partials.py (in order: deterministic).
-    - ``x`` (M, N) with ``grad_a``: s (low ⊙ g)ᵀ drop(x) as ``splits`` partial sums (splits =
-      row_splits(M, N, …)), each a contiguous fp32 (r, N) block, ``grad_a.stride(0)`` apart (a
-      (splits, L) workspace's rows, grad_a = its column slice). With ``u`` (M, r) and ``grad_g``
-      (splits rows the same way, r each): also s Σ_m u ⊙ low (SiVA's grad_g, low = v).
+    - ``x`` (M, N) with ``grads``, a contiguous fp32 (splits, L) workspace (splits =
+      row_splits(M, N, …)): s (low ⊙ g)ᵀ drop(x) as one partial sum per row, an (r, N) block at
+      element ``grad_a_at`` of the row. With ``u`` (M, r) also s Σ_m u ⊙ low (SiVA's grad_g,
+      low = v), r elements at ``grad_g_at``.
     - ``a_op`` = ``b_op`` = None: no dense product (K = 0): ``out`` gets bias + the rank-r term
       alone, for cuBLAS to add a_op @ b_op into afterwards with beta = 1 (``out.addmm_``)."""
     if a_op is None:
@@ -351,12 +351,12 @@ def gemm(a_op: torch.Tensor | None, b_op: torch.Tensor | None, out: torch.Tensor
     else:
         M, K = a_op.shape
         N = b_op.shape[1]
-    if out is None and zp is None and grad_a is None:
+    if out is None and zp is None and grads is None:
         raise ValueError("gemm: nothing to compute (no out, no reduction, no grad_A)")
-    if (grad_a is not None or u is not None) and low is None:
-        raise ValueError("gemm: grad_A and grad_g need the rank-r term (low, right)")
-    if u is not None and grad_a is None:
-        raise ValueError("gemm: grad_g rides on the grad_A variant (pass x and grad_a)")
+    if grads is not None and (low is None or x is None):
+        raise ValueError("gemm: grad_A needs the rank-r term (low, right) and x")
+    if u is not None and grads is None:
+        raise ValueError("gemm: grad_g rides on the grad_A variant (pass x and grads)")
     R = low.shape[1] if low is not None else 0
     if zp is not None and tuple(zp.shape) != (cdiv(M, reduce_block_m(a_op.dtype)), N):
         raise ValueError(f"gemm: the reduction workspace must be (row blocks {cdiv(M, reduce_block_m(a_op.dtype))}, "
@@ -368,29 +368,25 @@ def gemm(a_op: torch.Tensor | None, b_op: torch.Tensor | None, out: torch.Tensor
     a_tma = tma and K > 0 and tma_ok(a_op)
     b_tma = tma and K > 0 and tma_ok(b_op, k_major=b_kmajor)
     c_tma = tma and out is not None and tma_ok(out)
-    c = out if out is not None else (zp if zp is not None else grad_a)   # a placeholder (strides unused)
     sms = num_sms(device_index(a_op))
-    if grad_a is not None:
+    if grads is not None:
         grid = lambda meta: (min(sms, cdiv(N, meta["BLOCK_N"]) * splits),)
         variant = "grad_a"
     else:
         grid = lambda meta: (min(sms, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
         variant = "reduce" if zp is not None else "plain"
     launch(_AUTOTUNED[(a_op.dtype == torch.float32, variant)])[grid](
-        a_op, b_op, c, bias if bias is not None else c, k_scale if k_scale is not None else c,
-        n_scale if n_scale is not None else c, low if low is not None else c, right if right is not None else c,
-        g if g is not None else c, reduce_z if reduce_z is not None else c, zp if zp is not None else c,
-        x if grad_a is not None else c, grad_a if grad_a is not None else c, u if u is not None else c,
-        grad_g if grad_g is not None else c, seed if seed is not None else c,
-        M, N, K, R, next_pow2(M), splits, grad_a.stride(0) if grad_a is not None else 0,
+        a_op, b_op, out, bias, k_scale, n_scale, low, right, g, reduce_z, zp, x if grads is not None else None,
+        grads, u, seed,
+        M, N, K, R, next_pow2(M), splits, grads.stride(0) if grads is not None else 0, grad_a_at, grad_g_at,
         a_op.stride(0), a_op.stride(1), b_op.stride(0), b_op.stride(1),
         *(out.stride() if out is not None else (0, 0)), *(low.stride() if low is not None else (0, 0)),
         *(right.stride() if right is not None else (0, 0)), *(reduce_z.stride() if reduce_z is not None else (0, 0)),
-        *(x.stride() if grad_a is not None else (0, 0)),
+        *(x.stride() if grads is not None else (0, 0)),
         scale, threshold, 1.0 / (1.0 - dropout_p),
         A_TMA=a_tma, B_TMA=b_tma, B_KMAJOR=b_kmajor, C_TMA=c_tma,
         HAS_BIAS=bias is not None, K_SCALE=k_scale is not None, N_SCALE=n_scale is not None,
         LOWRANK=low is not None, HAS_G=g is not None, HAS_DROPOUT=dropout_p > 0, REDUCE_Z=zp is not None,
-        STORE_C=out is not None, GRAD_A=grad_a is not None, GRAD_G=u is not None, R_PAD=rank_pad(R) if R else 16,
+        STORE_C=out is not None, GRAD_A=grads is not None, GRAD_G=u is not None, R_PAD=rank_pad(R) if R else 16,
         UPCAST=upcast_dot(a_op.dtype), INPUT_PRECISION=input_precision(a_op.dtype), NUM_SMS=sms,
         FLATTEN=a_op.dtype != torch.float32 and K > 0)

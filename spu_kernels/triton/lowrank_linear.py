@@ -24,8 +24,6 @@ zero-padded to R_PAD (a power of two >= 16) inside the kernels only.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -104,7 +102,7 @@ def lowrank_down(x: torch.Tensor, a: torch.Tensor, dropout_p: float, seed: torch
     launch(_down_kernel)[(cdiv(T, block_t),)](
         x, a, u, T, K, R,
         x.stride(0), x.stride(1), a.stride(0), a.stride(1),
-        seed if seed is not None else u, threshold, 1.0 / (1.0 - dropout_p),
+        seed, threshold, 1.0 / (1.0 - dropout_p),
         HAS_DROPOUT=dropout_p > 0, R_PAD=rank_pad(R), BLOCK_T=block_t, BLOCK_K=block_k,
         UPCAST=upcast_dot(x.dtype), INPUT_PRECISION=input_precision(x.dtype), num_warps=warps)
     return u
@@ -116,8 +114,8 @@ def lowrank_down(x: torch.Tensor, a: torch.Tensor, dropout_p: float, seed: torch
 
 
 @triton.jit
-def _dy_kernel(dy_ptr, b_ptr, u_ptr, g_ptr, v_ptr, gb_ptr, db_ptr,
-               T, N, R, rows_per_split, stride_split,
+def _dy_kernel(dy_ptr, b_ptr, u_ptr, g_ptr, v_ptr, ws_ptr,
+               T, N, R, rows_per_split, stride_split, gb_at, db_at,
                stride_dyt, stride_dyn, stride_bn, stride_br, stride_ut, stride_ur,
                scale,
                HAS_G: tl.constexpr, NEED_GB: tl.constexpr, NEED_DB: tl.constexpr, R_PAD: tl.constexpr,
@@ -156,10 +154,10 @@ def _dy_kernel(dy_ptr, b_ptr, u_ptr, g_ptr, v_ptr, gb_ptr, db_ptr,
         gs = tl.full((R_PAD,), scale, tl.float32)
         if HAS_G:
             gs = gs * tl.load(g_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
-        tl.store(gb_ptr + split_row + cols[:, None] * R + offs_r[None, :], p_acc * gs[None, :],
+        tl.store(ws_ptr + split_row + gb_at + cols[:, None] * R + offs_r[None, :], p_acc * gs[None, :],
                  mask=n_mask[:, None] & r_mask[None, :])
     if NEED_DB:
-        tl.store(db_ptr + split_row + offs_n, db_acc, mask=n_mask)
+        tl.store(ws_ptr + split_row + db_at + offs_n, db_acc, mask=n_mask)
 
 
 def dy_blocks(dtype: torch.dtype) -> tuple[int, int, int]:
@@ -171,23 +169,20 @@ def dy_blocks(dtype: torch.dtype) -> tuple[int, int, int]:
 
 
 def lowrank_dy(dy: torch.Tensor, b: torch.Tensor, u: torch.Tensor, g: torch.Tensor | None, scale: float,
-               v: torch.Tensor, grad_b: torch.Tensor | None, grad_bias: torch.Tensor | None, splits: int) -> None:
+               v: torch.Tensor, ws: torch.Tensor, b_at: int | None, bias_at: int | None, splits: int) -> None:
     """Writes v = dy B, and the ``splits`` token splits' partial sums of grad_B = s dyᵀ (u ⊙ g)
-    (N·r each) and grad_bias (N each) where given: rows ``grad_b.stride(0)`` apart (slices of one
-    (splits, L) fp32 workspace). v: fp32 (column blocks, T, r) partials, one per column block of
-    dy (with one block: v itself), every element written."""
+    (N·r each, at element ``b_at`` of each row of the contiguous fp32 (splits, L) workspace ``ws``)
+    and grad_bias (N each, at ``bias_at``), where those are not None. v: fp32 (column blocks, T, r)
+    partials, one per column block of dy (with one block: v itself), every element written."""
     T, N = dy.shape
     R = b.shape[1]
     block_t, block_n, warps = dy_blocks(dy.dtype)
     rows_per_split = cdiv(cdiv(T, splits), block_t) * block_t
-    ws = grad_b if grad_b is not None else grad_bias
     launch(_dy_kernel)[(cdiv(N, block_n), splits)](
-        dy, b, u, g if g is not None else v, v, grad_b if grad_b is not None else v,
-        grad_bias if grad_bias is not None else v,
-        T, N, R, rows_per_split, ws.stride(0) if ws is not None else 0,
+        dy, b, u, g, v, ws, T, N, R, rows_per_split, ws.stride(0), b_at or 0, bias_at or 0,
         dy.stride(0), dy.stride(1), b.stride(0), b.stride(1), u.stride(0), u.stride(1),
         scale,
-        HAS_G=g is not None, NEED_GB=grad_b is not None, NEED_DB=grad_bias is not None, R_PAD=rank_pad(R),
+        HAS_G=g is not None, NEED_GB=b_at is not None, NEED_DB=bias_at is not None, R_PAD=rank_pad(R),
         BLOCK_T=block_t, BLOCK_N=block_n,
         UPCAST=upcast_dot(dy.dtype), INPUT_PRECISION=input_precision(dy.dtype), num_warps=warps)
 
@@ -198,7 +193,7 @@ def lowrank_dy(dy: torch.Tensor, b: torch.Tensor, u: torch.Tensor, g: torch.Tens
 
 
 @triton.jit(do_not_specialize=["threshold"])
-def _grad_a_kernel(x_ptr, v_ptr, g_ptr, u_ptr, ga_ptr, gg_ptr, T, K, R, rows_per_split, stride_split,
+def _grad_a_kernel(x_ptr, v_ptr, g_ptr, u_ptr, ws_ptr, T, K, R, rows_per_split, stride_split, ga_at, gg_at,
                    stride_xt, stride_xk, scale, seed_ptr, threshold, keep_scale,
                    HAS_G: tl.constexpr, HAS_DROPOUT: tl.constexpr, NEED_GA: tl.constexpr, NEED_GG: tl.constexpr,
                    R_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -240,35 +235,34 @@ def _grad_a_kernel(x_ptr, v_ptr, g_ptr, u_ptr, ga_ptr, gg_ptr, T, K, R, rows_per
     if NEED_GA:
         if HAS_DROPOUT:
             acc = acc * keep_scale
-        tl.store(ga_ptr + split_row + offs_r[:, None] * K + offs_k[None, :], acc,
+        tl.store(ws_ptr + split_row + ga_at + offs_r[:, None] * K + offs_k[None, :], acc,
                  mask=r_mask[:, None] & k_mask[None, :])
     if NEED_GG:
         if pid_k == 0:
-            tl.store(gg_ptr + split_row + offs_r, gg_acc * scale, mask=r_mask)
+            tl.store(ws_ptr + split_row + gg_at + offs_r, gg_acc * scale, mask=r_mask)
 
 
 def lowrank_grad_a(x: torch.Tensor | None, v: torch.Tensor, g: torch.Tensor | None, u: torch.Tensor, scale: float,
-                   dropout_p: float, seed: torch.Tensor | None, threshold: int, ga: torch.Tensor | None,
-                   gg: torch.Tensor | None, K: int, splits: int) -> None:
-    """The ``splits`` token splits' partial sums of grad_A = s (v ⊙ g)ᵀ drop(x) (r·K each, into
-    ``ga``) and grad_g = s Σ_t u ⊙ v (r each, into ``gg``), where given: rows of one (splits, L)
-    fp32 workspace. v, u: the fp32 (T, r) of the dy pass and the forward."""
+                   dropout_p: float, seed: torch.Tensor | None, threshold: int, ws: torch.Tensor,
+                   a_at: int | None, g_at: int | None, K: int, splits: int) -> None:
+    """The ``splits`` token splits' partial sums of grad_A = s (v ⊙ g)ᵀ drop(x) (r·K each, at
+    element ``a_at`` of each row of the contiguous fp32 (splits, L) workspace ``ws``) and
+    grad_g = s Σ_t u ⊙ v (r each, at ``g_at``), where those are not None. v, u: the fp32 (T, r)
+    of the dy pass and the forward."""
     T, R = v.shape
     if INTERPRET:
         block_t, block_k, warps = 32, 32, 4
     else:
         block_t, block_k, warps = 64, 128, 4
     rows_per_split = cdiv(cdiv(T, splits), block_t) * block_t
-    ws = ga if ga is not None else gg
-    launch(_grad_a_kernel)[(cdiv(K, block_k) if ga is not None else 1, splits)](
-        x if ga is not None else v, v, g if g is not None else v, u, ga if ga is not None else v,
-        gg if gg is not None else v, T, K, R, rows_per_split, ws.stride(0),
-        x.stride(0) if ga is not None else 0, x.stride(1) if ga is not None else 0, scale,
-        seed if seed is not None else v, threshold, 1.0 / (1.0 - dropout_p),
-        HAS_G=g is not None, HAS_DROPOUT=dropout_p > 0, NEED_GA=ga is not None, NEED_GG=gg is not None,
+    dtype = x.dtype if a_at is not None else v.dtype
+    launch(_grad_a_kernel)[(cdiv(K, block_k) if a_at is not None else 1, splits)](
+        x if a_at is not None else None, v, g, u, ws, T, K, R, rows_per_split, ws.stride(0), a_at or 0, g_at or 0,
+        x.stride(0) if a_at is not None else 0, x.stride(1) if a_at is not None else 0, scale,
+        seed, threshold, 1.0 / (1.0 - dropout_p),
+        HAS_G=g is not None, HAS_DROPOUT=dropout_p > 0, NEED_GA=a_at is not None, NEED_GG=g_at is not None,
         R_PAD=rank_pad(R), BLOCK_T=block_t, BLOCK_K=block_k,
-        UPCAST=upcast_dot(v.dtype if ga is None else x.dtype), INPUT_PRECISION=input_precision(
-            v.dtype if ga is None else x.dtype), num_warps=warps)
+        UPCAST=upcast_dot(dtype), INPUT_PRECISION=input_precision(dtype), num_warps=warps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,9 +309,9 @@ def backward(dy: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor | No
              b: torch.Tensor, g: torch.Tensor | None, u: torch.Tensor, scale: float, dropout_p: float,
              seed: torch.Tensor | None, threshold: int, need_dx: bool, layout: dict,
              total: int) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Launches 3-5 and the ordered sums: (dx (T, K) in dy's dtype or None, an fp32 vector whose
-    first ``total`` elements hold the reduced grads at ``layout`` = {name: (offset, shape)} for
-    the names a, b, bias, g asked for; v (T, r) follows them).
+    """Launches 3-5 and the ordered sums: (dx (T, K) in dy's dtype or None, an fp32 vector of
+    ``total`` elements holding the reduced grads at ``layout`` = {name: (offset, shape)} for the
+    names a, b, bias, g asked for).
 
     Token splits: the dy pass, and the dx GEMM (or launch 5) split T into the same number S of
     splits; each writes its splits' partial sums into row s of one (S, total) workspace laid out
@@ -326,18 +320,15 @@ def backward(dy: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor | No
     T, R = u.shape
     N, K = dy.shape[1], a.shape[1]
     dev = dy.device
-    need = set(layout)
+    at = {name: off for name, (off, _) in layout.items()}     # where each grad sits in a row
     splits = row_splits(T, K, dy.dtype, dy)
-    out = torch.empty((total + T * R,), device=dev, dtype=torch.float32)
-    v = out[total:].view(T, R)
-    part = out[:total].view(1, total) if splits == 1 else torch.empty((splits, total), device=dev,
-                                                                       dtype=torch.float32)
-    slices = {name: part[:, off:off + math.prod(shape)] for name, (off, shape) in layout.items()}
-    ga, gb, gbias, gg = slices.get("a"), slices.get("b"), slices.get("bias"), slices.get("g")
+    out = torch.empty((total,), device=dev, dtype=torch.float32)
+    part = out.view(1, total) if splits == 1 else torch.empty((splits, total), device=dev, dtype=torch.float32)
+    v = torch.empty((T, R), device=dev, dtype=torch.float32)
     n_blocks = cdiv(N, dy_blocks(dy.dtype)[1])
     vp = torch.empty((n_blocks, T, R), device=dev, dtype=torch.float32) if n_blocks > 1 else None
     dx = torch.empty((T, K), device=dev, dtype=dy.dtype) if need_dx else None
-    env = (dy, x, weight, a, b, g, u, seed, v, vp, out, part, ga, gb, gbias, gg, dx)
+    env = (dy, x, weight, a, b, g, u, seed, v, vp, out, part, dx)
 
     def key():
         return (tensor_key(dy), tensor_key(x), tensor_key(weight), tensor_key(a), tensor_key(b), tensor_key(g),
@@ -347,28 +338,28 @@ def backward(dy: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor | No
     def run(way: str) -> None:
         # grad_A (and grad_g) in the fused dx GEMM's epilogue; on the cuBLAS way (and with x frozen)
         # from launch 5 (in the K = 0 pass, the mask's two evaluations merge and spill 0.3-0.5 KB)
-        gemm_ga = need_dx and "a" in need and way == "triton"
-        kernel_ga = "a" in need and not gemm_ga
-        kernel_gg = "g" in need and not gemm_ga
+        gemm_ga = need_dx and "a" in at and way == "triton"
+        kernel_ga = "a" in at and not gemm_ga
+        kernel_gg = "g" in at and not gemm_ga
 
         def body():
-            lowrank_dy(dy, b, u, g, scale, vp if vp is not None else v, gb, gbias, splits)
+            lowrank_dy(dy, b, u, g, scale, vp if vp is not None else v, part, at.get("b"), at.get("bias"), splits)
             if vp is not None:
                 sum_partials(vp.view(n_blocks, T * R), v)
             if need_dx:
                 dense = way == "triton"
                 gemm(dy if dense else None, weight if dense else None, dx, low=v, right=a, g=g, scale=scale,
                      dropout_p=dropout_p, seed=seed, threshold=threshold, x=x if gemm_ga else None,
-                     grad_a=ga if gemm_ga else None, u=u if gemm_ga and gg is not None else None,
-                     grad_g=gg if gemm_ga else None, splits=splits)
+                     grads=part if gemm_ga else None, grad_a_at=at.get("a", 0),
+                     u=u if gemm_ga and "g" in at else None, grad_g_at=at.get("g", 0), splits=splits)
             if kernel_ga or kernel_gg:
-                lowrank_grad_a(x, v, g, u, scale, dropout_p, seed, threshold, ga if kernel_ga else None,
-                               gg if kernel_gg else None, K, splits)
+                lowrank_grad_a(x, v, g, u, scale, dropout_p, seed, threshold, part,
+                               at.get("a") if kernel_ga else None, at.get("g") if kernel_gg else None, K, splits)
             if splits > 1 and total:
-                sum_partials(part, out[:total])
+                sum_partials(part, out)
         _BACKWARD_PLANS.run(lambda: key() + (way,), env, body)
         if way == "cublas":     # outside the plan: a plan replays Triton launches only
             dx.addmm_(dy, weight)
-    run(_DX_CHOICE.choose((next_pow2(T), N, K, R, dy.dtype, dropout_p > 0, "a" in need), run) if need_dx
+    run(_DX_CHOICE.choose((next_pow2(T), N, K, R, dy.dtype, dropout_p > 0, "a" in at), run) if need_dx
         else "triton")
     return dx, out

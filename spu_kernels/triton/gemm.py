@@ -14,15 +14,20 @@ One kernel, one K loop; what an op needs is switched on by constexpr hooks:
     registers, B may not.
   * a persistent tile loop: min(#SMs, #tiles) programs walk the tiles in grouped order (GROUP_M
     row blocks share each column block of B while it is in L2).
-  * epilogue, on the fp32 accumulator, in this order: the rank-r term (one small dot per tile;
-    dropout's keep mask of an (M, N) input regenerated, ops/dropout_rng.py), bias, the
-    reduction ``Σ_m C ⊙ Z`` (before the column scale: (IA)³'s grad_l) as one fp32 row per row
-    block, the column scale, the store of C (TMA where C allows it).
-  * ``grad_a``: grad_A = s (L ⊙ g)ᵀ drop(X) for X (M, N) (the low-rank dx GEMM: dx's tile covers
-    exactly x's tile, one mask serves both). Programs then own a column block each and walk its
-    row blocks ``s, s + S, …`` (S row splits); each keeps its (r, BLOCK_N) share in registers and
-    writes it once, to row s of an (S, r, N) fp32 workspace (S = 1: grad_A itself), summed in
-    order by triton/partials.py. No atomics, no memset: the same inputs give the same bits.
+  * the rank-r term (one small dot per tile; dropout's keep mask of an (M, N) input regenerated,
+    ops/dropout_rng.py) starts the fp32 accumulator before the K loop, so no second tile of that
+    size is live beside it. After the K loop, in this order: bias, the reduction ``Σ_m C ⊙ Z``
+    (before the column scale: (IA)³'s grad_l) as one fp32 row per row block, the column scale,
+    the store of C (TMA where C allows it).
+  * grad_A = s (L ⊙ g)ᵀ drop(X) for X (M, N) (the low-rank dx GEMM: dx's tile covers exactly x's
+    tile, one mask serves both) and grad_g = s Σ_m u ⊙ L. The tiles are then grouped in work units
+    (column block, row split s) whose row blocks are s, s + S, …; a unit keeps its (r, BLOCK_N)
+    share in registers and writes it once, into row s of an (S, L) fp32 workspace at an element
+    offset (S = 1: the grads themselves), summed in order by triton/partials.py. No atomics, no
+    memset: the same inputs give the same bits.
+  * no dense product at all (K = 0): bias + the rank-r term (+ grads) alone, for cuBLAS to add
+    A @ B into with beta = 1 (the per-shape choice of triton/choice.py).
+Unused pointer arguments are passed as None (Triton specialises them away; fewer launcher arguments).
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@
 
 Forward, two launches:
   1. ``_down_kernel``  u = drop(x) Aᵀ (T, r) in fp32: one pass over x; u is what backward keeps.
-  2. ``gemm``          y = x Wᵀ + b + (s u ⊙ g) Bᵀ (triton/gemm.py): the rank-r product is added to
-                       the GEMM's accumulator tile in its epilogue, no T×N branch output.
+  2. ``gemm``          y = x Wᵀ + b + (s u ⊙ g) Bᵀ (triton/gemm.py): the rank-r product starts the
+                       GEMM's accumulator tile, no T×N branch output.
 Backward, two launches and up to two ordered sums (each only when a grad it makes is needed):
   3. ``_dy_kernel``    one pass over dy: v = dy B (T, r) (one fp32 partial per column block of dy,
                        summed in order when there are several), grad_B = s dyᵀ (u ⊙ g) (N, r) and
@@ -13,7 +13,11 @@ Backward, two launches and up to two ordered sums (each only when a grad it make
   4. ``gemm``          dx = dy W + keep ⊙ s ((v ⊙ g) A) / (1 - p), the mask regenerated, and in its
                        epilogue grad_A = s (v ⊙ g)ᵀ drop(x) over the x tile that dx's tile covers
                        (the same mask; x read once) and grad_g = s Σ_t u ⊙ v.
-  5. ``_grad_a_kernel`` grad_A and / or grad_g when the dx GEMM does not make them (x frozen).
+  5. ``_grad_a_kernel`` grad_A and / or grad_g when the dx GEMM does not make them (x frozen, or
+                       dx on the cuBLAS way).
+The dense products of 2 and 4 may instead run on cuBLAS, added with beta = 1 into what a K = 0
+pass of the GEMM core wrote (the rank-r term, the bias): chosen per shape by timing both on a GPU
+(triton/choice.py).
 A, B and g come in their own (master, usually fp32) dtype and are rounded to x's dtype in
 registers; grads are accumulated and returned in fp32: no cast kernel on either side.
 

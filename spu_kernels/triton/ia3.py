@@ -120,8 +120,7 @@ def ia3_out_grads(dy, y, l, x, weight, bias, grad_l, grad_bias, ws) -> None:
     if (splits > 1) != (ws is not None):
         raise ValueError(f"ia3_out_grads: {splits} token splits need {'a' if splits > 1 else 'no'} workspace")
     launch(_ia3_out_grad_kernel)[(cdiv(N, block_n), splits)](
-        dy, y, l, x, weight, bias if bias is not None else l, grad_bias if grad_bias is not None else grad_l, grad_l,
-        ws if ws is not None else grad_l,
+        dy, y, l, x, weight, bias, grad_bias, grad_l, ws,
         T, N, K, rows_per_split,
         dy.stride(0), dy.stride(1), y.stride(0), y.stride(1), x.stride(0), x.stride(1),
         weight.stride(0), weight.stride(1),
@@ -247,7 +246,7 @@ def scaled_act_bwd(dy: torch.Tensor, h: torch.Tensor, l: torch.Tensor, act: str,
     if partial != (ws is not None):
         raise ValueError(f"scaled_act_bwd: {splits} token splits need {'a' if partial else 'no'} workspace")
     launch(_scaled_act_bwd_kernel)[(cdiv(F, block_f), splits)](
-        dy, h, l, dh if dh is not None else h, gl if gl is not None else l, ws if ws is not None else l,
+        dy, h, l, dh, gl, ws,
         T, F, rows_per_split, dy.stride(0), dy.stride(1), h.stride(0), h.stride(1),
         ACT=ACTIVATIONS[act], NEED_DH=dh is not None, NEED_GL=gl is not None, PARTIAL=partial,
         BLOCK_T=block_t, BLOCK_F=block_f, num_warps=warps)

@@ -44,4 +44,4 @@ def sum_partials(ws: torch.Tensor, out1: torch.Tensor, out2: torch.Tensor | None
                          f"{out2.numel() if out2 is not None else 0} elements")
     block = 128 if INTERPRET else 512
     launch(_sum_partials_kernel)[(cdiv(L, block),)](
-        ws, out1, out2 if out2 is not None else out1, S, L, l1, TWO=out2 is not None, BLOCK=block, num_warps=4)
+        ws, out1, out2, S, L, l1, TWO=out2 is not None, BLOCK=block, num_warps=4)

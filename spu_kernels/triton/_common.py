@@ -84,6 +84,12 @@ def device_index(t: torch.Tensor) -> int:
     return t.device.index if t.device.type == "cuda" and t.device.index is not None else 0
 
 
+def split_rows(T: int, splits: int, block: int) -> int:
+    """Tokens per split when T is cut into ``splits`` splits of whole ``block``-token blocks (the
+    last splits may be empty: a kernel still writes their rows, as zeros)."""
+    return cdiv(cdiv(T, splits), block) * block
+
+
 def token_splits(T: int, col_programs: int, like: torch.Tensor, per_sm: int, block: int = 1,
                  min_rows: int = 1) -> tuple[int, int]:
     """(splits, tokens per split) for a kernel that splits T tokens over a second grid dimension
@@ -92,5 +98,5 @@ def token_splits(T: int, col_programs: int, like: torch.Tensor, per_sm: int, blo
     t_blocks = cdiv(T, block)
     wanted = cdiv(per_sm * num_sms(device_index(like)), col_programs)
     splits = max(1, min(cdiv(t_blocks, cdiv(min_rows, block)), wanted))
-    rows = cdiv(t_blocks, splits) * block
+    rows = split_rows(T, splits, block)
     return cdiv(T, rows), rows

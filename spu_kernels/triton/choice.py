@@ -69,7 +69,7 @@ def time_us(fn: Callable[[], None]) -> float:
 
 @functools.cache
 def _machine() -> str:
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    gpu = torch.cuda.get_device_name() if _has_gpu() else "cpu"
     return f"{gpu}|torch {torch.__version__}|triton {triton.__version__}"
 
 
@@ -80,13 +80,18 @@ def _warn_once(what: str, err: Exception) -> None:
                       "choices are kept in memory only", stacklevel=3)
 
 
+def _read(path: str) -> dict:
+    """The cache file's entries ({} where it holds no JSON object). Raises OSError / ValueError."""
+    with open(path) as f:
+        data = json.load(f)
+    return data if isinstance(data, dict) else {}
+
+
 def _disk() -> dict:
     global _DISK
     if _DISK is None:
         try:
-            with open(cache_file()) as f:
-                data = json.load(f)
-            _DISK = data if isinstance(data, dict) else {}
+            _DISK = _read(cache_file())
         except FileNotFoundError:
             _DISK = {}
         except (OSError, ValueError) as err:    # unreadable or not JSON: ignored, rewritten on the next choice
@@ -102,9 +107,7 @@ def _store(entry: str, record: dict) -> None:
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
-            with open(path) as f:
-                data = json.load(f)
-            data = data if isinstance(data, dict) else {}
+            data = _read(path)
         except (OSError, ValueError):
             data = {}
         data[entry] = record
@@ -126,21 +129,21 @@ class ShapeChoice:
         self._untimed: dict[tuple, str] = {}      # where nothing could be timed: stored or default
         self.trials = 0             # shapes timed by this process (tests read it)
 
+    def _entry(self, key: tuple) -> str:
+        return f"{_machine()}|{self.name}|{key!r}"
+
     def _stored(self, key: tuple) -> str | None:
         with _LOCK:
-            stored = _disk().get(f"{_machine()}|{self.name}|{key!r}")
+            stored = _disk().get(self._entry(key))
         return stored["way"] if isinstance(stored, dict) and stored.get("way") in WAYS else None
 
     def choose(self, key: tuple, trial: Callable[[str], None]) -> str:
-        way = self._memory.get(key)
-        if way is None:
-            way = self._choose(key, trial)
-        forced_way = os.environ.get("SPU_KERNELS_GEMM")     # read per call: cheap (~0.3 µs), and tests set it
-        return way if forced_way is None or forced_way == "auto" else forced()
+        """The forced way, else this shape's remembered choice, else a new one (timed where possible).
+        On the hot path: one environment read and one dict hit."""
+        way = forced() or self._memory.get(key)
+        return way if way is not None else self._choose(key, trial)
 
     def _choose(self, key: tuple, trial: Callable[[str], None]) -> str:
-        if forced() is not None:
-            return forced()
         if not measurable():        # a later eager call on a GPU may time it; without a GPU none will
             way = self._untimed.get(key)
             if way is None:
@@ -156,7 +159,7 @@ class ShapeChoice:
         way = min(WAYS, key=lambda w: times[w])
         self.trials += 1
         self._memory[key] = way
-        entry = f"{_machine()}|{self.name}|{key!r}"
+        entry = self._entry(key)
         with _LOCK:
             _disk()[entry] = {"way": way, "us": {w: round(t, 2) for w, t in times.items()}}
             _store(entry, _disk()[entry])

@@ -236,10 +236,13 @@ def _tiles(fp32: bool) -> list[tuple]:
             (64, 64, 64, 4, 4)]
 
 
+def _most_common(values: list[int]) -> int:
+    return max(set(values), key=lambda v: (values.count(v), v))      # ties: the larger
+
+
 @functools.cache
 def _reduce_block_m(fp32: bool) -> int:
-    heights = [t[0] for t in _tiles(fp32)]
-    return max(set(heights), key=lambda h: (heights.count(h), h))     # the most common tile height
+    return _most_common([t[0] for t in _tiles(fp32)])
 
 
 def reduce_block_m(dtype: torch.dtype) -> int:
@@ -251,8 +254,9 @@ def reduce_block_m(dtype: torch.dtype) -> int:
 
 @functools.cache
 def _grad_a_tile(fp32: bool) -> tuple[int, int]:
-    widths = [t[1] for t in _tiles(fp32)]
-    bn = max(set(widths), key=lambda w: (widths.count(w), w))
+    """(BLOCK_M, BLOCK_N) the grad_A variant's row splits are chosen for: the most common tile
+    width and the tallest tile of that width."""
+    bn = _most_common([t[1] for t in _tiles(fp32)])
     return max(t[0] for t in _tiles(fp32) if t[1] == bn), bn
 
 
@@ -363,9 +367,9 @@ def gemm(a_op: torch.Tensor | None, b_op: torch.Tensor | None, out: torch.Tensor
     if u is not None and grads is None:
         raise ValueError("gemm: grad_g rides on the grad_A variant (pass x and grads)")
     R = low.shape[1] if low is not None else 0
-    if zp is not None and tuple(zp.shape) != (cdiv(M, reduce_block_m(a_op.dtype)), N):
-        raise ValueError(f"gemm: the reduction workspace must be (row blocks {cdiv(M, reduce_block_m(a_op.dtype))}, "
-                         f"N={N}), got {tuple(zp.shape)}")
+    if zp is not None and tuple(zp.shape) != ((row_blocks := cdiv(M, reduce_block_m(a_op.dtype))), N):
+        raise ValueError(f"gemm: the reduction workspace must be (row blocks {row_blocks}, N={N}), "
+                         f"got {tuple(zp.shape)}")
     # fp32 operands go to FMA (no tensor cores): plain loads, no flattened tile loop (with either,
     # ptxas of Triton 3.8 spilled 4-6 KB per thread on sm_90)
     tma = _has_tma(device_index(a_op)) and a_op.dtype != torch.float32

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, cdiv, device_index, input_precision, mma, next_pow2, num_sms, upcast_dot
+from ._common import INTERPRET, cdiv, device_index, input_precision, mma, next_pow2, num_sms, split_rows, upcast_dot
 from ._launcher import launch
 from .partials import sum_partials
 
@@ -320,7 +320,7 @@ def backward(do, q, c, wk, wv, lse, num_heads: int, scale: float, need_dw: bool)
         # split the tokens so that about two programs run per SM; each split writes fp32 partials,
         # summed in order (triton/partials.py)
         splits = max(1, min(r_blocks, (2 * num_sms(device_index(c))) // tiles))
-        rows_per_split = cdiv(r_blocks, splits) * block_r
+        rows_per_split = split_rows(T, splits, block_r)
         splits = cdiv(T, rows_per_split)
         dwk = torch.empty((D, D), device=q.device, dtype=torch.float32)
         dwv = torch.empty((D, D), device=q.device, dtype=torch.float32)

@@ -42,6 +42,7 @@ from ._common import (
     next_pow2,
     num_sms,
     rank_pad,
+    split_rows,
     upcast_dot,
 )
 from ._launcher import PlanCache, aligned, launch, tensor_key
@@ -181,7 +182,7 @@ def lowrank_dy(dy: torch.Tensor, b: torch.Tensor, u: torch.Tensor, g: torch.Tens
     T, N = dy.shape
     R = b.shape[1]
     block_t, block_n, warps = dy_blocks(dy.dtype)
-    rows_per_split = cdiv(cdiv(T, splits), block_t) * block_t
+    rows_per_split = split_rows(T, splits, block_t)
     launch(_dy_kernel)[(cdiv(N, block_n), splits)](
         dy, b, u, g, v, ws, T, N, R, rows_per_split, ws.stride(0), b_at or 0, bias_at or 0,
         dy.stride(0), dy.stride(1), b.stride(0), b.stride(1), u.stride(0), u.stride(1),
@@ -258,7 +259,7 @@ def lowrank_grad_a(x: torch.Tensor | None, v: torch.Tensor, g: torch.Tensor | No
         block_t, block_k, warps = 32, 32, 4
     else:
         block_t, block_k, warps = 64, 128, 4
-    rows_per_split = cdiv(cdiv(T, splits), block_t) * block_t
+    rows_per_split = split_rows(T, splits, block_t)
     dtype = x.dtype if a_at is not None else v.dtype
     launch(_grad_a_kernel)[(cdiv(K, block_k) if a_at is not None else 1, splits)](
         x if a_at is not None else None, v, g, u, ws, T, K, R, rows_per_split, ws.stride(0), a_at or 0, g_at or 0,

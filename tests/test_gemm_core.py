@@ -197,3 +197,16 @@ def test_ops_agree_on_both_ways(monkeypatch, p):
             assert_close_rel(y.detach(), want_y.double(), torch.float32, f"{name} {way} y")
             for i, (gt, wt) in enumerate(zip(got, want)):
                 assert_close_rel(gt, wt.double(), torch.float32, f"{name} {way} grad {i}")
+
+
+def test_choice_leaves_no_temporary_file_when_a_write_fails(choice_env, monkeypatch):
+    choice, tmp = choice_env
+    monkeypatch.setattr(choice, "measurable", lambda: True)
+    monkeypatch.setattr(choice, "time_us", lambda fn: 1.0)
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+    monkeypatch.setattr(choice.os, "replace", failing_replace)
+    with pytest.warns(UserWarning, match="cannot write"):
+        assert choice.ShapeChoice("t", default=lambda key: "cublas").choose((1,), lambda way: None) == "triton"
+    assert list(tmp.iterdir()) == []

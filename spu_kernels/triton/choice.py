@@ -17,6 +17,7 @@ the interpreter, a traced triton_op, CUDA-graph capture) a stored choice is used
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -112,9 +113,14 @@ def _store(entry: str, record: dict) -> None:
             data = {}
         data[entry] = record
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".choices-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        except BaseException:       # no half-written temporary file left behind
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
     except OSError as err:
         _warn_once("cannot write", err)
 

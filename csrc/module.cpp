@@ -35,12 +35,23 @@ std::vector<uint32_t> philox_first_word(uint64_t seed, const std::vector<uint64_
   return out;
 }
 
-// The keep mask of a (rows, cols) input, row-major, from the kernels' own dropout_keep (host build).
-std::vector<uint8_t> dropout_keep_mask(uint64_t seed, uint64_t rows, uint64_t cols, uint32_t threshold) {
+// The keep mask of a (rows, cols) input, row-major, from the kernels' own code (host build):
+// per element (dropout_keep, the strided paths) or four columns per Philox call (dropout_keep4,
+// the vectorised paths).
+std::vector<uint8_t> dropout_keep_mask(uint64_t seed, uint64_t rows, uint64_t cols, uint32_t threshold, bool grouped) {
   std::vector<uint8_t> out;
   out.reserve(rows * cols);
-  for (uint64_t t = 0; t < rows; ++t)
-    for (uint64_t c = 0; c < cols; ++c) out.push_back(spu::dropout_keep(seed, t, c, cols, threshold) ? 1 : 0);
+  for (uint64_t t = 0; t < rows; ++t) {
+    uint32_t bits = 0;
+    for (uint64_t c = 0; c < cols; ++c) {
+      if (!grouped) {
+        out.push_back(spu::dropout_keep(seed, t, c, cols, threshold) ? 1 : 0);
+        continue;
+      }
+      if (c % 4 == 0) bits = spu::dropout_keep4(seed, t, c / 4, cols, threshold);
+      out.push_back((bits >> (c % 4)) & 1u);
+    }
+  }
   return out;
 }
 
@@ -51,7 +62,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("philox_first_word", &philox_first_word, pybind11::arg("seed"), pybind11::arg("counters"),
         "Host build of the kernels' Philox4x32-10 first output word for each 64-bit counter");
   m.def("dropout_keep_mask", &dropout_keep_mask, pybind11::arg("seed"), pybind11::arg("rows"), pybind11::arg("cols"),
-        pybind11::arg("threshold"), "Host build of the kernels' dropout keep mask, row-major (rows * cols bytes)");
+        pybind11::arg("threshold"), pybind11::arg("grouped") = true,
+        "Host build of the kernels' dropout keep mask, row-major (rows * cols bytes); grouped: four columns "
+        "per Philox call, as the vectorised kernel paths, else one call per element");
   m.attr("cuda_archs") = std::string(SPU_CUDA_ARCHS);
   m.attr("build_info") = std::string(SPU_BUILD_INFO);
 }

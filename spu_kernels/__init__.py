@@ -5,10 +5,12 @@
     ...train...
     spu_kernels.merge(model)                    # or spu_kernels.unpatch(model)
 
-Layers: patching -> modules -> ops -> (triton | _C | torch reference); README.md says what each does.
+Layers: patching -> modules -> ops -> (triton | _C | torch reference), each importing only the
+ones below it. README.md's "Layout" section lists what each holds; the docstrings of
+patching/core.py and registry.py (methods, shared options), modules/adapter.py (the contract of a
+replacing module) and ops/_library.py (op pairs, backends) say how they fit together.
 """
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .backends import available_backends, backend_status, use_backend
 from .modules import (
     IA3Linear,
@@ -46,11 +48,11 @@ from .patching import (
 
 def describe_method(name: str) -> str:
     """One line on a method and its options with their defaults."""
-    from .patching.registry import get_method
+    from .patching.registry import get_method, shared_options
     spec = get_method(name)
     opts = ", ".join(f"{k}={v!r}" for k, v in spec.defaults().items())
-    return (f"{name}: {spec.description}. Options: {opts}; plus train_head=True, trainable_modules=None"
-            + (", soft_prompt=None" if name != "prompt" else ""))
+    shared = ", ".join(f"{k}={v!r}" for k, v in shared_options(name).items())
+    return f"{name}: {spec.description}. Options: {opts}; plus {shared}"
 
 
 __all__ = ["patch", "unpatch", "merge", "summary", "is_patched", "save_adapter", "load_adapter", "known_methods",

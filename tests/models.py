@@ -1,4 +1,8 @@
-"""Tiny models of each supported architecture family, built from configs with random weights."""
+"""Tiny models of each supported architecture family, built from configs with random weights.
+
+Adding a family (its ``Family`` record in spu_kernels/patching/architectures.py): its builder in
+``FAMILY_MODELS`` and its default targets in ``EXPECTED_TARGETS``; every per-family test then runs
+on it (``make_batch`` also needs the decoder inputs of an encoder-decoder model)."""
 import torch
 import transformers as tf
 

@@ -1,12 +1,26 @@
 """LoRALinear and SiVALinear on their own: init, step-0 equality, merge, restore, Conv1D, slices."""
+import re
+
 import pytest
 import torch
 import torch.nn as nn
 from helpers import LOWRANK_BACKENDS, rel_err
 from transformers.pytorch_utils import Conv1D
 
+import spu_kernels.modules as modules
 from spu_kernels import use_backend
-from spu_kernels.modules import LoRALinear, SiVALinear
+from spu_kernels.modules import (
+    AdapterModule,
+    IA3Linear,
+    IA3ScaledActivation,
+    KronALinear,
+    LadderBackbone,
+    LoRALinear,
+    SiVALinear,
+    SoftPromptBackbone,
+    WrappedLinear,
+)
+from spu_kernels.modules.lowrank_base import LowRankAdapterLinear
 from spu_kernels.modules.siva import top_r_svd
 
 
@@ -145,3 +159,63 @@ def test_module_bad_arguments(kwargs, match):
         LoRALinear(linear(), **kwargs)
     with pytest.raises(TypeError, match="wraps nn.Linear or transformers Conv1D, got ReLU"):
         SiVALinear(nn.ReLU(), r=2)
+
+
+# the module classes patch() puts in a model's place: each is an AdapterModule (modules/adapter.py)
+REPLACING = (LoRALinear, SiVALinear, IA3Linear, IA3ScaledActivation, KronALinear, LadderBackbone, SoftPromptBackbone)
+
+
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+def test_every_replacing_module_class_implements_the_adapter_contract():
+    for cls in REPLACING:
+        assert issubclass(cls, AdapterModule), cls
+        assert cls.adapter_parameters is not AdapterModule.adapter_parameters, cls     # declared: each must say
+        for name in ("restore", "merge"):
+            assert callable(getattr(cls, name)), (cls, name)
+    # no adapter class in spu_kernels.modules is left out of the list (bases that are never built aside)
+    found = {c for c in _subclasses(AdapterModule) if c.__module__.startswith(modules.__name__)}
+    assert found - {WrappedLinear, LowRankAdapterLinear} == set(REPLACING)
+    assert not any(issubclass(getattr(modules, n), AdapterModule) for n in ("PromptClassifier", "PromptTemplate")
+                   if isinstance(getattr(modules, n), type))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: LoRALinear(linear(), r=2),
+    lambda: SiVALinear(linear(), r=2),
+    lambda: IA3Linear(linear()),
+    lambda: IA3Linear(linear(), side="input"),
+    lambda: KronALinear(linear()),
+    lambda: IA3ScaledActivation(nn.GELU(), 24, next_linear=linear()),
+], ids=["lora", "siva", "ia3_out", "ia3_in", "krona", "ia3_act"])
+def test_adapter_contract_restore_and_merge(make):
+    base_state = linear().state_dict()          # what every wrapped linear held before it was wrapped
+    mod = make()
+    base = mod.base_layer
+    if isinstance(mod, IA3ScaledActivation):
+        base_state = {}
+    names = [n for n, _ in mod.adapter_parameters()]
+    own = dict(mod.named_parameters())
+    assert names and all(own[n] is p for n, p in mod.adapter_parameters())      # names relative to the module
+    assert not {id(p) for _, p in mod.adapter_parameters()} & {id(p) for p in base.parameters()}
+    assert mod.merge_error is None
+    back = mod.restore()
+    assert back is base and back.state_dict().keys() == base_state.keys()
+    assert all(torch.equal(v, base_state[k]) for k, v in back.state_dict().items())
+    mod = make()
+    assert mod.merge() is mod.base_layer
+
+
+def test_adapter_contract_unmergeable_modules_say_why():
+    for cls in (LadderBackbone, SoftPromptBackbone):
+        assert isinstance(cls.merge_error, str) and cls.merge_error
+        with pytest.raises(RuntimeError, match=re.escape(cls.merge_error)):
+            cls.merge(object.__new__(cls))
+    act = IA3ScaledActivation(nn.GELU(), 24)           # no next linear to fold l into
+    assert "needs the next linear" in act.merge_error
+    with pytest.raises(RuntimeError, match="needs the next linear"):
+        act.merge()

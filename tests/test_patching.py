@@ -1,5 +1,12 @@
-"""patch / unpatch / merge / save_adapter / load_adapter on tiny models of every supported family."""
+"""patch / unpatch / merge / save_adapter / load_adapter on tiny models of every supported family;
+the adapter contract and shared options as the core sees them; each submodule imports alone."""
+import inspect
+import json
+import os
+import pkgutil
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -7,8 +14,16 @@ import torch.nn as nn
 from models import EXPECTED_TARGETS, FAMILY_MODELS, make_batch, make_model, model_output
 
 import spu_kernels
-from spu_kernels.modules import LoRALinear, SiVALinear
+from spu_kernels.modules import AdapterModule, LoRALinear, SiVALinear
 from spu_kernels.patching.architectures import HEAD_NAMES
+from spu_kernels.patching.core import patch_state
+from spu_kernels.patching.registry import (
+    CORE_OPTIONS,
+    SHARED_OPTION_NAMES,
+    SHARED_OPTIONS,
+    shared_option_handler,
+    shared_options,
+)
 
 METHODS = ["lora", "siva", "siva_kv"]
 
@@ -257,3 +272,112 @@ def test_load_adapter_that_does_not_fit_leaves_the_model_as_it_was(tmp_path):
     with pytest.raises(ValueError, match="classifier.out_proj.weight has shape"):
         spu_kernels.load_adapter(other, path)
     assert all(torch.equal(v, state[k]) for k, v in other.state_dict().items())
+
+
+
+# ---------------------------------------------------------------------------------------------
+# the adapter contract and the shared options, as the core uses them
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method, opts", [
+    ("lora", dict(r=2)), ("siva", dict(r=2)), ("siva_kv", dict(r=2)), ("ia3", {}), ("krona", {}),
+    ("lst", dict(r=4)), ("klst", dict(r=4)), ("prompt", dict(n_tokens=3)), ("lora", dict(r=2, soft_prompt=3)),
+])
+def test_every_replacement_is_an_adapter_module_whose_parameters_train(method, opts):
+    model = make_model("bert")
+    spu_kernels.patch(model, method, **opts)
+    reps = patch_state(model).replacements
+    assert reps
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    for rep in reps:
+        assert isinstance(rep.new, AdapterModule), rep.name
+        params = [p for _, p in rep.new.adapter_parameters()]
+        assert params and all(id(p) in trainable for p in params), rep.name
+    spu_kernels.unpatch(model)
+
+
+def test_shared_options_are_patchs_keyword_only_parameters():
+    sig = inspect.signature(spu_kernels.patch)
+    kw = {n: p.default for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY}
+    assert kw == {o.name: o.default for o in SHARED_OPTIONS} == shared_options()
+    assert SHARED_OPTION_NAMES == tuple(kw)
+    for name in set(SHARED_OPTION_NAMES) - set(CORE_OPTIONS):     # each has a handler once the package is in
+        assert shared_option_handler(name).name == name
+    assert "soft_prompt" not in shared_options("prompt") and "soft_prompt" in shared_options("lora")
+    assert spu_kernels.describe_method("lora").endswith(
+        "; plus train_head=True, trainable_modules=None, soft_prompt=None")
+
+
+# ---------------------------------------------------------------------------------------------
+# every submodule imports on its own: no import circle, no arrow back up
+# ---------------------------------------------------------------------------------------------
+# the layers below the package root, each with the layers above it that it may not import
+LOWER_LAYERS = {
+    "spu_kernels._version": (), "spu_kernels._cuda_build": (), "spu_kernels._extension": (),
+    "spu_kernels.backends": (),
+    "spu_kernels.triton": ("ops", "modules", "patching", "optim", "harness"),
+    "spu_kernels.ops": ("modules", "patching", "optim", "harness"),
+    "spu_kernels.optim": ("modules", "patching", "harness"),
+    "spu_kernels.modules": ("patching", "optim", "harness"),
+    "spu_kernels.patching": ("optim", "harness"),
+}
+
+# One child per module, forked from a process that imported only third-party packages (torch,
+# transformers, triton: slow to import, and not ours), so each child starts with no spu_kernels
+# module loaded. With a stub root, the package's __init__ does not run: a module of a lower layer
+# must import without it (it may not reach back up to the root), and without the layers above it.
+_IMPORT_EACH = r"""
+import importlib, importlib.util, json, os, sys, traceback
+import torch, transformers, triton  # noqa: F401
+cases = json.loads(sys.argv[1])
+out = {}
+for name, stub, banned in cases:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            if stub:
+                sys.modules["spu_kernels"] = importlib.util.module_from_spec(importlib.util.find_spec("spu_kernels"))
+            importlib.import_module(name)
+            above = sorted(m for m in sys.modules if m.split(".")[:2][-1] in banned and m.startswith("spu_kernels."))
+            msg = "ok" if not above else "imports a layer above it: " + ", ".join(above)
+        except ModuleNotFoundError as e:
+            top = (e.name or "").split(".")[0]
+            msg = ("missing " + top) if top and top != "spu_kernels" else traceback.format_exc()
+        except BaseException:
+            msg = traceback.format_exc()
+        os.write(w, msg.encode())
+        os._exit(0)
+    os.close(w)
+    chunks = []
+    while True:
+        b = os.read(r, 65536)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(r)
+    os.waitpid(pid, 0)
+    out[name + (" (no package root)" if stub else "")] = b"".join(chunks).decode()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks one child per module")
+def test_each_submodule_imports_alone_in_a_fresh_process():
+    names = [m.name for m in pkgutil.walk_packages(spu_kernels.__path__, "spu_kernels.")
+             if m.name not in ("spu_kernels._C", "spu_kernels.__main__")]   # __main__ runs the CLI
+    cases = [(n, False, []) for n in names]
+    for n in names:
+        layer = next((k for k in LOWER_LAYERS if n == k or n.startswith(k + ".")), None)
+        if layer is not None:
+            cases.append((n, True, list(LOWER_LAYERS[layer])))
+    proc = subprocess.run([sys.executable, "-c", _IMPORT_EACH, json.dumps(cases)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == len(cases)
+    failed = {n: msg for n, msg in results.items() if msg != "ok" and not msg.startswith("missing ")}
+    assert not failed, "\n\n".join(f"{n}:\n{msg}" for n, msg in failed.items())
+    # an optional dependency may be missing here; none of the lower layers may need one
+    skipped = {n for n, msg in results.items() if msg.startswith("missing ")}
+    assert not {n for n in skipped if any(n.startswith(k) for k in LOWER_LAYERS)}, skipped

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.ia3 import ACTIVATIONS, ia3_linear, ia3_scaled_act
+from .adapter import AdapterModule
 from .lowrank_base import WrappedLinear, is_linear_like, linear_dims, normalise_slices, weight_nk
 
 
@@ -74,9 +75,6 @@ class IA3Linear(WrappedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ia3_linear(x, weight_nk(self.base_layer), self.base_layer.bias, self.scale_vector(), side=self.side)
 
-    def restore(self) -> nn.Module:
-        return self.base_layer
-
     @torch.no_grad()
     def merge(self) -> nn.Module:
         """Fold l into the base layer (in place) and return it: output side scales W's rows and b,
@@ -114,11 +112,12 @@ def activation_name(module: nn.Module) -> str | None:
     return None
 
 
-class IA3ScaledActivation(nn.Module):
+class IA3ScaledActivation(AdapterModule):
     """Replaces an FFN activation: y = act(h) ⊙ l, one fused kernel (backward: one pass over dy and h).
 
     ``next_linear``: the FFN's output projection (the layer that consumes y); ``merge`` folds l
-    into its weight's columns (W diag(l)), the exact equivalent for inference.
+    into its weight's columns (W diag(l)), the exact equivalent for inference. ``base_layer`` is
+    the activation module it replaced (held as ``act``).
     """
 
     def __init__(self, act_module: nn.Module, features: int, activation: str | None = None,
@@ -143,21 +142,28 @@ class IA3ScaledActivation(nn.Module):
             device = next_linear.weight.device
         self.ia3_l = nn.Parameter(torch.ones(features, device=device, dtype=adapter_dtype or torch.float32))
 
+    @property
+    def base_layer(self) -> nn.Module:
+        return self.act
+
     def adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         yield "ia3_l", self.ia3_l
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return ia3_scaled_act(h, self.ia3_l, self.activation)
 
-    def restore(self) -> nn.Module:
-        return self.act
+    @property
+    def merge_error(self) -> str | None:
+        if self._next[0] is None:
+            return "IA3ScaledActivation.merge needs the next linear (next_linear=...) to fold l into"
+        return None
 
     @torch.no_grad()
     def merge(self) -> nn.Module:
-        nxt = self._next[0]
-        if nxt is None:
-            raise RuntimeError("IA3ScaledActivation.merge needs the next linear (next_linear=...) to fold l into")
-        w = weight_nk(nxt)
+        """Fold l into the next linear's weight columns (in place) and return the activation module."""
+        if self.merge_error:
+            raise RuntimeError(self.merge_error)
+        w = weight_nk(self._next[0])
         w.copy_((w.float() * self.ia3_l.float()[None, :]).to(w.dtype))
         return self.act
 

@@ -87,9 +87,6 @@ class KronALinear(WrappedLinear):
         return kron_linear(x, weight_nk(self.base_layer), self.base_layer.bias, self.krona_A, self.krona_B,
                            scale=self.scaling, out_offsets=self._offsets())
 
-    def restore(self) -> nn.Module:
-        return self.base_layer
-
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         """s · (A ⊗ B) placed at the slices, fp32 (N, K): formed only here, for merging."""
@@ -101,6 +98,7 @@ class KronALinear(WrappedLinear):
 
     @torch.no_grad()
     def merge(self) -> nn.Module:
+        """Fold s · (A ⊗ B) into the base layer's weight (in place) and return the base layer."""
         w = weight_nk(self.base_layer)
         w.copy_((w.float() + self.delta_weight().to(w.device)).to(w.dtype))
         return self.base_layer

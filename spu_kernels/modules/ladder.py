@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.ladder_cross_attention import ladder_cross_attention
+from .adapter import AdapterModule
 
 GATE_TEMPERATURE = 0.1
 
@@ -295,12 +296,14 @@ def _install_output_capturing_hooks(backbone: nn.Module) -> None:
         maybe_install_capturing_hooks(backbone)
 
 
-class LadderBackbone(nn.Module):
+class LadderBackbone(AdapterModule):
     """Stands in for a Hugging Face backbone (``model.roberta``, ``model.transformer``, ...): runs it
     frozen under ``torch.no_grad()`` with ``output_hidden_states``, feeds the side network, and returns
     the backbone's own output type with ``last_hidden_state`` = the side network's output (and
     ``pooler_output`` = the backbone's frozen pooler applied to it, where it has one). Unknown
-    attributes resolve to the wrapped backbone, so the task model's helpers keep working."""
+    attributes resolve to the wrapped backbone, so the task model's helpers keep working.
+    ``base_layer`` is the backbone, which it leaves untouched; what trains is the side network
+    (``adapter_parameters``); it cannot be merged (``merge_error``)."""
 
     def __init__(self, backbone: nn.Module, side: LadderSideNetwork, *, decoder: bool = False):
         super().__init__()
@@ -315,6 +318,9 @@ class LadderBackbone(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("base_layer"), name)
+
+    def adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return self.side.named_parameters(prefix="side")
 
     def forward(self, *args, **kwargs):
         bound = self._sig.bind_partial(*args, **kwargs).arguments
@@ -339,9 +345,6 @@ class LadderBackbone(nn.Module):
         new = type(out)(**fields)
         return new if return_dict is not False else new.to_tuple()
 
-    # why core.merge() refuses this module (checked before anything is merged)
+    # why merge() (AdapterModule's: it raises this) and core.merge() refuse this module
     merge_error = ("a ladder side network cannot be merged into the backbone: it is a separate network that reads "
                    "the backbone's hidden states; keep the patched model, or unpatch() it")
-
-    def merge(self):
-        raise RuntimeError(self.merge_error)

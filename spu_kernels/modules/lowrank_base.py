@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.lowrank_linear import lowrank_linear
+from .adapter import AdapterModule
 
 
 def _conv1d_class():
@@ -67,9 +68,10 @@ def normalise_slices(out_slices: Sequence[tuple[int, int]] | None, n: int) -> tu
     return sl
 
 
-class WrappedLinear(nn.Module):
+class WrappedLinear(AdapterModule):
     """An adapter around a frozen ``base_layer`` (nn.Linear / Conv1D) that still shows the base
-    layer's ``weight`` and ``bias`` in its own layout, as transformers code expects of a Linear."""
+    layer's ``weight`` and ``bias`` in its own layout, as transformers code expects of a Linear.
+    ``base_layer.weight`` stays frozen while wrapped (``patch`` refuses to train it)."""
 
     @property
     def weight(self) -> torch.Tensor:
@@ -115,10 +117,6 @@ class LowRankAdapterLinear(WrappedLinear):
         """The parameters of the adapter that train (not the base layer's)."""
         for name, p in self.named_parameters(recurse=False):
             yield name, p
-
-    def restore(self) -> nn.Module:
-        """The base layer exactly as it was before this adapter wrapped it."""
-        return self.base_layer
 
     # -- shared ------------------------------------------------------------------------------
     def _rows(self) -> int:

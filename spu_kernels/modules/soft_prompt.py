@@ -17,14 +17,19 @@ attention (``prompt_mask``) gives the original model's outputs wherever position
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 import torch.nn as nn
+
+from .adapter import AdapterModule
 
 INITS = ("vocab", "random")
 
 
-class SoftPromptBackbone(nn.Module):
-    """A frozen backbone behind ``n_tokens`` trainable input vectors (parameter ``soft_prompt``, (p, d))."""
+class SoftPromptBackbone(AdapterModule):
+    """A frozen backbone behind ``n_tokens`` trainable input vectors (parameter ``soft_prompt``, (p, d)).
+    ``base_layer`` is the backbone (held as ``backbone``); it cannot be merged (``merge_error``)."""
 
     def __init__(self, backbone: nn.Module, n_tokens: int = 20, init: str = "vocab",
                  init_token_ids: list[int] | None = None, seed: int = 0, dtype: torch.dtype | None = torch.float32,
@@ -55,6 +60,13 @@ class SoftPromptBackbone(nn.Module):
         else:                   # random, with the embedding table's scale
             init_w = torch.randn(n_tokens, w.shape[1], generator=gen).to(w.device) * w.float().std()
         self.soft_prompt = nn.Parameter(init_w.to(dtype or w.dtype).clone())
+
+    @property
+    def base_layer(self) -> nn.Module:
+        return self.backbone
+
+    def adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        yield "soft_prompt", self.soft_prompt
 
     def get_input_embeddings(self) -> nn.Module:
         return self.backbone.get_input_embeddings()
@@ -102,15 +114,9 @@ class SoftPromptBackbone(nn.Module):
             out.pooler_output = pooler(out.last_hidden_state)
         return out
 
-    def restore(self) -> nn.Module:
-        return self.backbone
-
-    # why core.merge() refuses this module (checked before anything is merged)
+    # why merge() (AdapterModule's: it raises this) and core.merge() refuse this module
     merge_error = ("a soft prompt adds input vectors and cannot be folded into weights; keep the patched model for "
                    "inference, or unpatch it")
-
-    def merge(self) -> nn.Module:
-        raise RuntimeError(self.merge_error)
 
     def extra_repr(self) -> str:
         return f"n_tokens={self.n_tokens}, d={self.soft_prompt.shape[1]}"

@@ -1,6 +1,6 @@
 """Operations: one file per op, each with its plain-torch reference, its op pair (custom ops for
 torch.compile and an autograd.Function for eager calls, ops/_library.py) and the dispatch to the
-backends (torch | triton | cuda)."""
+backends (torch | triton | cuda; each op file's ``IMPLEMENTED`` says which it has)."""
 from .dropout_rng import dropout_keep_mask, philox4x32
 from .ia3 import ia3_linear, ia3_linear_reference, ia3_scaled_act, ia3_scaled_act_reference
 from .kron_linear import kron_linear, kron_linear_reference

@@ -29,11 +29,10 @@ import math
 import torch
 
 from ..backends import resolve_backend, triton_kernels
-from ._checks import autocast_dtype, autocast_off
+from ._checks import FLOAT_DTYPES, autocast_dtype, autocast_off
 from ._library import define_op_pair, no_grad_placeholder
 
 OP_NAME = "ladder_cross_attention"
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def ladder_cross_attention_reference(q, c, w_k, w_v, scale=None):
@@ -206,7 +205,7 @@ def _check(q, c, wk, wv) -> None:
         raise ValueError(f"{OP_NAME}: c must be (k, ..., D) with the leading dims of q {tuple(q.shape[:-2])}, "
                          f"got {tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__}")
     for name, t in (("q", q), ("c", c), ("w_k", wk), ("w_v", wv)):
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{OP_NAME}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{OP_NAME}: {name} is on {t.device} but q is on {q.device}")

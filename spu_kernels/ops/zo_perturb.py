@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from ..backends import resolve_backend, triton_kernels
-from ._checks import check_seed
+from ._checks import FLOAT_DTYPES, check_seed
 from ._library import define_inplace_ops
 from .dropout_rng import philox4x32_words
 
@@ -83,7 +83,7 @@ def zo_axpby_(tensors: Sequence[torch.Tensor], seed: int, alpha: float, beta: fl
         raise ValueError(f"{OP_NAME}: got {len(bases)} base offsets for {len(tensors)} tensors")
     device = tensors[0].device
     for i, t in enumerate(tensors):
-        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{OP_NAME}: tensor {i} must be a float32/float16/bfloat16 tensor, got "
                             f"{getattr(t, 'dtype', type(t).__name__)}")
         if t.device != device:

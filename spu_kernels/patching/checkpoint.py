@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .._version import __version__
 from .core import is_patched, patch, patch_state, unpatch
 
 _FORMAT = "spu_kernels.adapter.v1"
@@ -36,7 +37,6 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapter(model: nn.Module, path: str | Path) -> Path:
     from safetensors.torch import save_file
 
-    from .. import __version__
     state = patch_state(model, "save_adapter")
     tensors = {n: t.detach().contiguous().cpu() for n, t in adapter_state_dict(model).items()}
     meta = {"format": _FORMAT, "spu_kernels": __version__, "method": state.method,

@@ -4,7 +4,9 @@ The core knows nothing about kernels: methods (registered in registry.py) decide
 to replace with what, and which parameters train. The core checks options, freezes everything
 else (keeping the task head trainable unless told otherwise), rolls back if a method fails half
 way, records what it needs to restore the original modules and requires_grad flags bit for bit,
-and logs a summary.
+and logs a summary. What it needs of a replacing module is the contract of
+``modules.adapter.AdapterModule`` (restore, merge, merge_error). Shared options other than its
+own (``soft_prompt``) come from the method file that registered them (registry.py).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Any, Iterable, Sequence
 
 import torch.nn as nn
 
+from ..modules.adapter import AdapterModule
 from ..modules.lowrank_base import WrappedLinear, is_linear_like, linear_dims
 from .architectures import (
     HEAD_NAMES,
@@ -25,7 +28,7 @@ from .architectures import (
     role_targets,
     supported_model_types,
 )
-from .registry import get_method
+from .registry import SHARED_OPTION_NAMES, get_method, shared_option_handler
 
 log = logging.getLogger("spu_kernels")
 _STATE_ATTR = "_spu_patch"
@@ -147,6 +150,9 @@ class PatchContext:
         return seen
 
     def replace(self, name: str, new: nn.Module) -> None:
+        """Put ``new`` in the place of the module ``name``. ``new`` should be an ``AdapterModule``
+        (its ``restore`` / ``merge`` serve unpatch / merge); another module is put back as the
+        original on unpatch, and refused by merge."""
         parent_name, _, attr = name.rpartition(".")
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
         original = getattr(parent, attr)
@@ -163,14 +169,13 @@ def _check_options(spec, options: dict) -> None:
     for key in options:
         if key not in allowed:
             raise TypeError(f"patch(..., {spec.name!r}): unknown option {key!r}; {spec.name} takes "
-                            f"{', '.join(allowed + ['train_head', 'trainable_modules', 'soft_prompt'])}")
+                            f"{', '.join(allowed + list(SHARED_OPTION_NAMES))}")
 
 
 def _undo(model: nn.Module, replacements: list[Replacement], flags: list[tuple[nn.Parameter, bool]]) -> None:
     for rep in reversed(replacements):
-        restore = getattr(rep.new, "restore", None)
-        if restore is not None:
-            restore()
+        if isinstance(rep.new, AdapterModule):
+            rep.new.restore()
         setattr(rep.parent, rep.attr, rep.original)
     for p, flag in flags:
         p.requires_grad_(flag)
@@ -198,6 +203,20 @@ def _trainable_modules(model: nn.Module, replacements: list[Replacement], names:
     return out
 
 
+def _prepare_shared(method: str, values: dict) -> list:
+    """(handler, prepared value) for each shared option not the core's own that is set (not None),
+    checked before the model changes."""
+    out = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        handler = shared_option_handler(name)
+        if method in handler.excludes:
+            raise ValueError(handler.excludes[method])
+        out.append((handler, handler.prepare(value)))
+    return out
+
+
 def patch(model: nn.Module, method: str, *, train_head: bool = True,
           trainable_modules: Sequence[str] | None = None, soft_prompt: int | dict | None = None,
           **options: Any) -> nn.Module:
@@ -206,10 +225,11 @@ def patch(model: nn.Module, method: str, *, train_head: bool = True,
     Everything but the method's adapters is frozen, except the task head (``classifier``,
     ``score``, ...) unless ``train_head=False``, and the modules named in ``trainable_modules``
     (matched at the end of their qualified names). ``soft_prompt=n`` (or a dict of the "prompt"
-    method's options) adds a trainable soft prompt beside the method's adapters.
-    ``spu_kernels.summary(model)`` (also
-    ``model.spu_summary``) tells what was done; ``unpatch`` undoes it exactly, ``merge`` folds
-    the adapters in. Method options: see ``spu_kernels.describe_method(name)``.
+    method's options) adds a trainable soft prompt beside the method's adapters (prompt_methods.py
+    registers it). ``spu_kernels.summary(model)`` (also ``model.spu_summary``) tells what was
+    done; ``unpatch`` undoes it exactly, ``merge`` folds the adapters in. Method options: see
+    ``spu_kernels.describe_method(name)``. The options every method takes (these keyword-only
+    parameters) are ``registry.SHARED_OPTIONS``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch expects a torch.nn.Module, got {type(model).__name__}")
@@ -218,19 +238,13 @@ def patch(model: nn.Module, method: str, *, train_head: bool = True,
                            "call spu_kernels.unpatch(model) (or merge) before patching again")
     spec = get_method(method)
     _check_options(spec, options)
-    if soft_prompt is not None:
-        from .prompt_methods import soft_prompt_options
-        if method == "prompt":
-            raise ValueError("patch(..., 'prompt') is the soft prompt already; give its options directly "
-                             "(n_tokens=...), not soft_prompt=")
-        prompt_opts = soft_prompt_options(soft_prompt)
+    plugged = _prepare_shared(method, {"soft_prompt": soft_prompt})
     flags = [(p, p.requires_grad) for p in model.parameters()]
     ctx = PatchContext(model)
     try:
         spec.fn(ctx, **options)
-        if soft_prompt is not None:
-            from .prompt_methods import add_soft_prompt
-            add_soft_prompt(ctx, **prompt_opts)
+        for handler, prepared in plugged:
+            handler.apply(ctx, prepared)
         extra = _trainable_modules(model, ctx.replacements, trainable_modules or (), method)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -286,9 +300,10 @@ def merge(model: nn.Module) -> nn.Module:
     state = _state(model, "merge")
     # every module must be mergeable before any is merged: merging writes into base weights in place
     for rep in state.replacements:
-        reason = getattr(rep.new, "merge_error", None)
-        if getattr(rep.new, "merge", None) is None or reason:
-            raise RuntimeError(reason or f"{type(rep.new).__name__} at {rep.name} cannot be merged")
+        if not isinstance(rep.new, AdapterModule):
+            raise RuntimeError(f"{type(rep.new).__name__} at {rep.name} cannot be merged")
+        if rep.new.merge_error:
+            raise RuntimeError(rep.new.merge_error)
     for rep in state.replacements:
         setattr(rep.parent, rep.attr, rep.new.merge())
     for p, flag in state.requires_grad_before:

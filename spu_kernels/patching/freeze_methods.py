@@ -8,41 +8,18 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .architectures import model_type_of
+from .architectures import Family, model_type_of, name_matches
 from .core import PatchContext
 from .registry import register_method
 
-# per family: regexes (matched at the end of a qualified name) of the ModuleLists that hold the
-# transformer blocks, and of the modules that sit after the last block (final norm, pooler)
-_STACKS = {
-    "bert": (r"encoder\.layer",),
-    "distilbert": (r"transformer\.layer",),
-    "t5": (r"encoder\.block", r"decoder\.block"),
-    "gpt2": (r"transformer\.h", r"^h"),
-    "llama": (r"model\.layers", r"^layers"),
-}
-_TOP = {
-    "bert": (r"pooler",),
-    "distilbert": (),
-    "t5": (r"encoder\.final_layer_norm", r"decoder\.final_layer_norm"),
-    "gpt2": (r"ln_f",),
-    "llama": (r"model\.norm", r"^norm"),
-}
 
-
-def _matches(name: str, pattern: str) -> bool:
-    import re
-    if pattern.startswith("^"):
-        return re.fullmatch(pattern[1:], name) is not None
-    return re.search(rf"(?:^|\.)(?:{pattern})$", name) is not None
-
-
-def _layer_stacks(model: nn.Module, family: str | None) -> list[tuple[str, nn.ModuleList]]:
-    """The ModuleLists of transformer blocks: the family's, else the largest list of blocks."""
+def _layer_stacks(model: nn.Module, family: Family | None) -> list[tuple[str, nn.ModuleList]]:
+    """The ModuleLists of transformer blocks: the family's (``Family.stacks``), else the largest
+    list of blocks."""
     mods = dict(model.named_modules())
-    if family in _STACKS:
+    if family is not None and family.stacks:
         stacks = [(n, m) for n, m in mods.items() if isinstance(m, nn.ModuleList)
-                  and any(_matches(n, p) for p in _STACKS[family])]
+                  and any(name_matches(n, p) for p in family.stacks)]
         if stacks:
             return stacks
     candidates = [(n, m) for n, m in mods.items() if isinstance(m, nn.ModuleList) and len(m) > 0
@@ -60,8 +37,7 @@ def last_n(ctx: PatchContext, *, n: int = 2, include_top: bool = True) -> None:
     pooler, the final layer norm of GPT-2, LLaMA and T5)."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise ValueError(f"last_n: n must be an int >= 0, got {n!r}")
-    family = ctx.family.name if ctx.family is not None else None
-    stacks = _layer_stacks(ctx.model, family)
+    stacks = _layer_stacks(ctx.model, ctx.family)
     if not stacks:
         raise ValueError(f"last_n: found no list of transformer blocks in this {model_type_of(ctx.model)} model")
     for name, stack in stacks:
@@ -69,9 +45,9 @@ def last_n(ctx: PatchContext, *, n: int = 2, include_top: bool = True) -> None:
             raise ValueError(f"last_n: n={n} but {name} has {len(stack)} layers; use n <= {len(stack)}")
         for block in list(stack)[len(stack) - n:] if n else []:
             ctx.train(block.parameters())
-    if include_top and n > 0:
+    if include_top and n > 0 and ctx.family is not None:
         for name, mod in ctx.model.named_modules():
-            if name and any(_matches(name, p) for p in _TOP.get(family, ())):
+            if name and any(name_matches(name, p) for p in ctx.family.top):
                 ctx.train(mod.parameters())
 
 

@@ -1,6 +1,6 @@
 """The "ia3" method: (IA)³ scales on keys, values and the FFN hidden state.
 
-FFN, per MLP block of a known family:
+FFN, per MLP block of a known family (its ``ffn_act`` / ``ffn_out`` roles and ``gate_attrs``):
   * plain MLP (BERT, RoBERTa, DistilBERT, T5 with ReLU, GPT-2): the activation module is replaced
     by ``IA3ScaledActivation`` (act(h) ⊙ l in one kernel);
   * gated MLP (LLaMA / Mistral / Qwen2, T5 v1.1 "gated-gelu"): hidden = act(gate) ⊙ up, so the scale
@@ -19,10 +19,8 @@ from ..modules.ia3 import IA3Linear, IA3ScaledActivation, activation_name
 from ..modules.lowrank_base import is_linear_like, linear_dims
 from .architectures import model_type_of, name_matches
 from .core import PatchContext
-from .lowrank_methods import _dtype
+from .options import float_dtype
 from .registry import register_method
-
-_GATED_ATTRS = ("gate_proj", "wi_0", "w1", "gate")
 
 
 def _ffn_sites(ctx: PatchContext) -> list[tuple[str, nn.Module, str, nn.Module]]:
@@ -61,7 +59,7 @@ def ia3(ctx: PatchContext, *, target_modules: str | Sequence[str] | None = None,
     """Default targets: keys and values (GPT-2: the k and v thirds of c_attn) scaled on their output;
     with ``feedforward`` the FFN hidden state (see the module docstring). ``feedforward_modules``
     names linears whose input is scaled instead of the family's FFN default."""
-    dt = _dtype(adapter_dtype)
+    dt = float_dtype(adapter_dtype)
     targets = ctx.find_targets(target_modules, roles=("key", "value"))
     ff_targets = ctx.find_targets(feedforward_modules) if feedforward_modules is not None else None
     if ff_targets is not None:
@@ -80,7 +78,7 @@ def ia3(ctx: PatchContext, *, target_modules: str | Sequence[str] | None = None,
         ctx.train(p for _, p in mod.adapter_parameters())
     for act_name, act, out_name, out in sites:
         parent = ctx.model.get_submodule(act_name.rpartition(".")[0])
-        gated = any(isinstance(getattr(parent, a, None), nn.Module) for a in _GATED_ATTRS)
+        gated = any(isinstance(getattr(parent, a, None), nn.Module) for a in ctx.family.gate_attrs)
         kind = activation_name(act)
         if gated or kind is None:
             mod = IA3Linear(out, side="input", adapter_dtype=dt)

@@ -7,7 +7,7 @@ import torch
 
 from ..modules.krona import KronALinear
 from .core import PatchContext
-from .lowrank_methods import _dtype
+from .options import float_dtype
 from .registry import register_method
 
 
@@ -19,7 +19,7 @@ def krona(ctx: PatchContext, *, a_shape: Sequence[int] | None = None, scale: flo
     (A, B) pair each). ``a_shape`` = (a1, a2) for every target, or None: per layer, the most square
     factorisation of N and K. Every target is built (and its shapes checked) before any is replaced."""
     targets = ctx.find_targets(target_modules, roles=("query", "value"))
-    dt = _dtype(adapter_dtype)
+    dt = float_dtype(adapter_dtype)
     mods = []
     for t in targets:
         try:

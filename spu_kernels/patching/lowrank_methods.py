@@ -9,6 +9,7 @@ from ..modules.lora import LoRALinear
 from ..modules.lowrank_base import linear_dims
 from ..modules.siva import SVD_METHODS, SiVALinear
 from .core import PatchContext, Target
+from .options import float_dtype
 from .registry import register_method
 
 
@@ -25,16 +26,6 @@ def _check_rank(targets: list[Target], r: int) -> None:
                              f"use r <= {min(rows, k)}")
 
 
-def _dtype(adapter_dtype) -> torch.dtype | None:
-    if adapter_dtype is None or isinstance(adapter_dtype, torch.dtype):
-        return adapter_dtype
-    name = str(adapter_dtype).removeprefix("torch.")
-    dt = getattr(torch, name, None)
-    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
-        raise ValueError(f"adapter_dtype must be a floating torch dtype (or its name), got {adapter_dtype!r}")
-    return dt
-
-
 @register_method("lora", "LoRA (Hu et al. 2021): frozen W plus a trainable rank-r update (alpha/r)·B·A")
 def lora(ctx: PatchContext, *, r: int = 16, alpha: float | None = None, dropout: float = 0.0,
          use_rslora: bool = False, target_modules: str | Sequence[str] | None = None,
@@ -42,7 +33,7 @@ def lora(ctx: PatchContext, *, r: int = 16, alpha: float | None = None, dropout:
     """Default targets: the query and value projections (as PEFT); alpha defaults to 2r."""
     targets = ctx.find_targets(target_modules, roles=("query", "value"))
     _check_rank(targets, r)
-    dt = _dtype(adapter_dtype)
+    dt = float_dtype(adapter_dtype)
     for t in targets:
         mod = LoRALinear(t.module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                          out_slices=t.out_slices(), adapter_dtype=dt)
@@ -56,7 +47,7 @@ def _siva(ctx: PatchContext, roles, r, dropout, train_s, svd, niter, svd_seed, t
         raise ValueError(f"svd must be one of {', '.join(SVD_METHODS)}, got {svd!r}")
     targets = ctx.find_targets(target_modules, roles=roles)
     _check_rank(targets, r)
-    dt = _dtype(adapter_dtype)
+    dt = float_dtype(adapter_dtype)
     for t in targets:
         mod = SiVALinear(t.module, r=r, dropout=dropout, train_s=train_s, svd=svd, niter=niter, svd_seed=svd_seed,
                          out_slices=t.out_slices(), keep_original=keep_original, adapter_dtype=dt)

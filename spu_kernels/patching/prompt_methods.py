@@ -11,7 +11,8 @@ import torch.nn as nn
 
 from ..modules.soft_prompt import SoftPromptBackbone
 from .core import PatchContext
-from .registry import register_method
+from .options import float_dtype
+from .registry import register_method, register_shared_option
 
 
 def _target(model: nn.Module) -> str:
@@ -35,14 +36,13 @@ def _target(model: nn.Module) -> str:
 
 def add_soft_prompt(ctx: PatchContext, n_tokens: int = 20, init: str = "vocab", init_token_ids=None, seed: int = 0,
                     adapter_dtype: str | torch.dtype | None = "float32") -> None:
-    from .lowrank_methods import _dtype
     name = _target(ctx.model)
     wrapped = ctx.model.get_submodule(name)
     max_pos = getattr(getattr(ctx.model, "config", None), "max_position_embeddings", None)
-    if getattr(getattr(ctx.model, "config", None), "model_type", "") in ("llama", "mistral", "qwen2", "t5", "mt5"):
+    if ctx.family is not None and ctx.family.positions != "absolute":
         max_pos = None      # relative / rotary positions: no table to run off the end of
     mod = SoftPromptBackbone(wrapped, n_tokens=n_tokens, init=init, init_token_ids=init_token_ids, seed=seed,
-                             dtype=_dtype(adapter_dtype), max_positions=max_pos)
+                             dtype=float_dtype(adapter_dtype), max_positions=max_pos)
     ctx.replace(name, mod)
     ctx.train([mod.soft_prompt])
 
@@ -58,6 +58,13 @@ def soft_prompt_options(value) -> dict:
         if k not in allowed:
             raise TypeError(f"soft_prompt: unknown option {k!r}; it takes {', '.join(allowed)}")
     return opts
+
+
+# patch(model, method, soft_prompt=...): checked before the model changes, added after the method's adapters
+register_shared_option(
+    "soft_prompt", prepare=soft_prompt_options, apply=lambda ctx, opts: add_soft_prompt(ctx, **opts),
+    excludes={"prompt": "patch(..., 'prompt') is the soft prompt already; give its options directly "
+                        "(n_tokens=...), not soft_prompt="})
 
 
 @register_method("prompt", "soft prompt tuning (Lester et al. 2021): trainable vectors prepended to the input "

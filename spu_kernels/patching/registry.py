@@ -5,13 +5,18 @@ A method is a function ``fn(ctx: PatchContext, **options)`` that replaces module
 checking options, freezing, the task head, rollback on error, the summary, unpatch and merge.
 Later methods plug in with ``@register_method("name")`` in their own file, imported by
 spu_kernels/patching/__init__.py, without touching the core.
+
+``patch`` also takes a few options beside every method's own: ``SHARED_OPTIONS``. The core
+applies ``train_head`` and ``trainable_modules`` itself; the others are applied by the method
+file that registers them with ``register_shared_option`` (prompt_methods.py: ``soft_prompt``),
+so the core imports no method file.
 """
 from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,73 @@ def get_method(name: str) -> MethodSpec:
     if not isinstance(name, str) or name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(known_methods())}")
     return _METHODS[name]
+
+
+# --------------------------------------------------------------------------------------------
+# the options patch() takes for every method
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SharedOption:
+    """An option of ``patch`` beside the method's own, with its default."""
+    name: str
+    default: Any
+    description: str
+
+
+#: The options ``patch(model, method, ...)`` takes beside every method's own, in its signature's
+#: order (``spu_kernels.patch``'s keyword-only parameters; a test keeps the two in step).
+SHARED_OPTIONS: tuple[SharedOption, ...] = (
+    SharedOption("train_head", True, "keep the task head (classifier, score, ...) trainable"),
+    SharedOption("trainable_modules", None, "names (matched at the end) of further modules to train in full"),
+    SharedOption("soft_prompt", None, "a trainable soft prompt beside the method's adapters: a number of "
+                                      "prompt tokens, or a dict of the prompt method's options"),
+)
+SHARED_OPTION_NAMES: tuple[str, ...] = tuple(o.name for o in SHARED_OPTIONS)
+#: the shared options the core applies itself; a method file applies each of the others
+CORE_OPTIONS: tuple[str, ...] = ("train_head", "trainable_modules")
+
+
+@dataclass(frozen=True)
+class SharedOptionHandler:
+    """How a shared option that a method file provides is applied, for a value other than None.
+
+    ``prepare(value)`` checks the value and returns what ``apply`` takes; it runs before the
+    model changes. ``apply(ctx, prepared)`` runs after the method's own replacements, inside
+    ``patch``'s rollback. ``excludes``: method name -> the error message for combining them."""
+    name: str
+    prepare: Callable[[Any], Any]
+    apply: Callable[[Any, Any], None]
+    excludes: Mapping[str, str] = field(default_factory=dict)
+
+
+_SHARED_HANDLERS: dict[str, SharedOptionHandler] = {}
+
+
+def register_shared_option(name: str, *, prepare: Callable[[Any], Any], apply: Callable[[Any, Any], None],
+                           excludes: Mapping[str, str] | None = None) -> None:
+    """Make the shared option ``name`` (one of ``SHARED_OPTIONS``, not a core one) work: see
+    ``SharedOptionHandler``."""
+    if name not in SHARED_OPTION_NAMES or name in CORE_OPTIONS:
+        raise ValueError(f"{name!r} is not a shared option a method file applies (those are "
+                         f"{', '.join(n for n in SHARED_OPTION_NAMES if n not in CORE_OPTIONS)})")
+    if name in _SHARED_HANDLERS:
+        raise ValueError(f"shared option {name!r} is already registered "
+                         f"(by {_SHARED_HANDLERS[name].apply.__module__})")
+    _SHARED_HANDLERS[name] = SharedOptionHandler(name, prepare, apply, dict(excludes or {}))
+
+
+def shared_option_handler(name: str) -> SharedOptionHandler:
+    if name not in _SHARED_HANDLERS:
+        raise ValueError(f"patch option {name!r} is not available: no method file registered it "
+                         "(import spu_kernels.patching, which registers the built-in ones)")
+    return _SHARED_HANDLERS[name]
+
+
+def shared_options(method: str | None = None) -> dict[str, Any]:
+    """Shared option name -> default: those ``method`` can take, given one (``soft_prompt`` is no
+    option of "prompt"), else all of them."""
+    return {o.name: o.default for o in SHARED_OPTIONS
+            if method is None or o.name not in _SHARED_HANDLERS or method not in _SHARED_HANDLERS[o.name].excludes}
 
 
 # --------------------------------------------------------------------------------------------

@@ -76,7 +76,8 @@ def next_pow2(n: int) -> int:
 
 
 def rank_pad(r: int) -> int:
-    """tl.dot needs every dimension >= 16 and a power of two: the rank is zero-padded to that."""
+    """tl.dot needs every dimension >= 16 and a power of two: a rank (or a Kronecker factor's side)
+    is zero-padded to that."""
     return max(16, next_pow2(r))
 
 

@@ -23,17 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, cdiv, input_precision, mma, next_pow2, token_splits, upcast_dot
+from ._common import INTERPRET, cdiv, input_precision, mma, next_pow2, rank_pad, token_splits, upcast_dot
 from ._launcher import PlanCache, aligned, launch, tensor_key
 from .choice import ShapeChoice
 from .gemm import gemm
 from .partials import sum_partials
 
 MAX_SIDE = 256   # sides of A that a program holds whole in registers (padded to a power of two)
-
-
-def _pad(n: int) -> int:
-    return max(16, next_pow2(n))
 
 
 def check_factor_sides(a1: int, a2: int) -> None:
@@ -119,7 +115,7 @@ def kron_apply(inp: torch.Tensor, in_col: int, lmat: torch.Tensor, rmat: torch.T
         inp, lmat, rmat, out, T, M, P, Q, NN, rows, scale,
         in_col * inp.stride(1), l_off, r_off, out_col * out.stride(1),
         inp.stride(0), inp.stride(1), s_lm, s_lp, s_rj, s_rq, out.stride(0), out.stride(1),
-        M_PAD=_pad(M), P_PAD=_pad(P), BLOCK_J=block_j, BLOCK_Q=block_q,
+        M_PAD=rank_pad(M), P_PAD=rank_pad(P), BLOCK_J=block_j, BLOCK_Q=block_q,
         UPCAST=upcast_dot(inp.dtype), INPUT_PRECISION=input_precision(inp.dtype), num_warps=warps)
 
 
@@ -239,7 +235,7 @@ def kron_factor_grads(x: torch.Tensor, dy: torch.Tensor, dy_col: int, a: torch.T
         ws.shape[1] if partial else 0, q_blocks,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), a.stride(1), a.stride(2), b.stride(1), b.stride(2),
         NEED_GA=da is not None, NEED_GB=db is not None, PARTIAL=partial,
-        A1_PAD=_pad(a1), A2_PAD=_pad(a2), BLOCK_J=block_j, BLOCK_Q=block_q,
+        A1_PAD=rank_pad(a1), A2_PAD=rank_pad(a2), BLOCK_J=block_j, BLOCK_Q=block_q,
         UPCAST=upcast_dot(x.dtype), INPUT_PRECISION=input_precision(x.dtype), num_warps=warps)
 
 

@@ -371,7 +371,7 @@ def test_prompt_based_run(tiny_config, method):
 def test_prompt_scores_are_the_label_words(tiny_model):
     from spu_kernels.harness.config import PromptConfig
     from spu_kernels.harness.data import Example
-    from spu_kernels.harness.train import collate, encode, load_model
+    from spu_kernels.harness.model import collate, encode, load_model
     model, tok, _, template = load_model(tiny_model, 2, PromptConfig(**PROMPT), 32)
     items = encode(tok, [Example("a fine film", 1), Example("dull", 0)], 32, template)
     batch = collate(items, tok.pad_token_id, "cpu")

@@ -7,6 +7,9 @@
     spu-kernels check CONFIG.yaml                           validate only
     spu-kernels data                                        fetch and cache the Rotten Tomatoes set
     spu-kernels methods | schema                            what the harness offers / every config key
+
+The harness's own dependencies (pyyaml, tqdm, tensorboard, matplotlib) come with
+``pip install 'spu_kernels[harness]'``; a missing one is an error that says so.
 """
 from __future__ import annotations
 
@@ -112,10 +115,10 @@ def main(argv=None) -> int:
         if args.command == "finetune":
             finetune(args)
         elif args.command == "check":
-            import yaml
-
             from .config import load_config
+            from .deps import need
             cfg, _ = load_config(args.config, args.overrides)
+            yaml = need("yaml", "pyyaml", "YAML configs")
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             print(f"{args.config}: OK", file=sys.stderr)
         elif args.command == "data":

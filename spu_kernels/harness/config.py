@@ -23,15 +23,13 @@ name the key.
 from __future__ import annotations
 
 import copy
-import difflib
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A config that does not fit the schema; the message names the key."""
+from .deps import need
+from .methods import check_method
+from .schema import ConfigError, check_value, suggest, type_name  # ConfigError: also importable from here
 
 
 def _opt(kind, default=None, doc="", choices=None, minimum=None, above=None, maximum=None):
@@ -159,58 +157,6 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------
-def _suggest(key: str, allowed) -> str:
-    allowed = [str(a) for a in allowed]
-    close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
-    close = close or [a for a in allowed if str(key) and a.startswith(str(key))][:1]
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _type_name(kind: str) -> str:
-    base = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
-            "dict": "a mapping", "list": "a list", "switch": "true, false or a string"}[kind.rstrip("?")]
-    return base + (" or null" if kind.endswith("?") else "")
-
-
-def check_value(key: str, value, kind: str, choices=None, minimum=None, above=None, maximum=None):
-    """``value`` converted to ``kind`` ('int', 'float?', ...) or a ConfigError naming ``key``; numbers
-    must be finite and within the range (>= minimum, > above, <= maximum)."""
-    if value is None:
-        if kind.endswith("?"):
-            return None
-        raise ConfigError(f"{key}: must be {_type_name(kind)}, got null")
-    base = kind.rstrip("?")
-    ok = {"str": isinstance(value, str),
-          "int": isinstance(value, int) and not isinstance(value, bool),
-          "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-          "bool": isinstance(value, bool),
-          "dict": isinstance(value, dict),
-          "list": isinstance(value, list),
-          "switch": isinstance(value, (bool, str))}[base]
-    if base == "switch" and isinstance(value, bool):   # YAML reads `false` / `true` as booleans
-        value = "true" if value else "false"
-    if base == "float" and isinstance(value, str):
-        try:                      # YAML reads 1e-3 (no dot) as a string
-            value, ok = float(value), True
-        except ValueError:
-            pass
-    if not ok:
-        raise ConfigError(f"{key}: must be {_type_name(kind)}, got {type(value).__name__} {value!r}")
-    if base == "float":
-        value = float(value)
-    if choices is not None and value not in choices:
-        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, choices))}"
-                          + _suggest(value, choices))
-    if base == "float" and not math.isfinite(value):
-        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
-    for bad, bound in ((minimum is not None and value < minimum, f">= {minimum}"),
-                       (above is not None and value <= above, f"> {above}"),
-                       (maximum is not None and value > maximum, f"<= {maximum}")):
-        if bad:
-            raise ConfigError(f"{key}: must be {bound}{' or null' if kind.endswith('?') else ''}, got {value!r}")
-    return value
-
-
 def _section(name: str, cls, raw) -> Any:
     if raw is None:
         raw = {}
@@ -219,7 +165,7 @@ def _section(name: str, cls, raw) -> Any:
     spec = {f.name: f for f in fields(cls)}
     for key in raw:
         if key not in spec:
-            raise ConfigError(f"{name}.{key}: unknown key{_suggest(key, spec)}; {name} takes "
+            raise ConfigError(f"{name}.{key}: unknown key{suggest(key, spec)}; {name} takes "
                               f"{', '.join(spec)}")
     values = {}
     for key, f in spec.items():
@@ -248,7 +194,7 @@ def from_dict(raw: dict, where: str = "config") -> Config:
     allowed = list(_TOP) + list(_SECTIONS)
     for key in raw:
         if key not in allowed:
-            raise ConfigError(f"{key}: unknown top-level key{_suggest(key, allowed)}; a config has "
+            raise ConfigError(f"{key}: unknown top-level key{suggest(key, allowed)}; a config has "
                               f"{', '.join(allowed)}")
     cfg = Config()
     for key, kind in _TOP.items():
@@ -269,7 +215,6 @@ def from_dict(raw: dict, where: str = "config") -> Config:
     if len(ds.hf_splits) != 3 or not all(isinstance(s, str) for s in ds.hf_splits):
         raise ConfigError(f"dataset.hf_splits: must be three split names [train, val, test], got {ds.hf_splits!r}")
     # method name and args (checked against the harness registry)
-    from .methods import check_method
     check_method(cfg.method.name, cfg.method.args, "method")
     for mname, entry in cfg.compare.items():
         check_compare_entry(mname, entry)
@@ -285,7 +230,7 @@ def from_dict(raw: dict, where: str = "config") -> Config:
     cfg.phases = _phases(raw.get("phases") or [], raw.get("training") or {})
     for key, over in cfg.cpu.items():
         if key not in _SECTIONS:
-            raise ConfigError(f"cpu.{key}: unknown section{_suggest(key, _SECTIONS)}; cpu overrides "
+            raise ConfigError(f"cpu.{key}: unknown section{suggest(key, _SECTIONS)}; cpu overrides "
                               f"{', '.join(_SECTIONS)}")
         sec = _section(f"cpu.{key}", _SECTIONS[key], over)     # validates keys, types and ranges
         if key == "method" and over:
@@ -296,7 +241,6 @@ def from_dict(raw: dict, where: str = "config") -> Config:
 
 def _phases(raw: list, training: dict) -> list:
     """[(MethodConfig, TrainingConfig)]: each phase's training keys override the top-level ones."""
-    from .methods import check_method
     out = []
     for i, ph in enumerate(raw):
         where = f"phases[{i}]"
@@ -304,7 +248,7 @@ def _phases(raw: list, training: dict) -> list:
             raise ConfigError(f"{where}: must be a mapping with method (and training), got {ph!r}")
         for key in ph:
             if key not in ("method", "training"):
-                raise ConfigError(f"{where}.{key}: unknown key{_suggest(key, ['method', 'training'])}; a phase "
+                raise ConfigError(f"{where}.{key}: unknown key{suggest(key, ['method', 'training'])}; a phase "
                                   "takes method, training")
         if "method" not in ph:
             raise ConfigError(f"{where}.method: missing (e.g. method: {{name: klst, args: {{k: 3}}}})")
@@ -321,14 +265,13 @@ def _phases(raw: list, training: dict) -> list:
 
 
 def check_compare_entry(mname: str, entry) -> None:
-    from .methods import check_method
     if entry is None:
         return
     if not isinstance(entry, dict):
         raise ConfigError(f"compare.{mname}: must be a mapping (args, learning_rate), got {entry!r}")
     for key in entry:
         if key not in ("args", "learning_rate"):
-            raise ConfigError(f"compare.{mname}.{key}: unknown key{_suggest(key, ['args', 'learning_rate'])}; "
+            raise ConfigError(f"compare.{mname}.{key}: unknown key{suggest(key, ['args', 'learning_rate'])}; "
                               "compare.<method> takes args, learning_rate")
     check_method(mname, check_value(f"compare.{mname}.args", entry.get("args", {}) or {}, "dict"),
                  f"compare.{mname}")
@@ -338,7 +281,7 @@ def check_compare_entry(mname: str, entry) -> None:
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> tuple[Config, dict]:
     """Read and validate a YAML file (None = all defaults) with ``--set key.sub=value`` overrides.
     Returns the Config and the raw dict (for re-validation with the cpu overrides)."""
-    import yaml
+    yaml = need("yaml", "pyyaml", "YAML configs")
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -358,7 +301,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def apply_override(raw: dict, item: str) -> dict:
     """``training.epochs=2`` (the value parsed as YAML) applied to a raw config dict."""
-    import yaml
+    yaml = need("yaml", "pyyaml", "YAML configs")
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. training.epochs=1")
     key, _, text = item.partition("=")
@@ -399,5 +342,5 @@ def schema_text() -> str:
             choices = f" [{' | '.join(md['choices'])}]" if md["choices"] else ""
             rng = ", ".join(f"{op} {v}" for op, v in zip((">=", ">", "<="), md["range"].values()) if v is not None)
             rng = f" ({rng})" if rng else ""
-            lines.append(f"  {f.name}: {_type_name(md['kind'])}{choices}{rng}, default {default!r} -- {md['doc']}")
+            lines.append(f"  {f.name}: {type_name(md['kind'])}{choices}{rng}, default {default!r} -- {md['doc']}")
     return "\n".join(lines)

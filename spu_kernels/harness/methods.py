@@ -3,14 +3,20 @@
 Adding a method to the harness is one line in ``METHODS``: ``"name": HarnessMethod("patch
 method", learning_rate, {default args})``. ``patch=None`` means full fine-tuning (nothing is
 patched, everything trains). Every other entry calls ``spu_kernels.patch(model, patch, **args)``.
+
+Applying a method uses the public API only. Checking a config's method options without a model
+needs two things the public API does not offer -- each method's option names with their defaults,
+and their ranges -- so ``_registry()`` takes them from ``spu_kernels.patching.registry`` (the one
+place the harness reaches below the public API).
 """
 from __future__ import annotations
 
-import difflib
-import inspect
 from dataclasses import dataclass, field
 
 import spu_kernels
+
+from .model import lm_of
+from .schema import ConfigError, check_value, suggest
 
 
 @dataclass(frozen=True)
@@ -39,21 +45,20 @@ MEZO_LEARNING_RATE = {"full": 1e-6}
 MEZO_DEFAULT_LEARNING_RATE = 1e-4
 
 
-def _error(msg: str):
-    from .config import ConfigError
-    return ConfigError(msg)
+def _registry():
+    """``spu_kernels.patching.registry``: option names, defaults and ranges (see the module docstring)."""
+    from spu_kernels.patching import registry
+    return registry
 
 
 def get(name: str) -> HarnessMethod:
     if name not in METHODS:
-        close = difflib.get_close_matches(str(name), list(METHODS), n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise _error(f"method {name!r} is not available{hint}; the harness has {', '.join(METHODS)} "
-                     "(add one with a line in spu_kernels/harness/methods.py METHODS)")
+        raise ConfigError(f"method {name!r} is not available{suggest(name, METHODS)}; the harness has "
+                          f"{', '.join(METHODS)} (add one with a line in spu_kernels/harness/methods.py METHODS)")
     m = METHODS[name]
     if m.patch is not None and m.patch not in spu_kernels.known_methods():
-        raise _error(f"method {name!r}: spu_kernels.patch has no method {m.patch!r} in this install "
-                     f"(it has {', '.join(spu_kernels.known_methods())})")
+        raise ConfigError(f"method {name!r}: spu_kernels.patch has no method {m.patch!r} in this install "
+                          f"(it has {', '.join(spu_kernels.known_methods())})")
     return m
 
 
@@ -62,20 +67,16 @@ def options_of(name: str) -> dict:
     m = get(name)
     if m.patch is None:
         return {}
-    from spu_kernels.patching.registry import get_method
-    spec = get_method(m.patch)
+    spec = _registry().get_method(m.patch)
     out = {k: spec.defaults().get(k) for k in spec.option_names()}
-    # the options patch() itself takes for every method (train_head, trainable_modules, ...)
-    for p in inspect.signature(spu_kernels.patch).parameters.values():
-        if p.kind is p.KEYWORD_ONLY:
-            out[p.name] = p.default
+    # the options patch() itself takes for every method it allows them for (train_head, ...)
+    out.update(_registry().shared_options(m.patch))
     return out
 
 
 def check_method(name: str, args: dict, where: str) -> None:
     """A ConfigError naming ``where.args.KEY`` for an unknown option, one of the wrong type, or one
     out of its range (``spu_kernels.patching.registry.check_options``)."""
-    from .config import ConfigError, check_value
     if not isinstance(name, str):
         raise ConfigError(f"{where}.name: must be a string, got {name!r}")
     try:
@@ -85,10 +86,9 @@ def check_method(name: str, args: dict, where: str) -> None:
     allowed = options_of(name)
     for key, value in (args or {}).items():
         if key not in allowed:
-            close = difflib.get_close_matches(str(key), list(allowed), n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
             takes = ", ".join(allowed) if allowed else "no options (full fine-tuning trains every parameter)"
-            raise ConfigError(f"{where}.args.{key}: unknown option for {name}{hint}; {name} takes {takes}")
+            raise ConfigError(f"{where}.args.{key}: unknown option for {name}{suggest(key, allowed)}; "
+                              f"{name} takes {takes}")
         default = allowed[key]
         kind = {bool: "bool", int: "int", float: "float", str: "str"}.get(type(default))
         if kind is not None and value is not None:
@@ -97,9 +97,8 @@ def check_method(name: str, args: dict, where: str) -> None:
             check_value(f"{where}.args.{key}", value, kind)
     patch_name = get(name).patch
     if args and patch_name is not None:
-        from spu_kernels.patching.registry import check_options
         try:
-            check_options(patch_name, args)
+            _registry().check_options(patch_name, args)
         except ValueError as e:                       # "OPTION: must be ..." -> where.args.OPTION: ...
             raise ConfigError(f"{where}.args.{e}") from None
 
@@ -115,10 +114,9 @@ def resolve(name: str, args: dict | None, learning_rate: float | None,
 
 def apply(model, name: str, args: dict):
     """Apply the method to ``model`` in place (to the language model inside a PromptClassifier);
-    returns the model."""
-    from spu_kernels.modules.prompt_classifier import PromptClassifier
+    returns the model it applied it to."""
     m = get(name)
-    model = model.model if isinstance(model, PromptClassifier) else model
+    model = lm_of(model)
     if m.patch is None:
         for p in model.parameters():
             p.requires_grad_(True)

@@ -4,7 +4,10 @@ trainable parameters, wall time -- printed, and written as markdown, CSV and a P
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
+
+from .deps import missing_message
 
 COLUMNS = ("method", "accuracy", "f1", "peak_memory_mb", "samples_per_s", "trainable_params", "trainable_pct",
            "wall_s")
@@ -69,12 +72,14 @@ def write_csv(results, path: Path) -> Path:
 
 
 def plot(results, path: Path) -> Path | None:
-    """Accuracy vs peak memory, marker area proportional to samples/s. None if matplotlib is missing."""
+    """Accuracy vs peak memory, marker area proportional to samples/s. None (and a note on stderr)
+    if matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print(f"spu-kernels: no {path.name}: {missing_message('matplotlib', 'the plot')}", file=sys.stderr)
         return None
     rows = [_row(r) for r in results]
     fast = max(r["samples_per_s"] for r in rows) or 1.0

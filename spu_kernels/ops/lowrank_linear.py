@@ -78,7 +78,7 @@ _cached_grad_layout = functools.lru_cache(maxsize=1024)(_grad_layout)
 
 
 def _pack(grads: dict, layout: dict, total: int, device) -> torch.Tensor:
-    """The backends that make separate grads (torch, cuda) pack them as the triton one does."""
+    """The torch backend makes separate grads; it packs them as the kernel backends return them."""
     if not layout:
         return torch.empty((0,), device=device, dtype=torch.float32)
     return torch.cat([grads[name].float().reshape(-1) for name in layout])

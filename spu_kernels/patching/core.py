@@ -29,6 +29,7 @@ from .architectures import (
     supported_model_types,
 )
 from .registry import SHARED_OPTION_NAMES, get_method, shared_option_handler
+from .unwrap import unwrap_model
 
 log = logging.getLogger("spu_kernels")
 _STATE_ATTR = "_spu_patch"
@@ -273,13 +274,14 @@ def patch(model: nn.Module, method: str, *, train_head: bool = True,
 
 
 def _state(model: nn.Module, what: str) -> PatchState:
-    state = getattr(model, _STATE_ATTR, None)
+    state = getattr(unwrap_model(model), _STATE_ATTR, None)
     if state is None:
         raise RuntimeError(f"spu_kernels.{what}: this model is not patched (call spu_kernels.patch first)")
     return state
 
 
 def _clear(model: nn.Module) -> None:
+    model = unwrap_model(model)
     delattr(model, _STATE_ATTR)
     if "spu_summary" in model.__dict__:
         del model.__dict__["spu_summary"]
@@ -318,7 +320,7 @@ def summary(model: nn.Module) -> PatchSummary:
 
 
 def is_patched(model: nn.Module) -> bool:
-    return getattr(model, _STATE_ATTR, None) is not None
+    return getattr(unwrap_model(model), _STATE_ATTR, None) is not None
 
 
 def patch_state(model: nn.Module, what: str = "patch_state") -> PatchState:

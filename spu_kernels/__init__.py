@@ -17,6 +17,7 @@ from .modules import (
     IA3ScaledActivation,
     KronALinear,
     LadderSideNetwork,
+    LoRAEmbedding,
     LoRALinear,
     PromptClassifier,
     PromptTemplate,
@@ -34,6 +35,7 @@ from .ops import (
 )
 from .optim import MeZO
 from .patching import (
+    from_pretrained,
     is_patched,
     known_methods,
     load_adapter,
@@ -41,9 +43,22 @@ from .patching import (
     patch,
     register_method,
     save_adapter,
+    save_pretrained,
     summary,
     unpatch,
 )
+from .patching.adapters import (
+    active_adapter,
+    add_adapter,
+    delete_adapter,
+    disable_adapter,
+    list_adapters,
+    merge_adapter,
+    set_adapter,
+    unmerge_adapter,
+)
+from .patching.peft_convert import from_peft, to_peft
+from .patching.peft_format import NoPeftEquivalent, peft_adapter_files
 
 
 def describe_method(name: str) -> str:
@@ -55,9 +70,13 @@ def describe_method(name: str) -> str:
     return f"{name}: {spec.description}. Options: {opts}; plus {shared}"
 
 
-__all__ = ["patch", "unpatch", "merge", "summary", "is_patched", "save_adapter", "load_adapter", "known_methods",
+__all__ = ["patch", "unpatch", "merge", "summary", "is_patched", "save_adapter", "load_adapter", "save_pretrained",
+           "from_pretrained", "known_methods",
            "register_method", "describe_method", "available_backends", "backend_status", "use_backend",
            "lowrank_linear", "lowrank_linear_reference", "ia3_linear", "ia3_scaled_act", "kron_linear",
            "ladder_cross_attention", "ladder_cross_attention_reference", "LoRALinear", "SiVALinear", "IA3Linear",
            "IA3ScaledActivation", "KronALinear", "LadderSideNetwork", "SoftPromptBackbone", "PromptTemplate",
            "PromptClassifier", "MeZO", "__version__"]
+__all__ += ["add_adapter", "set_adapter", "delete_adapter", "active_adapter", "list_adapters", "disable_adapter",
+            "merge_adapter", "unmerge_adapter", "LoRAEmbedding"]
+__all__ += ["from_peft", "to_peft", "peft_adapter_files", "NoPeftEquivalent"]

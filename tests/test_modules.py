@@ -15,6 +15,7 @@ from spu_kernels.modules import (
     IA3ScaledActivation,
     KronALinear,
     LadderBackbone,
+    LoRAEmbedding,
     LoRALinear,
     SiVALinear,
     SoftPromptBackbone,
@@ -162,7 +163,8 @@ def test_module_bad_arguments(kwargs, match):
 
 
 # the module classes patch() puts in a model's place: each is an AdapterModule (modules/adapter.py)
-REPLACING = (LoRALinear, SiVALinear, IA3Linear, IA3ScaledActivation, KronALinear, LadderBackbone, SoftPromptBackbone)
+REPLACING = (LoRALinear, LoRAEmbedding, SiVALinear, IA3Linear, IA3ScaledActivation, KronALinear, LadderBackbone,
+             SoftPromptBackbone)
 
 
 def _subclasses(cls):

@@ -381,3 +381,19 @@ def test_each_submodule_imports_alone_in_a_fresh_process():
     # an optional dependency may be missing here; none of the lower layers may need one
     skipped = {n for n, msg in results.items() if msg.startswith("missing ")}
     assert not {n for n in skipped if any(n.startswith(k) for k in LOWER_LAYERS)}, skipped
+
+
+def test_failed_siva_patch_without_original_rolls_back():
+    """keep_original=False drops W only once the whole patch succeeded: a patch that fails later
+    (here: an unknown trainable module) still puts every layer back and raises its own error."""
+    model = make_model("bert")
+    batch = make_batch("bert")
+    want = model(**batch).logits
+    with pytest.raises(ValueError, match="nonexistent"):
+        spu_kernels.patch(model, "siva", r=2, keep_original=False, trainable_modules=["nonexistent"])
+    assert not spu_kernels.is_patched(model)
+    assert not any(isinstance(m, spu_kernels.SiVALinear) for m in model.modules())
+    assert torch.equal(model(**batch).logits, want)
+    spu_kernels.patch(model, "siva", r=2, keep_original=False)
+    with pytest.raises(RuntimeError, match="keep_original=False"):
+        spu_kernels.unpatch(model)

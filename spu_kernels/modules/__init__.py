@@ -4,7 +4,7 @@ from .adapter import AdapterModule
 from .ia3 import IA3Linear, IA3ScaledActivation
 from .krona import KronALinear
 from .ladder import LadderBackbone, LadderSideNetwork
-from .lora import LoRALinear
+from .lora import LoRAEmbedding, LoRALinear
 from .lowrank_base import LowRankAdapterLinear, WrappedLinear, is_linear_like
 from .prompt_classifier import PromptClassifier, PromptTemplate
 from .siva import SiVALinear
@@ -13,3 +13,4 @@ from .soft_prompt import SoftPromptBackbone
 __all__ = ["AdapterModule", "WrappedLinear", "LoRALinear", "SiVALinear", "LowRankAdapterLinear", "is_linear_like",
            "IA3Linear", "IA3ScaledActivation", "KronALinear", "LadderBackbone", "LadderSideNetwork",
            "SoftPromptBackbone", "PromptTemplate", "PromptClassifier"]
+__all__ += ["LoRAEmbedding"]

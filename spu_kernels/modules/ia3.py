@@ -27,6 +27,8 @@ class IA3Linear(WrappedLinear):
     ``ia3_l`` is kept in ``adapter_dtype`` (fp32 by default) and cast to the activations' dtype.
     """
 
+    switchable = True
+
     def __init__(self, base_layer: nn.Module, side: str = "output",
                  out_slices: Sequence[tuple[int, int]] | None = None,
                  adapter_dtype: torch.dtype | None = torch.float32):
@@ -73,6 +75,8 @@ class IA3Linear(WrappedLinear):
         return torch.cat(parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bypassed():
+            return self.base_forward(x)
         return ia3_linear(x, weight_nk(self.base_layer), self.base_layer.bias, self.scale_vector(), side=self.side)
 
     @torch.no_grad()
@@ -120,6 +124,8 @@ class IA3ScaledActivation(AdapterModule):
     the activation module it replaced (held as ``act``).
     """
 
+    switchable = True
+
     def __init__(self, act_module: nn.Module, features: int, activation: str | None = None,
                  next_linear: nn.Module | None = None, adapter_dtype: torch.dtype | None = torch.float32,
                  device: torch.device | str | None = None):
@@ -150,6 +156,8 @@ class IA3ScaledActivation(AdapterModule):
         yield "ia3_l", self.ia3_l
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.bypassed():
+            return self.base_forward(h)
         return ia3_scaled_act(h, self.ia3_l, self.activation)
 
     @property
@@ -157,6 +165,9 @@ class IA3ScaledActivation(AdapterModule):
         if self._next[0] is None:
             return "IA3ScaledActivation.merge needs the next linear (next_linear=...) to fold l into"
         return None
+
+    def merged_tensors(self) -> list[torch.Tensor]:
+        return [self._next[0].weight]
 
     @torch.no_grad()
     def merge(self) -> nn.Module:

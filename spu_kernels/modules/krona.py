@@ -47,6 +47,8 @@ class KronALinear(WrappedLinear):
     c_attn; all ranges the same width), S = number of slices (1 without slices).
     """
 
+    switchable = True
+
     def __init__(self, base_layer: nn.Module, a_shape: Sequence[int] | None = None, scale: float = 1.0,
                  out_slices: Sequence[tuple[int, int]] | None = None,
                  adapter_dtype: torch.dtype | None = torch.float32):
@@ -84,6 +86,8 @@ class KronALinear(WrappedLinear):
         return [lo for lo, _ in self.out_slices] if self.out_slices else [0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bypassed():
+            return self.base_forward(x)
         return kron_linear(x, weight_nk(self.base_layer), self.base_layer.bias, self.krona_A, self.krona_B,
                            scale=self.scaling, out_offsets=self._offsets())
 

@@ -85,6 +85,8 @@ class WrappedLinear(AdapterModule):
 class LowRankAdapterLinear(WrappedLinear):
     """Base class: subclasses define the parameters and ``lowrank_factors()``."""
 
+    switchable = True
+
     def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float,
                  out_slices: Sequence[tuple[int, int]] | None = None):
         super().__init__()
@@ -134,6 +136,8 @@ class LowRankAdapterLinear(WrappedLinear):
         return full
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bypassed():
+            return self.base_forward(x)
         a, b, g = self.lowrank_factors()
         return lowrank_linear(x, weight_nk(self.base_layer), self.base_layer.bias, a, b, scale=self.scaling,
                               rank_scale=g, dropout_p=self.dropout if self.training else 0.0)

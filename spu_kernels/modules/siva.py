@@ -11,6 +11,11 @@ factors to the layer's dtype). The SVD runs in fp32 on the weight's device.
 Memory: W_res is written into the base layer's own weight tensor (no second N×K copy on the
 device); the original weight is kept on the CPU (``keep_original=True``) so ``restore()`` puts
 back the very same bits.
+
+Factors: ``factors="svd"`` (the default) trains U_r and V_rᵀ with S_r frozen between them;
+``factors="pissa"`` is PiSSA's parametrisation (Meng et al. 2024, PEFT's ``init_lora_weights="pissa"``):
+U_r√S_r and √S_r·V_rᵀ train and S is a buffer of ones, so the same learning rate behaves as PEFT's
+PiSSA (with "svd" the same lr moves ΔW about σ/1 times more along large singular directions).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import torch.nn as nn
 from .lowrank_base import LowRankAdapterLinear, weight_nk
 
 SVD_METHODS = ("exact", "randomized")
+FACTORS = ("svd", "pissa")
 
 
 def top_r_svd(w: torch.Tensor, r: int, method: str = "randomized", niter: int = 4, oversample: int = 10,
@@ -49,17 +55,24 @@ class SiVALinear(LowRankAdapterLinear):
 
     Parameters: ``siva_U`` (rows, r) = U_r (B), ``siva_Vh`` (S·r, K) = V_rᵀ (A); ``siva_S`` (S·r,)
     = S_r (g), a parameter with ``train_s=True`` and a buffer otherwise. With ``out_slices`` each
-    slice of output rows gets its own SVD of rank r.
+    slice of output rows gets its own SVD of rank r. ``factors="pissa"``: U_r√S_r, √S_r·V_rᵀ and
+    S = ones (a buffer; train_s must be False).
     """
 
     def __init__(self, base_layer: nn.Module, r: int = 16, dropout: float = 0.0, train_s: bool = False,
                  svd: str = "randomized", niter: int = 4, svd_seed: int = 0,
                  out_slices: Sequence[tuple[int, int]] | None = None, keep_original: bool = True,
-                 adapter_dtype: torch.dtype | None = torch.float32):
+                 adapter_dtype: torch.dtype | None = torch.float32, factors: str = "svd"):
         if svd not in SVD_METHODS:
             raise ValueError(f"SiVALinear: unknown svd {svd!r}; choose one of {', '.join(SVD_METHODS)}")
+        if factors not in FACTORS:
+            raise ValueError(f"SiVALinear: unknown factors {factors!r}; choose one of {', '.join(FACTORS)}")
+        if factors == "pissa" and train_s:
+            raise ValueError("SiVALinear: factors='pissa' folds S into both factors (S is ones), so there is no "
+                             "S to train; use train_s=False, or factors='svd' to train S")
         super().__init__(base_layer, r, 1.0, dropout, out_slices)
         self.train_s = bool(train_s)
+        self.factors = factors
         self.svd, self.niter = svd, int(niter)
         w = weight_nk(base_layer)
         dtype = adapter_dtype or w.dtype
@@ -75,9 +88,16 @@ class SiVALinear(LowRankAdapterLinear):
                 ss.append(s)
                 vhs.append(vh)
             w.copy_(res.to(w.dtype))   # the base layer now holds W_res
-        self.siva_U = nn.Parameter(torch.cat(us).to(dtype))
-        self.siva_Vh = nn.Parameter(torch.cat(vhs).to(dtype))
-        s = torch.cat(ss).to(dtype)
+        u, vh, s = torch.cat(us), torch.cat(vhs), torch.cat(ss)
+        if factors == "pissa":
+            root = s.sqrt()
+            # U√S per output row: each slice's rows take its own r roots
+            row_root = torch.cat([root[i * r:(i + 1) * r].expand(hi - lo, r) for i, (lo, hi)
+                                  in enumerate(self.out_slices or [(0, self.out_features)])])
+            u, vh, s = u * row_root, vh * root[:, None], torch.ones_like(s)
+        self.siva_U = nn.Parameter(u.to(dtype))
+        self.siva_Vh = nn.Parameter(vh.to(dtype))
+        s = s.to(dtype)
         if self.train_s:
             self.siva_S = nn.Parameter(s)
         else:
@@ -92,6 +112,10 @@ class SiVALinear(LowRankAdapterLinear):
         return self.siva_Vh, self._assemble_b(self.siva_U), self.siva_S
 
     @torch.no_grad()
+    def drop_original(self) -> None:
+        """Free the host copy of the original weight (``keep_original=False``): ``restore`` is then an error."""
+        self._original_weight = None
+
     def restore(self) -> nn.Module:
         """Put the original weight back, bit for bit, and return the base layer."""
         if self._original_weight is None:
@@ -100,5 +124,32 @@ class SiVALinear(LowRankAdapterLinear):
         self.base_layer.weight.copy_(self._original_weight.to(self.base_layer.weight.device))
         return self.base_layer
 
+    @property
+    def detach_error(self) -> str | None:
+        if self._original_weight is None:
+            return ("SiVALinear was built with keep_original=False, so the original weight W is gone and the base "
+                    "layer cannot compute it (adapter switching and disable_adapter need it); patch with "
+                    "keep_original=True")
+        return None
+
+    @torch.no_grad()
+    def detach_base(self) -> None:
+        """Put W back in the base layer, keeping W_res on the CPU for ``attach_base``."""
+        if self.detach_error:
+            raise RuntimeError(self.detach_error)
+        if getattr(self, "_residual", None) is not None:
+            return
+        w = self.base_layer.weight
+        self._residual = w.detach().to("cpu", copy=True)
+        w.copy_(self._original_weight.to(w.device))
+
+    @torch.no_grad()
+    def attach_base(self) -> None:
+        """Put W_res back in the base layer."""
+        res = getattr(self, "_residual", None)
+        if res is not None:
+            self.base_layer.weight.copy_(res.to(self.base_layer.weight.device))
+            self._residual = None
+
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", train_s={self.train_s}, svd={self.svd}"
+        return super().extra_repr() + f", train_s={self.train_s}, svd={self.svd}, factors={self.factors}"

@@ -7,13 +7,15 @@ way, records what it needs to restore the original modules and requires_grad fla
 and logs a summary. What it needs of a replacing module is the contract of
 ``modules.adapter.AdapterModule`` (restore, merge, merge_error). Shared options other than its
 own (``soft_prompt``) come from the method file that registered them (registry.py).
+Several named adapters, ``disable_adapter`` and ``merge_adapter`` live in adapters.py: the active
+adapter is this patch state, so everything here acts on it.
 """
 from __future__ import annotations
 
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch.nn as nn
 
@@ -28,11 +30,16 @@ from .architectures import (
     role_targets,
     supported_model_types,
 )
+from .hf_hooks import install_save_pretrained, refuse_peft, remove_save_pretrained
 from .registry import SHARED_OPTION_NAMES, get_method, shared_option_handler
 from .unwrap import unwrap_model
 
 log = logging.getLogger("spu_kernels")
 _STATE_ATTR = "_spu_patch"
+#: the inactive named adapters (patching/adapters.py); unpatch and merge drop them
+ADAPTERS_ATTR = "_spu_adapters"
+#: what may not run while an adapter is merged in (merge_adapter): the weights would be stale
+_REFUSED_WHILE_MERGED = ("save_adapter", "adapter_state_dict", "load_adapter", "save_pretrained", "to_peft")
 
 
 @dataclass
@@ -95,12 +102,15 @@ class PatchContext:
         self.family: Family | None = family_of(model)
         self.replacements: list[Replacement] = []
         self.trainable: list[nn.Parameter] = []
+        #: run once the whole patch has succeeded (e.g. dropping what only a rollback needs)
+        self.on_success: list[Callable[[], None]] = []
 
     def find_targets(self, target_modules: str | Sequence[str] | None,
-                     roles: tuple[str, ...] = ("query", "value")) -> list[Target]:
+                     roles: tuple[str, ...] = ("query", "value"), embeddings: bool = False) -> list[Target]:
         """The linear layers to adapt: ``target_modules`` (names, matched at the end of the
         qualified name; or one regex matched against the whole name), else the family's modules
-        for ``roles``. Task-head modules never match. Raises when nothing matches."""
+        for ``roles``; also ``nn.Embedding`` layers where the method takes them (``embeddings``).
+        Task-head modules never match. Raises when nothing matches."""
         if target_modules is None:
             if self.family is None:
                 raise ValueError(f"no default target modules for model_type {model_type_of(self.model)!r} "
@@ -123,9 +133,12 @@ class PatchContext:
                 continue
             for pat, thirds in specs:
                 if match(name, pat):
-                    if not is_linear_like(mod):
-                        raise TypeError(f"target module {name!r} is a {type(mod).__name__}; only nn.Linear and "
-                                        "transformers Conv1D layers can be adapted (name the linear layers inside it)")
+                    if not (is_linear_like(mod) or (embeddings and isinstance(mod, nn.Embedding))):
+                        kinds = "nn.Linear, transformers Conv1D" + (" and nn.Embedding" if embeddings else "")
+                        hint = ("; of the methods only lora adapts nn.Embedding" if isinstance(mod, nn.Embedding)
+                                else " (name the linear layers inside it)")
+                        raise TypeError(f"target module {name!r} is a {type(mod).__name__}; only {kinds} layers "
+                                        f"can be adapted{hint}")
                     found.append(Target(name, mod, thirds))
                     break
         if not found:
@@ -176,6 +189,7 @@ def _check_options(spec, options: dict) -> None:
 def _undo(model: nn.Module, replacements: list[Replacement], flags: list[tuple[nn.Parameter, bool]]) -> None:
     for rep in reversed(replacements):
         if isinstance(rep.new, AdapterModule):
+            rep.new.unmerge()
             rep.new.restore()
         setattr(rep.parent, rep.attr, rep.original)
     for p, flag in flags:
@@ -187,7 +201,8 @@ def _trainable_modules(model: nn.Module, replacements: list[Replacement], names:
     """The modules ``trainable_modules`` names, checked before any flag changes: each name must
     match, and none may hold an adapted layer's frozen base weight (the op refuses a base weight
     that requires grad)."""
-    frozen = {id(rep.new.base_layer.weight): rep.name for rep in replacements if isinstance(rep.new, WrappedLinear)}
+    frozen = {id(rep.new.base_layer.weight): rep.name for rep in replacements
+              if isinstance(rep.new, WrappedLinear) or isinstance(getattr(rep.new, "base_layer", None), nn.Embedding)}
     out = []
     for t in names:
         mods = [(n, m) for n, m in model.named_modules() if n and name_matches(n, re.escape(t))]
@@ -234,9 +249,22 @@ def patch(model: nn.Module, method: str, *, train_head: bool = True,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch expects a torch.nn.Module, got {type(model).__name__}")
+    refuse_peft(model)
     if getattr(model, _STATE_ATTR, None) is not None:
         raise RuntimeError(f"this model is already patched with {getattr(model, _STATE_ATTR).method!r}; "
                            "call spu_kernels.unpatch(model) (or merge) before patching again")
+    state = _build_state(model, method, train_head, trainable_modules, soft_prompt, options)
+    setattr(model, _STATE_ATTR, state)
+    model.spu_summary = state.summary
+    install_save_pretrained(model)
+    log.info("%s", state.summary)
+    return model
+
+
+def _build_state(model: nn.Module, method: str, train_head: bool, trainable_modules: Sequence[str] | None,
+                 soft_prompt: int | dict | None, options: dict) -> PatchState:
+    """What ``patch`` does between its checks and recording the state (also adding a named
+    adapter: patching/adapters.py): replace, freeze, roll back on error; returns the state."""
     spec = get_method(method)
     _check_options(spec, options)
     plugged = _prepare_shared(method, {"soft_prompt": soft_prompt})
@@ -260,6 +288,8 @@ def patch(model: nn.Module, method: str, *, train_head: bool = True,
     except BaseException:
         _undo(model, ctx.replacements, flags)
         raise
+    for done in ctx.on_success:
+        done()
     all_params = list(model.parameters())
     summary = PatchSummary(
         method=method, model=type(model).__name__, replaced=[r.name for r in ctx.replacements],
@@ -267,16 +297,16 @@ def patch(model: nn.Module, method: str, *, train_head: bool = True,
         total_params=sum(p.numel() for p in all_params),
         options={**spec.defaults(), **options, "train_head": train_head,
                  "trainable_modules": list(trainable_modules or []), "soft_prompt": soft_prompt})
-    setattr(model, _STATE_ATTR, PatchState(method, summary.options, ctx.replacements, flags, summary))
-    model.spu_summary = summary
-    log.info("%s", summary)
-    return model
+    return PatchState(method, summary.options, ctx.replacements, flags, summary)
 
 
 def _state(model: nn.Module, what: str) -> PatchState:
     state = getattr(unwrap_model(model), _STATE_ATTR, None)
     if state is None:
         raise RuntimeError(f"spu_kernels.{what}: this model is not patched (call spu_kernels.patch first)")
+    if what in _REFUSED_WHILE_MERGED and any(getattr(r.new, "merged", False) for r in state.replacements):
+        raise RuntimeError(f"spu_kernels.{what}: the adapter is merged into the base weights "
+                           "(spu_kernels.merge_adapter); call spu_kernels.unmerge_adapter(model) first")
     return state
 
 
@@ -285,20 +315,23 @@ def _clear(model: nn.Module) -> None:
     delattr(model, _STATE_ATTR)
     if "spu_summary" in model.__dict__:
         del model.__dict__["spu_summary"]
+    remove_save_pretrained(model)
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Put back the original modules, weights and requires_grad flags: outputs are bit-identical
-    to the model's before ``patch``."""
+    to the model's before ``patch``. Every named adapter goes (adapters.py), merged or not."""
     state = _state(model, "unpatch")
     _undo(model, state.replacements, state.requires_grad_before)
     _clear(model)
+    unwrap_model(model).__dict__.pop(ADAPTERS_ATTR, None)   # inactive adapters left the base layers as they were
     return model
 
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base layer's weight (for inference) and drop the patch: the
-    model holds plain modules again, with the original requires_grad flags."""
+    model holds plain modules again, with the original requires_grad flags (PEFT's
+    merge_and_unload: the active adapter is merged, inactive named adapters are dropped)."""
     state = _state(model, "merge")
     # every module must be mergeable before any is merged: merging writes into base weights in place
     for rep in state.replacements:
@@ -306,11 +339,16 @@ def merge(model: nn.Module) -> nn.Module:
             raise RuntimeError(f"{type(rep.new).__name__} at {rep.name} cannot be merged")
         if rep.new.merge_error:
             raise RuntimeError(rep.new.merge_error)
+        if not rep.new.enabled:
+            raise RuntimeError("spu_kernels.merge inside spu_kernels.disable_adapter(model): leave the with block "
+                               "first")
     for rep in state.replacements:
+        rep.new.unmerge()    # merge_adapter's fold is undone exactly, then done for good
         setattr(rep.parent, rep.attr, rep.new.merge())
     for p, flag in state.requires_grad_before:
         p.requires_grad_(flag)
     _clear(model)
+    unwrap_model(model).__dict__.pop(ADAPTERS_ATTR, None)   # the inactive adapters are dropped, as PEFT does
     return model
 
 

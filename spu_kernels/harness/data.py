@@ -37,6 +37,7 @@ and the test sentences never change with ``n_train``).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -148,6 +149,29 @@ def fetch_rotten_tomatoes(cache: str | Path | None = None, quiet: bool = False) 
     if out.exists():
         return out
     cache.mkdir(parents=True, exist_ok=True)
+    with _locked(cache / ".fetch.lock"):   # the processes of a torchrun launch: one fetches, the others wait
+        if out.exists():
+            return out
+        return _fetch(cache, out, quiet)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on ``path`` between processes (POSIX flock; none where there is no fcntl)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _fetch(cache: Path, out: Path, quiet: bool) -> Path:
     sdist = cache / VADER_SDIST
     if not sdist.exists():
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", VADER_SPEC,

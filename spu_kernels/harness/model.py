@@ -22,8 +22,9 @@ Item = tuple[list[int], int, int | None]            # (token ids, label, slot po
 
 
 def log(msg: str) -> None:
-    """One line of the harness's progress on stderr."""
-    print(msg, file=sys.stderr, flush=True)
+    """One line of the harness's progress on stderr (rank 0 only, on several processes)."""
+    if os.environ.get("RANK", "0") in ("", "0"):
+        print(msg, file=sys.stderr, flush=True)
 
 
 def default_model_path() -> str:

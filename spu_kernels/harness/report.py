@@ -35,11 +35,21 @@ def _fmt(col: str, v) -> str:
     return str(v)
 
 
+def _processes(r: dict) -> str:
+    """How the run was spread: '' for one process, else the process count, DDP / FSDP2 and the global batch."""
+    world = r.get("world_size", 1)
+    if world <= 1:
+        return ""
+    how = "FSDP2" if r.get("fsdp") else "data parallel"
+    return f", {world} processes ({how}), global batch {r.get('global_batch_size')}"
+
+
 def caption(results) -> str:
     r = _row(results[0])
     kinds = sorted({_row(x)["memory_kind"] for x in results})
     return (f"{r['model']} on {r['dataset']}: {r['n_train']} train / {r['n_val']} val / {r['n_test']} test sentences, "
-            f"max_length {r['max_length']}; {r['device']}, {r['precision']}. Accuracy and F1 (%) on the test split "
+            f"max_length {r['max_length']}; {r['device']}, {r['precision']}{_processes(r)}. Accuracy and F1 (%) on "
+            "the test split "
             f"at the best validation epoch; peak memory = {', '.join(kinds)}; samples/s = training samples per "
             f"second of training steps (no evaluation).")
 
@@ -61,13 +71,13 @@ def table_markdown(results) -> str:
 def write_csv(results, path: Path) -> Path:
     extra = ("total_params", "memory_kind", "learning_rate", "epochs", "steps", "val_accuracy", "val_f1",
              "best_epoch", "device", "precision", "model", "dataset", "n_train", "n_val", "n_test", "max_length",
-             "train_s")
+             "train_s", "world_size", "global_batch_size", "fsdp")
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(COLUMNS + extra)
         for r in results:
             d = _row(r)
-            w.writerow([d[c] for c in COLUMNS + extra])
+            w.writerow([d.get(c) for c in COLUMNS + extra])
     return path
 
 

@@ -19,12 +19,25 @@ the final weights are saved whole. The model, its prompt handling and the batche
 with ``_step``, and ``_end_epoch`` with ``_validate`` and ``_save_epoch``), and ``_finish`` (the test
 split, the final weights, the result row).
 
+On several processes (``torchrun`` / ``accelerate launch``; harness/distributed.py) the epoch's
+seeded order is cut into global batches of ``training.batch_size`` x world_size samples (so
+``batch_size`` is per process, and its one-process meaning is unchanged) and each rank takes its
+own contiguous part of every global batch (what a DistributedSampler does, with set_epoch: the
+same order on every rank, a new one each epoch). Each rank's loss is weighted by its share of the
+global batch, so a ragged last batch gives the exact global mean. The model trains in DDP, or with
+``training.fsdp`` under FSDP2; evaluation is split over the ranks and its predictions gathered;
+rank 0 alone logs and writes (checkpoints, TensorBoard, results), the others wait at a barrier
+until it has. MeZO runs unwrapped on every rank with the same perturbation seeds (every rank seeds
+torch's CPU generator alike, and rank 0's state is broadcast at the start) and the loss averaged
+over the ranks, which averages the projected gradient. Runs with phases stay single-process.
+
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (tensors only); on a CPU the process's
 peak resident set (VmHWM, reset at the start of each run through /proc/self/clear_refs on Linux,
 else ``resource.getrusage`` since the process began) -- it includes Python, torch and the data.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -40,6 +53,8 @@ import torch
 
 import spu_kernels
 
+from ..patching.unwrap import full_tensor
+from . import distributed as hdist
 from . import methods as hmethods
 from .compile import TrainStep, resolve_compile
 from .config import Config, TrainingConfig
@@ -82,6 +97,9 @@ class RunResult:
     output_dir: str
     history: list = field(default_factory=list)
     compile: str = "false"    # how the training steps ran: false, true, reduce-overhead (harness/compile.py)
+    world_size: int = 1       # processes (torchrun / accelerate launch)
+    global_batch_size: int = 0    # training samples per optimizer step, over all processes
+    fsdp: bool = False
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -180,23 +198,28 @@ def metrics(preds: list[int], labels: list[int], num_labels: int) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, data, pad_id, device, amp_dtype, batch_size, num_labels, desc="eval", progress=True) -> dict:
+def evaluate(model, data, pad_id, device, amp_dtype, batch_size, num_labels, desc="eval", progress=True,
+             dist: hdist.Dist = hdist.Dist()) -> dict:
+    """Metrics of ``model`` on ``data``; on several processes each rank predicts its shard
+    (``distributed.shard``) and the predictions are gathered, so every rank gets the exact metrics."""
     tqdm = _tqdm()
     was_training = model.training
     model.eval()
     order = sorted(range(len(data)), key=lambda i: len(data[i][0]))     # less padding
-    preds = [0] * len(data)
-    steps = math.ceil(len(order) / batch_size)
-    for s in tqdm(range(steps), desc=desc, disable=not progress, leave=False, file=sys.stderr):
-        idx = order[s * batch_size:(s + 1) * batch_size]
-        batch = collate([data[i] for i in idx], pad_id, device)
+    mine = hdist.shard(order, dist)
+    preds = {}
+    steps = math.ceil(len(mine) / batch_size)
+    for s in tqdm(range(steps), desc=desc, disable=not progress or not dist.main, leave=False, file=sys.stderr):
+        part = mine[s * batch_size:(s + 1) * batch_size]
+        batch = collate([data[i] for i, _ in part], pad_id, device)
         batch.pop("labels")
         with autocast(device, amp_dtype):
             logits = model(**batch).logits
-        for i, p in zip(idx, logits.argmax(-1).tolist()):
-            preds[i] = p
+        for (i, counts), p in zip(part, logits.argmax(-1).tolist()):
+            if counts:
+                preds[i] = p
     model.train(was_training)
-    return metrics(preds, [it[1] for it in data], num_labels)
+    return metrics(hdist.gather_predictions(dist, preds, len(data)), [it[1] for it in data], num_labels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,10 +232,28 @@ def _write_replace(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def _save_weights(model, method: str, path: Path) -> None:
-    if hmethods.get(method).patch is None or not spu_kernels.is_patched(lm_of(model)):
+def _saves_whole_model(model, method: str) -> bool:
+    return hmethods.get(method).patch is None or not spu_kernels.is_patched(lm_of(model))
+
+
+def _gathered_model_state(model, method: str) -> dict | None:
+    """An FSDP2-sharded model saved whole (``full``): its state dict as whole CPU tensors, gathered
+    on every rank (a collective) before rank 0 writes it; else None (``_save_weights`` reads the model)."""
+    if not (hdist.is_sharded(model) and _saves_whole_model(model, method)):
+        return None
+    return {k: full_tensor(v).detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _saving(model, method: str):
+    """The context rank 0 writes weights in: FSDP2's adapters unsharded on every rank (a collective)."""
+    return contextlib.nullcontext() if _saves_whole_model(model, method) else hdist.full_params(model)
+
+
+def _save_weights(model, method: str, path: Path, state: dict | None = None) -> None:
+    """The model (``full``: its state dict, or ``state``) or its adapter into ``path``."""
+    if _saves_whole_model(model, method):
         from safetensors.torch import save_file
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in (state or model.state_dict()).items()}
         # tied weights share storage; safetensors wants each tensor once
         seen, out = {}, {}
         for k, v in state.items():
@@ -237,13 +278,15 @@ def _load_weights(model, method: str, path: Path) -> None:
         spu_kernels.load_adapter(lm_of(model), path / "adapter.safetensors")
 
 
-def save_checkpoint(root: Path, epoch: int, model, method: str, trainer_state: dict, best_weights) -> Path:
+def save_checkpoint(root: Path, epoch: int, model, method: str, trainer_state: dict, best_weights,
+                    state: dict | None = None) -> Path:
     """``root/epoch_N``: written as ``epoch_N.tmp`` (each file under a temporary name, renamed into
-    place when complete; the COMPLETE marker last), then renamed; older checkpoints are removed."""
+    place when complete; the COMPLETE marker last), then renamed; older checkpoints are removed.
+    ``state``: the gathered state dict of a sharded model (``_gathered_model_state``)."""
     final, tmp = root / f"epoch_{epoch}", root / f"epoch_{epoch}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    _save_weights(model, method, tmp)
+    _save_weights(model, method, tmp, state)
     _write_replace(tmp / "trainer_state.pt", lambda p: torch.save(trainer_state, p))
     if best_weights is not None:
         _write_replace(tmp / "best.pt", lambda p: torch.save(best_weights, p))
@@ -274,17 +317,30 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return max(found, default=(None, None))[1]
 
 
-def _resume(ckpt: Path, model, method: str, opt, sched, scaler, device) -> tuple[dict, dict | None]:
-    """Load a checkpoint into the model, optimizer, scheduler, scaler and RNGs; (state, best weights)."""
+def _unreadable(ckpt: Path, e: Exception) -> ValueError:
+    """A damaged checkpoint file: say which, not a traceback."""
+    return ValueError(f"--resume: cannot read the checkpoint {ckpt} ({type(e).__name__}: {e}); delete it to "
+                      "resume from an older one, or run without --resume")
+
+
+def _resume_weights(ckpt: Path, model, method: str) -> None:
+    """The checkpoint's weights into the (not yet wrapped) model."""
     try:
         _load_weights(model, method, ckpt)
+    except Exception as e:
+        raise _unreadable(ckpt, e) from e
+
+
+def _resume(ckpt: Path, model, method: str, opt, sched, scaler, device) -> tuple[dict, dict | None]:
+    """Load a checkpoint's optimizer, scheduler, scaler and RNG state (the weights are already in:
+    ``_resume_weights``); (state, best weights). The optimizer state is saved whole, also under FSDP2."""
+    try:
         saved = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
         best = (torch.load(ckpt / "best.pt", map_location="cpu", weights_only=True)
                 if (ckpt / "best.pt").exists() else None)
-    except Exception as e:                             # a damaged file: say which, not a traceback
-        raise ValueError(f"--resume: cannot read the checkpoint {ckpt} ({type(e).__name__}: {e}); delete it to "
-                         "resume from an older one, or run without --resume") from e
-    opt.load_state_dict(saved["optimizer"])
+    except Exception as e:
+        raise _unreadable(ckpt, e) from e
+    hdist.load_optimizer_state(opt, saved["optimizer"])
     sched.load_state_dict(saved["scheduler"])
     scaler.load_state_dict(saved["scaler"])
     torch.set_rng_state(saved["rng_cpu"])
@@ -363,6 +419,7 @@ class _Run:
     total: int = 0
     last: tuple = (0.0, {}, None)   # the last phase's (learning rate, method args, method)
     compiles: list = field(default_factory=list)
+    dist: hdist.Dist = hdist.Dist()         # this process's rank and the number of processes
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -385,6 +442,7 @@ class _Phase:
     params: list
     steps_per_epoch: int
     total_steps: int
+    train_model: torch.nn.Module             # what training steps call: DDP around the model, or the model
     named: list = field(default_factory=list)      # (name, parameter) of what trains
     epoch: int = 0
     step: int = 0
@@ -400,7 +458,12 @@ def _plan(cfg: Config, method, method_args, learning_rate, resume: bool) -> tupl
             raise ValueError("a config with phases runs its phases; --method / --methods do not apply to it")
         if resume:
             raise ValueError("--resume: runs with phases keep no per-epoch checkpoints; start them again")
+        if hdist.current().enabled:
+            raise ValueError("runs with phases merge one phase's adapters into the weights before the next, which "
+                             "a DDP / FSDP2-wrapped model does not allow; run them as one process (python -m "
+                             "spu_kernels finetune ..., not torchrun / accelerate launch)")
         return cfg.phase_names, [(m.name, m.args, t.learning_rate, t) for m, t in cfg.phases]
+    _check_fsdp(cfg.training, hdist.current())
     method = method or cfg.method.name
     if method_args is None:
         method_args = cfg.method.args if method == cfg.method.name else {}
@@ -409,10 +472,27 @@ def _plan(cfg: Config, method, method_args, learning_rate, resume: bool) -> tupl
     return method, [(method, method_args, learning_rate, cfg.training)]
 
 
+def _check_fsdp(tr: TrainingConfig, d: hdist.Dist) -> None:
+    if not tr.fsdp:
+        return
+    if not d.enabled:
+        raise ValueError("training.fsdp: FSDP2 shards the model over the processes of a multi-process run, and this "
+                         "run has one; launch it with torchrun --nproc_per_node N -m spu_kernels finetune ... "
+                         "(or accelerate launch), or set fsdp: false")
+    if tr.optimizer == "mezo":
+        raise ValueError("training.fsdp with optimizer: mezo: MeZO keeps no gradients or optimizer state to shard "
+                         "and runs unwrapped on every rank; set fsdp: false")
+
+
 def _build(cfg: Config, method: str, multi: bool, output_dir, splits: Splits | None) -> _Run:
-    """Device, precision, data and model (on the device); nothing is written yet."""
+    """Device, precision, data and model (on the device), the process group on several processes;
+    nothing is written yet."""
     tr = cfg.training
-    device = resolve_device(tr.device)
+    d = hdist.current()
+    device = resolve_device(tr.device)                 # checks the setting; under a launcher: cuda:LOCAL_RANK
+    if d.enabled:
+        device = hdist.resolve_device(tr.device, d)
+    hdist.setup(device, d)
     amp_dtype = resolve_precision(tr.precision, device)
     if tr.threads:
         torch.set_num_threads(tr.threads)
@@ -428,12 +508,13 @@ def _build(cfg: Config, method: str, multi: bool, output_dir, splits: Splits | N
     return _Run(cfg=cfg, method=method, multi=multi, device=device, amp_dtype=amp_dtype, out=out,
                 source=splits.source, mem=mem, model=model, model_name=model_name,
                 pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0, num_labels=num_labels,
-                train_data=train_data, val_data=val_data, test_data=test_data)
+                train_data=train_data, val_data=val_data, test_data=test_data, dist=d)
 
 
-def _start_phase(ctx: _Run, index: int, n: int, phase: tuple) -> _Phase:
-    """Merge the previous phase's adapters, apply this phase's method, set up its optimizer,
-    schedule and scaler (the first phase also creates the output folder)."""
+def _start_phase(ctx: _Run, index: int, n: int, phase: tuple, ckpt: Path | None = None) -> _Phase:
+    """Merge the previous phase's adapters, apply this phase's method, load ``ckpt``'s weights (resume),
+    wrap the model (DDP / FSDP2 on several processes), set up its optimizer, schedule and scaler (the
+    first phase also creates the output folder, on rank 0)."""
     pname, pargs, plr, tr = phase
     tag = f"{ctx.method} phase {index + 1}/{n}: {pname}" if ctx.multi else ctx.method
     _, args, lr = hmethods.resolve(pname, pargs, plr, tr.optimizer)
@@ -447,15 +528,28 @@ def _start_phase(ctx: _Run, index: int, n: int, phase: tuple) -> _Phase:
     ctx.trainable, ctx.total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     if not params:
         raise ValueError(f"method {pname!r} with {args} leaves nothing to train")
+    if ckpt is not None:
+        _resume_weights(ckpt, model, pname)
+    d = ctx.dist
+    if tr.optimizer == "mezo":                       # no backward: no DDP; same weights and seeds on every rank
+        hdist.broadcast_module(d, model)
+        if d.enabled:
+            torch.set_rng_state(hdist.broadcast_object(d, torch.get_rng_state()))
+        train_model = model
+    else:
+        train_model = hdist.wrap(model, lm_of(model), d, ctx.device, tr.fsdp)
+    params = [p for p in model.parameters() if p.requires_grad]     # FSDP2 made them DTensors
     opt, use_mezo = _optimizer(model, tr, lr)
-    train_step = TrainStep(model, resolve_compile(tr.compile, ctx.device, use_mezo), _log)
-    if index == 0:                                   # nothing is written before the run is set up
+    train_step = TrainStep(train_model, resolve_compile(tr.compile, ctx.device, use_mezo), _log)
+    if index == 0 and d.main:                        # nothing is written before the run is set up
         ctx.writer = _open_output(ctx.out, ctx.cfg.training.tensorboard, ctx.method)
     _log(f"[{tag}] {ctx.model_name} on {ctx.device} ({_precision_name(ctx.amp_dtype)}); {ctx.source}: "
          f"{len(ctx.train_data)} train / {len(ctx.val_data)} val / {len(ctx.test_data)} test, max_length "
          f"{ctx.cfg.dataset.max_length}; trainable {ctx.trainable:,} of {ctx.total:,} params; "
-         f"{'MeZO' if use_mezo else 'AdamW'} lr {lr:g}; compile {train_step.used}; -> {ctx.out}")
-    steps_per_epoch = math.ceil(len(ctx.train_data) / tr.batch_size)
+         f"{'MeZO' if use_mezo else 'AdamW'} lr {lr:g}; compile {train_step.used}; -> {ctx.out}"
+         + (f"; {d.world_size} processes ({'FSDP2' if tr.fsdp else 'MeZO' if use_mezo else 'DDP'}), global batch "
+            f"{tr.batch_size * d.world_size}" if d.enabled else ""))
+    steps_per_epoch = math.ceil(len(ctx.train_data) / (tr.batch_size * d.world_size))
     total_steps = steps_per_epoch * tr.epochs
     if tr.max_steps is not None:
         total_steps = min(total_steps, tr.max_steps)
@@ -466,12 +560,11 @@ def _start_phase(ctx: _Run, index: int, n: int, phase: tuple) -> _Phase:
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp_dtype == torch.float16 and not use_mezo)
     return _Phase(tag=tag, name=pname, args=args, lr=lr, tr=tr, opt=opt, use_mezo=use_mezo, train_step=train_step,
                   sched=sched, scaler=scaler, params=params, steps_per_epoch=steps_per_epoch,
-                  total_steps=total_steps)
+                  total_steps=total_steps, train_model=train_model)
 
 
-def _resume_phase(ctx: _Run, ph: _Phase) -> None:
-    """Continue from the newest complete checkpoint in ``ctx.out``, if there is one."""
-    ckpt = latest_checkpoint(ctx.out)
+def _resume_phase(ctx: _Run, ph: _Phase, ckpt: Path | None) -> None:
+    """Continue from ``ckpt`` (the newest complete checkpoint; its weights are in already), if any."""
     if ckpt is None:
         _log(f"[{ph.tag}] resume: no checkpoint in {ctx.out}/checkpoints; starting from scratch")
         return
@@ -482,9 +575,10 @@ def _resume_phase(ctx: _Run, ph: _Phase) -> None:
 
 def _train_phase(ctx: _Run, index: int, n: int, phase: tuple, resume: bool) -> None:
     """One phase: its epochs, then its best epoch's weights back in the model."""
-    ph = _start_phase(ctx, index, n, phase)
+    ckpt = latest_checkpoint(ctx.out) if resume else None
+    ph = _start_phase(ctx, index, n, phase, ckpt)
     if resume:
-        _resume_phase(ctx, ph)
+        _resume_phase(ctx, ph, ckpt)
     ph.named = [(name, p) for name, p in ctx.model.named_parameters() if p.requires_grad]
     for epoch in range(ph.epoch, ph.tr.epochs):
         if ph.step >= ph.total_steps:
@@ -495,7 +589,7 @@ def _train_phase(ctx: _Run, index: int, n: int, phase: tuple, resume: bool) -> N
         with torch.no_grad():
             current = dict(ph.named)
             for name, t in ph.best_weights.items():
-                current[name].copy_(t)
+                hdist.copy_full_(current[name], t)
     ctx.epochs_done += ph.step / ph.steps_per_epoch
     ctx.last = (ph.lr, ph.args, ph.name)
     ctx.compiles.append(ph.train_step.used)
@@ -503,35 +597,49 @@ def _train_phase(ctx: _Run, index: int, n: int, phase: tuple, resume: bool) -> N
 
 def _train_epoch(ctx: _Run, ph: _Phase, epoch: int) -> None:
     """The optimizer steps of one epoch (a seeded batch order), with loss logging."""
-    tr, state = ph.tr, ctx.state
-    g = torch.Generator().manual_seed(tr.seed * 100_003 + epoch)
+    tr, state, d = ph.tr, ctx.state, ctx.dist
+    g = torch.Generator().manual_seed(tr.seed * 100_003 + epoch)      # the same order on every rank
     order = torch.randperm(len(ctx.train_data), generator=g).tolist()
     n_steps = min(ph.steps_per_epoch, ph.total_steps - ph.step)
-    bar = _tqdm()(range(n_steps), desc=f"{ph.tag} epoch {epoch + 1}/{tr.epochs}", disable=not tr.progress,
-                  file=sys.stderr, dynamic_ncols=True)
+    bar = _tqdm()(range(n_steps), desc=f"{ph.tag} epoch {epoch + 1}/{tr.epochs}",
+                  disable=not tr.progress or not d.main, file=sys.stderr, dynamic_ncols=True)
     loss_sum, loss_n = 0.0, 0
     for i in bar:
-        batch = collate([ctx.train_data[j] for j in order[i * tr.batch_size:(i + 1) * tr.batch_size]], ctx.pad_id,
-                        ctx.device)
+        idx, n_global = _rank_part(order, i, tr.batch_size, d)
+        # a rank with no sample in the ragged last batch runs one with weight 0 (DDP / FSDP2 need every rank)
+        weight = len(idx) * d.world_size / n_global
+        batch = collate([ctx.train_data[j] for j in idx or order[:1]], ctx.pad_id, ctx.device)
         ctx.sync()
         t0 = time.perf_counter()
-        loss = _step(ctx, ph, batch)
+        loss = _step(ctx, ph, batch, weight)
         ph.sched.step()
         ctx.sync()
         state["train_s"] += time.perf_counter() - t0
-        state["samples"] += batch["labels"].numel()
+        state["samples"] += n_global
         state["step"] += 1
         ph.step += 1
         loss_sum += loss.item()
         loss_n += 1
         if state["step"] % tr.log_every == 0 or i == n_steps - 1:
-            _log_train(ctx, ph, bar, loss_sum / loss_n)
+            _log_train(ctx, ph, bar, hdist.mean(d, torch.tensor(loss_sum / loss_n)).item())
             loss_sum, loss_n = 0.0, 0
     bar.close()
 
 
-def _step(ctx: _Run, ph: _Phase, batch: dict) -> torch.Tensor:
-    """One optimizer step on ``batch``: MeZO's two forward passes, or forward, backward and AdamW."""
+def _rank_part(order: list[int], i: int, batch_size: int, d: hdist.Dist) -> tuple[list[int], int]:
+    """(this rank's items of global batch ``i``, the global batch's size): the global batch is
+    ``order[i*B*W:(i+1)*B*W]``, rank r's part its r-th run of B (one process: batch i, as always)."""
+    start = i * batch_size * d.world_size
+    n_global = min(batch_size * d.world_size, len(order) - start)
+    lo = start + d.rank * batch_size
+    return order[lo:min(lo + batch_size, start + n_global)], n_global
+
+
+def _step(ctx: _Run, ph: _Phase, batch: dict, weight: float = 1.0) -> torch.Tensor:
+    """One optimizer step on ``batch``: MeZO's two forward passes, or forward, backward and AdamW.
+    ``weight`` (this rank's share of the global batch x world size; 1 on one process) scales the
+    loss so that the gradients DDP / FSDP2 average over the ranks are the global batch's; returns
+    the weighted loss."""
     model = ctx.model
     if ph.use_mezo:
         # two forward passes at θ ± εz, no graph; dropout off so that both see one function
@@ -539,7 +647,8 @@ def _step(ctx: _Run, ph: _Phase, batch: dict) -> torch.Tensor:
 
         def closure():
             with autocast(ctx.device, ctx.amp_dtype):
-                return model(**batch).loss
+                loss = model(**batch).loss
+            return hdist.mean(ctx.dist, loss * weight) if ctx.dist.enabled else loss
         loss = ph.opt.step(closure)
         model.train()
         return loss
@@ -547,6 +656,8 @@ def _step(ctx: _Run, ph: _Phase, batch: dict) -> torch.Tensor:
     def forward_backward(forward):
         with autocast(ctx.device, ctx.amp_dtype):
             loss = forward(**batch).loss
+        if weight != 1.0:
+            loss = loss * weight
         ph.scaler.scale(loss).backward()
         return loss.detach()
     loss = ph.train_step(forward_backward, functools.partial(ph.opt.zero_grad, set_to_none=True))
@@ -580,12 +691,13 @@ def _end_epoch(ctx: _Run, ph: _Phase, epoch: int, index: int) -> None:
     ctx.state["history"].append(record)
     if ph.tr.save_checkpoints and not ctx.multi:
         _save_epoch(ctx, ph, epoch)
+        hdist.barrier(ctx.dist)                      # the checkpoint is complete before any rank goes on
 
 
 def _validate(ctx: _Run, ph: _Phase, epoch: int) -> dict:
     """The validation metrics (as history keys); keeps the best epoch's trainable weights."""
     val = evaluate(ctx.model, ctx.val_data, ctx.pad_id, ctx.device, ctx.amp_dtype, ph.tr.eval_batch_size,
-                   ctx.num_labels, desc=f"{ph.tag} validation", progress=ph.tr.progress)
+                   ctx.num_labels, desc=f"{ph.tag} validation", progress=ph.tr.progress, dist=ctx.dist)
     if ctx.writer is not None:
         ctx.writer.add_scalar("val/accuracy", val["accuracy"], ctx.state["step"])
         ctx.writer.add_scalar("val/f1", val["f1"], ctx.state["step"])
@@ -594,17 +706,22 @@ def _validate(ctx: _Run, ph: _Phase, epoch: int) -> dict:
     if ph.best is None or score > ph.best:
         ph.best, ph.best_epoch = score, epoch + 1
         ctx.state["best"], ctx.state["best_epoch"] = ph.best, ctx.state["epoch"]
-        ph.best_weights = {name: p.detach().to("cpu", copy=True) for name, p in ph.named}
+        ph.best_weights = {name: full_tensor(p).detach().to("cpu", copy=True) for name, p in ph.named}
     return {"val_accuracy": val["accuracy"], "val_f1": val["f1"]}
 
 
 def _save_epoch(ctx: _Run, ph: _Phase, epoch: int) -> None:
-    """The epoch's checkpoint: weights, optimizer, schedule, scaler, RNGs, counters, best weights."""
+    """The epoch's checkpoint: weights, optimizer, schedule, scaler, RNGs, counters, best weights.
+    Every rank enters (FSDP2 gathers the weights and the optimizer state); rank 0 writes."""
     cuda_rng = torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None
-    save_checkpoint(ctx.out / "checkpoints", epoch + 1, ctx.model, ph.name,
-                    {"optimizer": ph.opt.state_dict(), "scheduler": ph.sched.state_dict(),
-                     "scaler": ph.scaler.state_dict(), "rng_cpu": torch.get_rng_state(), "rng_cuda": cuda_rng,
-                     "state": ctx.state, "method": ph.name, "args": ph.args}, ph.best_weights)
+    optim_state = hdist.full_optimizer_state(ph.opt)
+    model_state = _gathered_model_state(ctx.model, ph.name)
+    with _saving(ctx.model, ph.name):
+        if ctx.dist.main:
+            save_checkpoint(ctx.out / "checkpoints", epoch + 1, ctx.model, ph.name,
+                            {"optimizer": optim_state, "scheduler": ph.sched.state_dict(),
+                             "scaler": ph.scaler.state_dict(), "rng_cpu": torch.get_rng_state(), "rng_cuda": cuda_rng,
+                             "state": ctx.state, "method": ph.name, "args": ph.args}, ph.best_weights, model_state)
 
 
 def _finish(ctx: _Run, t_start: float) -> RunResult:
@@ -612,12 +729,16 @@ def _finish(ctx: _Run, t_start: float) -> RunResult:
     tr0, state = ctx.cfg.training, ctx.state
     final_val = next((h for h in reversed(state["history"]) if h.get("epoch") == state["best_epoch"]), {})
     test = evaluate(ctx.model, ctx.test_data, ctx.pad_id, ctx.device, ctx.amp_dtype, tr0.eval_batch_size,
-                    ctx.num_labels, desc=f"{ctx.method} test", progress=tr0.progress)
+                    ctx.num_labels, desc=f"{ctx.method} test", progress=tr0.progress, dist=ctx.dist)
     last_lr, last_args, last_method = ctx.last
     if tr0.save_checkpoints:
-        best_dir = ctx.out / "best"
-        best_dir.mkdir(parents=True, exist_ok=True)
-        _save_weights(ctx.model, "full" if ctx.multi else last_method, best_dir)
+        kind = "full" if ctx.multi else last_method
+        model_state = _gathered_model_state(ctx.model, kind)         # FSDP2: gathered on every rank,
+        with _saving(ctx.model, kind):                               # rank 0 writes
+            if ctx.dist.main:
+                best_dir = ctx.out / "best"
+                best_dir.mkdir(parents=True, exist_ok=True)
+                _save_weights(ctx.model, kind, best_dir, model_state)
     peak = ctx.mem.peak_mb()
     result = RunResult(
         name=ctx.cfg.name or "run", method=ctx.method, accuracy=test["accuracy"], f1=test["f1"],
@@ -628,13 +749,16 @@ def _finish(ctx: _Run, t_start: float) -> RunResult:
         best_epoch=state["best_epoch"], device=str(ctx.device), precision=_precision_name(ctx.amp_dtype),
         model=ctx.model_name, dataset=ctx.source, n_train=len(ctx.train_data), n_val=len(ctx.val_data),
         n_test=len(ctx.test_data), max_length=ctx.cfg.dataset.max_length, output_dir=str(ctx.out),
-        history=state["history"], compile=" + ".join(ctx.compiles))
+        history=state["history"], compile=" + ".join(ctx.compiles), world_size=ctx.dist.world_size,
+        global_batch_size=tr0.batch_size * ctx.dist.world_size, fsdp=tr0.fsdp and ctx.dist.enabled)
     if ctx.writer is not None:
         for tag, value in (("test/accuracy", result.accuracy), ("test/f1", result.f1), ("memory/peak_mb", peak),
                            ("throughput/samples_per_s", result.samples_per_s)):
             ctx.writer.add_scalar(tag, value, state["step"])
         ctx.writer.close()
-    (ctx.out / "results.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
+    if ctx.dist.main:
+        (ctx.out / "results.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
+    hdist.barrier(ctx.dist)                          # everything is written before any rank returns
     _log(f"[{ctx.method}] test accuracy {result.accuracy:.4f}, F1 {result.f1:.4f}; peak memory {peak:.0f} MB "
          f"({ctx.mem.kind}); {result.samples_per_s:.1f} samples/s; wall {result.wall_s:.0f} s")
     return result

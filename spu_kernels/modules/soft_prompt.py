@@ -11,9 +11,17 @@ classification: the last non-pad token), LM heads and their labels, and T5's dec
 cross-attention mask is the caller's) all work unchanged. BERT's pooler is recomputed from the
 real [CLS] position.
 
-The prompt changes the model's outputs only through attention to it: masking it out of the
-attention (``prompt_mask``) gives the original model's outputs wherever positions are relative
-(rotary LLaMA-family models) — a test checks exactly that.
+KV cache / ``generate()``: the prompt goes in front only when the cache is empty (prefill, or no
+cache); the cache then holds the p prompt positions, so later calls (new tokens only) are not
+prompted again, get the p prompt columns prepended to their attention mask and ``position_ids``
+shifted by p, and return their positions unstripped. So greedy ``generate`` with and without
+``use_cache`` (chunked prefill too) gives the same tokens, and its output is ``input_ids`` + new
+tokens as usual. Not supported (a clear error): static / compiled caches (4-D masks) and
+restarting ``generate`` from a cache it returned.
+
+The prompt changes the model's outputs only through attention to it: masking its columns out of
+the attention mask gives the original model's outputs wherever positions are relative (rotary
+LLaMA-family models) — a test checks exactly that.
 """
 from __future__ import annotations
 
@@ -71,37 +79,56 @@ class SoftPromptBackbone(AdapterModule):
     def get_input_embeddings(self) -> nn.Module:
         return self.backbone.get_input_embeddings()
 
+    @property
+    def main_input_name(self) -> str:
+        """What ``generate`` feeds an encoder-decoder model's encoder (T5: "input_ids")."""
+        return getattr(self.backbone, "main_input_name", "input_ids")
+
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, return_dict=None, **kwargs):
-        if kwargs.get("past_key_values") is not None:
-            raise ValueError("soft prompt: past_key_values (a KV cache) is not supported; call generate(..., "
-                             "use_cache=False) or run full sequences")
-        kwargs.pop("use_cache", None)
+                inputs_embeds=None, return_dict=None, past_key_values=None, **kwargs):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("soft prompt: pass exactly one of input_ids and inputs_embeds")
         embeds = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
         b, s, p = embeds.shape[0], embeds.shape[1], self.n_tokens
-        if self.max_positions is not None and p + s > self.max_positions:
-            raise ValueError(f"soft prompt: {p} prompt tokens + {s} input tokens exceed the model's "
+        past = _cached_length(past_key_values)
+        prefill = past == 0         # the prompt goes in front; a non-empty cache already holds it
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"soft prompt: attention_mask must be (batch, tokens), got a {attention_mask.dim()}-D "
+                             "mask (as generate builds for a static / compiled cache); use the default dynamic cache")
+        if not prefill and attention_mask is not None and attention_mask.shape[1] + p != past + s:
+            raise ValueError(f"soft prompt: the cache holds {past} positions ({p} of them the prompt) and {s} more "
+                             f"come, so attention_mask must cover {past + s - p} tokens, not "
+                             f"{attention_mask.shape[1]}; pass the mask of all tokens so far (restarting generate() "
+                             "from a cache it returned is not supported: generate from the full input_ids without "
+                             "past_key_values)")
+        total = past + s + (p if prefill else 0)
+        if self.max_positions is not None and total > self.max_positions:
+            raise ValueError(f"soft prompt: {p} prompt tokens + {total - p} input tokens exceed the model's "
                              f"{self.max_positions} positions; shorten the inputs (max_length <= "
-                             f"{self.max_positions - p}) or use fewer prompt tokens")
-        prompt = self.soft_prompt.to(embeds.dtype).unsqueeze(0).expand(b, -1, -1)
-        embeds = torch.cat([prompt, embeds], dim=1)
-        if attention_mask is not None:
-            ones = attention_mask.new_ones(b, p)
-            attention_mask = torch.cat([ones, attention_mask], dim=1)
-        if token_type_ids is not None:
-            token_type_ids = torch.cat([token_type_ids.new_zeros(b, p), token_type_ids], dim=1)
-        if position_ids is not None:
-            pre = torch.arange(p, device=position_ids.device, dtype=position_ids.dtype).expand(position_ids.shape[0], p)
-            position_ids = torch.cat([pre, position_ids + p], dim=1)
+                             f"{self.max_positions - p}, generated tokens included) or use fewer prompt tokens")
+        if prefill:
+            prompt = self.soft_prompt.to(embeds.dtype).unsqueeze(0).expand(b, -1, -1)
+            embeds = torch.cat([prompt, embeds], dim=1)
+            if token_type_ids is not None:
+                token_type_ids = torch.cat([token_type_ids.new_zeros(b, p), token_type_ids], dim=1)
+        if attention_mask is not None:      # the mask always covers the prompt's (cached) positions
+            attention_mask = torch.cat([attention_mask.new_ones(b, p), attention_mask], dim=1)
+        if position_ids is not None:        # the prompt takes positions 0..p-1, the tokens follow
+            shifted = position_ids + p
+            if prefill:
+                pre = torch.arange(p, device=position_ids.device, dtype=position_ids.dtype)
+                shifted = torch.cat([pre.expand(*position_ids.shape[:-1], p), shifted], dim=-1)
+            position_ids = shifted
         extra = {}
         if token_type_ids is not None:
             extra["token_type_ids"] = token_type_ids
         if position_ids is not None:
             extra["position_ids"] = position_ids
+        if past_key_values is not None:
+            extra["past_key_values"] = past_key_values
         out = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, return_dict=True, **extra, **kwargs)
-        out = self._strip(out, p)
+        if prefill:
+            out = self._strip(out, p)
         return out if return_dict is not False else out.to_tuple()
 
     def _strip(self, out, p: int):
@@ -120,3 +147,13 @@ class SoftPromptBackbone(AdapterModule):
 
     def extra_repr(self) -> str:
         return f"n_tokens={self.n_tokens}, d={self.soft_prompt.shape[1]}"
+
+
+def _cached_length(cache) -> int:
+    """Positions a KV cache holds (0 for none)."""
+    if cache is None:
+        return 0
+    if not hasattr(cache, "get_seq_length"):
+        raise TypeError(f"soft prompt: past_key_values must be a transformers Cache (e.g. DynamicCache), "
+                        f"got {type(cache).__name__}")
+    return int(cache.get_seq_length())

@@ -3,7 +3,8 @@ dict of these options) beside any other method, e.g. ``patch(model, "lora", r=8,
 
 Where the prompt goes: the backbone child of the task model (``model.bert`` / ``.roberta`` /
 ``.distilbert`` / ``.transformer`` / ``.model``: ``base_model_prefix``), or for encoder-decoder
-models (T5) the encoder stack, whose output the decoder cross-attends to."""
+models (T5) the encoder stack, whose output the decoder cross-attends to. ``generate()`` works on the
+patched model, with or without a KV cache (see modules/soft_prompt.py)."""
 from __future__ import annotations
 
 import torch

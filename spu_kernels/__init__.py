@@ -35,30 +35,30 @@ from .ops import (
 )
 from .optim import MeZO
 from .patching import (
-    from_pretrained,
-    is_patched,
-    known_methods,
-    load_adapter,
-    merge,
-    patch,
-    register_method,
-    save_adapter,
-    save_pretrained,
-    summary,
-    unpatch,
-)
-from .patching.adapters import (
+    NoPeftEquivalent,
     active_adapter,
     add_adapter,
     delete_adapter,
     disable_adapter,
+    from_peft,
+    from_pretrained,
+    is_patched,
+    known_methods,
     list_adapters,
+    load_adapter,
+    merge,
     merge_adapter,
+    patch,
+    peft_adapter_files,
+    register_method,
+    save_adapter,
+    save_pretrained,
     set_adapter,
+    summary,
+    to_peft,
     unmerge_adapter,
+    unpatch,
 )
-from .patching.peft_convert import from_peft, to_peft
-from .patching.peft_format import NoPeftEquivalent, peft_adapter_files
 
 
 def describe_method(name: str) -> str:
@@ -71,12 +71,11 @@ def describe_method(name: str) -> str:
 
 
 __all__ = ["patch", "unpatch", "merge", "summary", "is_patched", "save_adapter", "load_adapter", "save_pretrained",
-           "from_pretrained", "known_methods",
-           "register_method", "describe_method", "available_backends", "backend_status", "use_backend",
+           "from_pretrained", "known_methods", "register_method", "describe_method",
+           "add_adapter", "set_adapter", "delete_adapter", "active_adapter", "list_adapters", "disable_adapter",
+           "merge_adapter", "unmerge_adapter", "from_peft", "to_peft", "peft_adapter_files", "NoPeftEquivalent",
+           "available_backends", "backend_status", "use_backend",
            "lowrank_linear", "lowrank_linear_reference", "ia3_linear", "ia3_scaled_act", "kron_linear",
-           "ladder_cross_attention", "ladder_cross_attention_reference", "LoRALinear", "SiVALinear", "IA3Linear",
-           "IA3ScaledActivation", "KronALinear", "LadderSideNetwork", "SoftPromptBackbone", "PromptTemplate",
-           "PromptClassifier", "MeZO", "__version__"]
-__all__ += ["add_adapter", "set_adapter", "delete_adapter", "active_adapter", "list_adapters", "disable_adapter",
-            "merge_adapter", "unmerge_adapter", "LoRAEmbedding"]
-__all__ += ["from_peft", "to_peft", "peft_adapter_files", "NoPeftEquivalent"]
+           "ladder_cross_attention", "ladder_cross_attention_reference", "LoRALinear", "LoRAEmbedding", "SiVALinear",
+           "IA3Linear", "IA3ScaledActivation", "KronALinear", "LadderSideNetwork", "SoftPromptBackbone",
+           "PromptTemplate", "PromptClassifier", "MeZO", "__version__"]

@@ -27,7 +27,6 @@ from .pretrained import from_pretrained, save_pretrained
 from .registry import get_method, known_methods, register_method
 
 __all__ = ["patch", "unpatch", "merge", "summary", "is_patched", "save_adapter", "load_adapter",
-           "save_pretrained", "from_pretrained", "register_method", "known_methods", "get_method", "PatchContext"]
-__all__ += ["add_adapter", "set_adapter", "delete_adapter", "active_adapter", "list_adapters", "disable_adapter",
-            "merge_adapter", "unmerge_adapter"]
-__all__ += ["from_peft", "to_peft", "peft_adapter_files", "NoPeftEquivalent"]
+           "save_pretrained", "from_pretrained", "register_method", "known_methods", "get_method", "PatchContext",
+           "add_adapter", "set_adapter", "delete_adapter", "active_adapter", "list_adapters", "disable_adapter",
+           "merge_adapter", "unmerge_adapter", "from_peft", "to_peft", "peft_adapter_files", "NoPeftEquivalent"]

@@ -1,5 +1,16 @@
 """KronALinear: y = x Wᵀ + b + s · x (A ⊗ B)ᵀ (Edalati et al. 2022), fused; A ⊗ B is never formed
-in training (only ``merge`` forms it, once, for inference)."""
+in training (only ``merge`` forms it, once, for inference).
+
+Two initialisations (``init``):
+
+* ``"zeros"``: A uniform in ±1/√a2, B = 0, W untouched: step 0 is the original layer.
+* ``"kopa"``: the nearest Kronecker product (Van Loan & Pitsianis 1993), as SiVA does for low rank:
+  W = s · (A ⊗ B) + W_res with s · A ⊗ B the best Frobenius approximation of W by one Kronecker
+  product (``nearest_kronecker``); A and B train, W_res = W − s · A ⊗ B (fp32, rounded to W's
+  dtype) is written into the base layer's own weight and stays frozen. Step 0 is the original
+  layer up to that rounding, and neither factor starts at zero. The original W is kept on the CPU
+  (``keep_original``) so that ``restore`` / ``detach_base`` put back the very same bits.
+"""
 from __future__ import annotations
 
 import math
@@ -33,6 +44,31 @@ def kron_shapes(n: int, k: int, a_shape: Sequence[int] | None = None) -> tuple[t
     return (a1, a2), (n // a1, k // a2)
 
 
+INITS = ("zeros", "kopa")
+
+
+def rearrange(w: torch.Tensor, a_shape: Sequence[int], b_shape: Sequence[int]) -> torch.Tensor:
+    """Van Loan's R(W) (a1·a2, b1·b2) of W (a1·b1, a2·b2): row i·a2 + k is W's block (i, k) of shape
+    (b1, b2), read row-major, so that R(A ⊗ B) = vec(A) vec(B)ᵀ (torch.kron's layout)."""
+    (a1, a2), (b1, b2) = a_shape, b_shape
+    return w.reshape(a1, b1, a2, b2).permute(0, 2, 1, 3).reshape(a1 * a2, b1 * b2)
+
+
+@torch.no_grad()
+def nearest_kronecker(w: torch.Tensor, a_shape: Sequence[int], b_shape: Sequence[int]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A (a1, a2), B (b1, b2), σ (a1·a2 or fewer,)) for W (a1·b1, a2·b2), fp32: A ⊗ B minimises
+    ‖W − A ⊗ B‖_F, A = √σ₁ u₁ and B = √σ₁ v₁ from the top singular pair of ``rearrange(W)``
+    (exact SVD, fp32, on W's device); σ are all its singular values, so ‖W − A ⊗ B‖_F = √(Σ_{i≥2} σ_i²).
+    The sign is fixed (u₁'s largest-magnitude entry positive): the same W gives the same bits."""
+    u, sv, vh = torch.linalg.svd(rearrange(w.float(), a_shape, b_shape), full_matrices=False)
+    u1, v1 = u[:, 0], vh[0]
+    if u1[u1.abs().argmax()] < 0:
+        u1, v1 = -u1, -v1
+    root = sv[0].sqrt()
+    return (root * u1).reshape(tuple(a_shape)), (root * v1).reshape(tuple(b_shape)), sv
+
+
 def _divisors(n: int, limit: int = 12) -> str:
     ds = [d for d in range(1, n + 1) if n % d == 0]
     return ", ".join(map(str, ds[:limit])) + (", ..." if len(ds) > limit else "")
@@ -41,22 +77,30 @@ def _divisors(n: int, limit: int = 12) -> str:
 class KronALinear(WrappedLinear):
     """A frozen ``nn.Linear`` / ``Conv1D`` plus a trainable Kronecker update s · (A ⊗ B).
 
-    A (``krona_A``, (S, a1, a2)) starts uniform in ±1/√a2 and B (``krona_B``, (S, b1, b2)) at
-    zero, so step 0 equals the original layer. ``a_shape`` = (a1, a2) or None (most square split
-    of N and K). ``out_slices``: one (A, B) pair per output row range (GPT-2's q / v thirds of
-    c_attn; all ranges the same width), S = number of slices (1 without slices).
+    A (``krona_A``, (S, a1, a2)) and B (``krona_B``, (S, b1, b2)): with ``init="zeros"`` A starts
+    uniform in ±1/√a2 and B at zero; with ``init="kopa"`` each slice's pair is its nearest
+    Kronecker factors (A = sign(s)·√(σ₁/|s|)·u₁, B = √(σ₁/|s|)·v₁, so s · A ⊗ B = σ₁ u₁ ⊗ v₁ and
+    ‖A‖ = ‖B‖) and the base weight becomes W_res (module docstring). Step 0 equals the original
+    layer either way. ``a_shape`` = (a1, a2) or None (most square split of N and K).
+    ``out_slices``: one (A, B) pair per output row range (GPT-2's q / v thirds of c_attn; all
+    ranges the same width), S = number of slices (1 without slices). ``keep_original`` (kopa):
+    keep W on the CPU for ``restore`` and adapter switching (``drop_original`` frees it).
     """
 
     switchable = True
 
     def __init__(self, base_layer: nn.Module, a_shape: Sequence[int] | None = None, scale: float = 1.0,
                  out_slices: Sequence[tuple[int, int]] | None = None,
-                 adapter_dtype: torch.dtype | None = torch.float32):
+                 adapter_dtype: torch.dtype | None = torch.float32, init: str = "zeros", keep_original: bool = True):
         super().__init__()
         if not is_linear_like(base_layer):
             raise TypeError(f"KronALinear wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}")
         if not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise ValueError(f"KronALinear: scale must be a finite number, got {scale!r}")
+        if init not in INITS:
+            raise ValueError(f"KronALinear: unknown init {init!r}; choose one of {', '.join(INITS)}")
+        if init == "kopa" and scale == 0:
+            raise ValueError("KronALinear: init='kopa' splits W = s·(A ⊗ B) + W_res, which needs scale != 0")
         self.in_features, self.out_features = linear_dims(base_layer)
         self.out_slices = normalise_slices(out_slices, self.out_features)
         widths = {hi - lo for lo, hi in self.out_slices} if self.out_slices else {self.out_features}
@@ -65,14 +109,42 @@ class KronALinear(WrappedLinear):
         (a1, a2), (b1, b2) = kron_shapes(widths.pop(), self.in_features, a_shape)
         self.a_shape, self.b_shape = (a1, a2), (b1, b2)
         self.scaling = float(scale)
-        self.base_layer = base_layer
-        base_layer.weight.requires_grad_(False)
+        self.init = init
         w = base_layer.weight
         s = len(self.out_slices) if self.out_slices else 1
         dtype = adapter_dtype or w.dtype
-        bound = 1.0 / math.sqrt(a2)
-        self.krona_A = nn.Parameter(torch.empty(s, a1, a2, device=w.device, dtype=dtype).uniform_(-bound, bound))
-        self.krona_B = nn.Parameter(torch.zeros(s, b1, b2, device=w.device, dtype=dtype))
+        self._original_weight = None
+        if init == "kopa":
+            a, b = self._kopa_split(weight_nk(base_layer), dtype)   # checks everything before writing W_res
+            self._original_weight = w.detach().to("cpu", copy=True) if keep_original else None
+        else:
+            bound = 1.0 / math.sqrt(a2)
+            a = torch.empty(s, a1, a2, device=w.device, dtype=dtype).uniform_(-bound, bound)
+            b = torch.zeros(s, b1, b2, device=w.device, dtype=dtype)
+        self.base_layer = base_layer
+        base_layer.weight.requires_grad_(False)
+        self.krona_A = nn.Parameter(a)
+        self.krona_B = nn.Parameter(b)
+        if init == "kopa":
+            with torch.no_grad():
+                w_nk = weight_nk(base_layer)
+                w_nk.copy_((w_nk.float() - self.delta_weight()).to(w.dtype))   # the base layer now holds W_res
+
+    @torch.no_grad()
+    def _kopa_split(self, w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each slice's nearest Kronecker factors, scaled for s, in ``dtype`` (S, a1, a2), (S, b1, b2)."""
+        root = 1.0 / math.sqrt(abs(self.scaling))
+        sign = math.copysign(1.0, self.scaling)
+        n = self.a_shape[0] * self.b_shape[0]
+        a_list, b_list = [], []
+        for off in self._offsets():
+            a, b, sv = nearest_kronecker(w[off:off + n], self.a_shape, self.b_shape)
+            if not sv[0] > 0:
+                raise ValueError(f"KronALinear: init='kopa': the weight rows {off}..{off + n} are zero, so their "
+                                 "nearest Kronecker factors are zero and would never train; use init='zeros'")
+            a_list.append(a * (sign * root))
+            b_list.append(b * root)
+        return torch.stack(a_list).to(dtype), torch.stack(b_list).to(dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, a_shape=None, scale: float = 1.0, **kwargs) -> "KronALinear":
@@ -102,12 +174,57 @@ class KronALinear(WrappedLinear):
 
     @torch.no_grad()
     def merge(self) -> nn.Module:
-        """Fold s · (A ⊗ B) into the base layer's weight (in place) and return the base layer."""
+        """Fold s · (A ⊗ B) into the base layer's weight (in place; kopa: W_res + s · A ⊗ B) and
+        return the base layer."""
         w = weight_nk(self.base_layer)
         w.copy_((w.float() + self.delta_weight().to(w.device)).to(w.dtype))
         return self.base_layer
 
+    # -- kopa: the base layer holds W_res ------------------------------------------------------
+    @torch.no_grad()
+    def drop_original(self) -> None:
+        """Free the host copy of the original weight (``keep_original=False``): ``restore`` is then an error."""
+        self._original_weight = None
+
+    def restore(self) -> nn.Module:
+        """Put the original weight back (kopa: bit for bit, from the CPU copy) and return the base layer."""
+        if self.init == "kopa":
+            if self._original_weight is None:
+                raise RuntimeError("KronALinear was built with init='kopa' and keep_original=False, so the original "
+                                   "weight is gone; merge() folds the trained factors back in instead")
+            self.base_layer.weight.copy_(self._original_weight.to(self.base_layer.weight.device))
+        return self.base_layer
+
+    @property
+    def detach_error(self) -> str | None:
+        if self.init == "kopa" and self._original_weight is None:
+            return ("KronALinear was built with init='kopa' and keep_original=False, so the original weight W is "
+                    "gone and the base layer cannot compute it (adapter switching and disable_adapter need it); "
+                    "patch with keep_original=True")
+        return None
+
+    @torch.no_grad()
+    def detach_base(self) -> None:
+        """kopa: put W back in the base layer, keeping W_res on the CPU for ``attach_base``."""
+        if self.init != "kopa":
+            return
+        if self.detach_error:
+            raise RuntimeError(self.detach_error)
+        if getattr(self, "_residual", None) is not None:
+            return
+        w = self.base_layer.weight
+        self._residual = w.detach().to("cpu", copy=True)
+        w.copy_(self._original_weight.to(w.device))
+
+    @torch.no_grad()
+    def attach_base(self) -> None:
+        """kopa: put W_res back in the base layer."""
+        res = getattr(self, "_residual", None)
+        if res is not None:
+            self.base_layer.weight.copy_(res.to(self.base_layer.weight.device))
+            self._residual = None
+
     def extra_repr(self) -> str:
         sl = f", out_slices={list(self.out_slices)}" if self.out_slices else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, A={self.a_shape}, "
-                f"B={self.b_shape}, scaling={self.scaling:g}{sl}")
+                f"B={self.b_shape}, scaling={self.scaling:g}, init={self.init}{sl}")

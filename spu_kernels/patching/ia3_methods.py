@@ -7,6 +7,11 @@ FFN, per MLP block of a known family (its ``ffn_act`` / ``ffn_out`` roles and ``
     goes on the down projection's input: ``IA3Linear(side="input")`` (l folded into its GEMM);
   * an activation the kernel does not know: the same input-side scale on the FFN output linear
     (mathematically identical: l ⊙ act(h) is that linear's input).
+
+``dynamic=True`` (data-dependent (IA)³, modules/ia3_dynamic.py): the same places, each scale
+generated per token by a bottleneck of rank ``generator_rank`` (default 4) from the layer's input;
+the FFN scale always sits on the FFN output linear's input (plain and gated MLPs alike), its
+generator reading that hidden state. No merge, no PEFT format.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..modules.ia3 import IA3Linear, IA3ScaledActivation, activation_name
+from ..modules.ia3_dynamic import DEFAULT_GENERATOR_RANK, IA3DynamicLinear
 from ..modules.lowrank_base import is_linear_like, linear_dims
 from .architectures import model_type_of, name_matches
 from .core import PatchContext
@@ -55,11 +61,21 @@ def _ffn_sites(ctx: PatchContext) -> list[tuple[str, nn.Module, str, nn.Module]]
 @register_method("ia3", "(IA)³: learned scales on keys, values and the FFN hidden state (init ones)")
 def ia3(ctx: PatchContext, *, target_modules: str | Sequence[str] | None = None, feedforward: bool = True,
         feedforward_modules: str | Sequence[str] | None = None,
-        adapter_dtype: str | torch.dtype | None = "float32") -> None:
+        adapter_dtype: str | torch.dtype | None = "float32", dynamic: bool = False,
+        generator_rank: int | None = None) -> None:
     """Default targets: keys and values (GPT-2: the k and v thirds of c_attn) scaled on their output;
     with ``feedforward`` the FFN hidden state (see the module docstring). ``feedforward_modules``
-    names linears whose input is scaled instead of the family's FFN default."""
+    names linears whose input is scaled instead of the family's FFN default. ``dynamic``: per-token
+    scales 1 + tanh(g(x)) from a rank-``generator_rank`` generator (default 4) instead of vectors."""
     dt = float_dtype(adapter_dtype)
+    if not isinstance(dynamic, bool):
+        raise ValueError(f"ia3: dynamic must be True or False, got {dynamic!r}")
+    if generator_rank is not None and not dynamic:
+        raise ValueError("ia3: generator_rank only applies with dynamic=True (the data-dependent scales); "
+                         "pass dynamic=True or drop generator_rank")
+    rank = DEFAULT_GENERATOR_RANK if generator_rank is None else generator_rank
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"ia3: generator_rank must be a positive int, got {generator_rank!r}")
     targets = ctx.find_targets(target_modules, roles=("key", "value"))
     ff_targets = ctx.find_targets(feedforward_modules) if feedforward_modules is not None else None
     if ff_targets is not None:
@@ -68,6 +84,17 @@ def ia3(ctx: PatchContext, *, target_modules: str | Sequence[str] | None = None,
             raise ValueError(f"ia3: {clash} are in both target_modules and feedforward_modules; a layer is scaled "
                              "on its output or its input, not both")
     sites = _ffn_sites(ctx) if feedforward and ff_targets is None else []
+    if dynamic:
+        for t in targets:
+            mod = IA3DynamicLinear(t.module, side="output", out_slices=t.out_slices(), rank=rank, adapter_dtype=dt)
+            ctx.replace(t.name, mod)
+            ctx.train(p for _, p in mod.adapter_parameters())
+        inputs = [(t.name, t.module) for t in ff_targets or ()] + [(o_name, o) for _, _, o_name, o in sites]
+        for name, lin in inputs:
+            mod = IA3DynamicLinear(lin, side="input", rank=rank, adapter_dtype=dt)
+            ctx.replace(name, mod)
+            ctx.train(p for _, p in mod.adapter_parameters())
+        return
     for t in targets:
         mod = IA3Linear(t.module, side="output", out_slices=t.out_slices(), adapter_dtype=dt)
         ctx.replace(t.name, mod)

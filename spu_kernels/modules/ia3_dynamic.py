@@ -1,0 +1,113 @@
+"""Data-dependent (IA)³ (``patch(model, "ia3", dynamic=True)``): the scale vector l is generated per
+token from the layer's input by a tiny bottleneck instead of being one learned vector,
+
+    l(x) = 1 + tanh(g(x)),   g(x) = (x Dᵀ) Uᵀ,   D (r_g, K) "ia3_down",  U (S, r_g) "ia3_up",
+
+x (..., K) the wrapped linear's input, S the number of scaled features. U starts at zero, so l = 1
+and the wrapped model computes exactly what it did at step 0 (bit for bit: z ⊙ 1 == z). D starts
+as nn.Linear's default (Kaiming-uniform), so U's first gradients are not zero. l lies in (0, 2).
+
+* side="output" (keys, values): y = base(x) ⊙ l(x), the generator reading the layer input x.
+  ``out_slices`` (GPT-2's k and v thirds of c_attn): only those rows are scaled (S = Σ slice rows).
+* side="input" (the FFN output linear): y = base(x ⊙ l(x)), the generator reading the FFN hidden
+  state x = act(h) itself (the static method's place for the FFN scale: that linear's input).
+
+The base layer is called as it is (nn.Linear or Conv1D), so disabled / step-0 outputs are its own
+bit for bit. No merge: a scale that depends on the input cannot be folded into the weights.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops.ia3_dynamic import dynamic_scale
+from .lowrank_base import WrappedLinear, is_linear_like, linear_dims, normalise_slices
+
+DEFAULT_GENERATOR_RANK = 4
+
+
+class IA3DynamicLinear(WrappedLinear):
+    """y = base(x) ⊙ l(x) (side="output") or base(x ⊙ l(x)) (side="input"); see the module docstring.
+
+    The generator's weights are kept in ``adapter_dtype`` (fp32 by default); x is cast to it for
+    the generator and l to the activations' dtype. Backward saves (besides the base layer's own):
+    x (for dD), x Dᵀ (T, r_g; for dU), and the op's z and tanh(g) (ops/ia3_dynamic.py).
+    """
+
+    switchable = True
+    merge_error = ("data-dependent (IA)³ (dynamic=True) cannot be merged: its scale depends on each token's "
+                   "input, so no fixed weight computes it; keep the patched model for inference, or use "
+                   "ia3 with dynamic=False where merging is needed")
+
+    def __init__(self, base_layer: nn.Module, side: str = "output",
+                 out_slices: Sequence[tuple[int, int]] | None = None, rank: int = DEFAULT_GENERATOR_RANK,
+                 adapter_dtype: torch.dtype | None = torch.float32):
+        super().__init__()
+        if not is_linear_like(base_layer):
+            raise TypeError(f"IA3DynamicLinear wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}")
+        if side not in ("output", "input"):
+            raise ValueError(f"IA3DynamicLinear: side must be 'output' or 'input', got {side!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"IA3DynamicLinear: generator_rank must be a positive int, got {rank!r}")
+        self.in_features, self.out_features = linear_dims(base_layer)
+        if side == "input" and out_slices is not None:
+            raise ValueError("IA3DynamicLinear: out_slices only applies to side='output'")
+        self.out_slices = normalise_slices(out_slices, self.out_features)
+        self.side = side
+        self.rank = rank
+        self.base_layer = base_layer
+        base_layer.weight.requires_grad_(False)
+        w = base_layer.weight
+        if side == "input":
+            size = self.in_features
+        else:
+            size = sum(hi - lo for lo, hi in self.out_slices) if self.out_slices else self.out_features
+        self.scaled_features = size
+        dt = adapter_dtype or w.dtype
+        self.ia3_down = nn.Parameter(torch.empty(rank, self.in_features, device=w.device, dtype=dt))
+        nn.init.kaiming_uniform_(self.ia3_down, a=math.sqrt(5))
+        self.ia3_up = nn.Parameter(torch.zeros(size, rank, device=w.device, dtype=dt))
+
+    def adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        yield "ia3_down", self.ia3_down
+        yield "ia3_up", self.ia3_up
+
+    def generator_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """g(x) (..., S) in the adapter dtype (under autocast, autocast's)."""
+        return F.linear(F.linear(x.to(self.ia3_down.dtype), self.ia3_down), self.ia3_up)
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """l(x) = 1 + tanh(g(x)) (..., S), for inspection (forward uses the fused-backward op)."""
+        return 1 + torch.tanh(self.generator_logits(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bypassed():
+            return self.base_forward(x)
+        g = self.generator_logits(x)
+        if self.side == "input":
+            return self.base_layer(dynamic_scale(x, g))
+        z = self.base_layer(x)
+        if self.out_slices is None:
+            return dynamic_scale(z, g)
+        parts, prev, off = [], 0, 0
+        for lo, hi in self.out_slices:
+            if lo > prev:
+                parts.append(z[..., prev:lo])
+            parts.append(dynamic_scale(z[..., lo:hi], g[..., off:off + hi - lo]))
+            off += hi - lo
+            prev = hi
+        if prev < self.out_features:
+            parts.append(z[..., prev:])
+        return torch.cat(parts, dim=-1)
+
+    def merge(self) -> nn.Module:
+        raise RuntimeError(self.merge_error)
+
+    def extra_repr(self) -> str:
+        sl = f", out_slices={list(self.out_slices)}" if self.out_slices else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, side={self.side}, "
+                f"generator_rank={self.rank}{sl}")

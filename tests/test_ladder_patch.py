@@ -150,7 +150,7 @@ def test_bad_options():
     with pytest.raises(ValueError, match="layers must be"):
         spu_kernels.patch(make_model("bert"), "lst", r=4, layers=[0, 3])
     with pytest.raises(ValueError, match="init must be"):
-        spu_kernels.patch(make_model("bert"), "lst", r=4, init="fisher")
+        spu_kernels.patch(make_model("bert"), "lst", r=4, init="magnitude")
     with pytest.raises(ValueError, match="encoder-decoder"):
         spu_kernels.patch(make_model("t5"), "klst", r=4)
     with pytest.raises(TypeError, match="unknown option"):

@@ -11,7 +11,7 @@ head count). The final state is (normed and) upsampled to d for the task head.
 
 ``LadderSideNetwork`` is architecture-agnostic: the patch method (patching/ladder_methods.py) tells
 it the block type (pre/post norm, LayerNorm/RMSNorm, activation, gated FFN, rotary) and may load
-pruned backbone weights into it (``prune_indices`` / ``SideBlock.load_pruned``).
+pruned backbone weights into it (``select_units`` of L1 or Fisher scores / ``SideBlock.load_pruned``).
 ``LadderBackbone`` wraps a Hugging Face backbone: frozen pass under ``torch.no_grad()``, side network,
 and the backbone's own output type with ``last_hidden_state`` (and the pooler output) recomputed.
 """
@@ -118,25 +118,37 @@ def _top(score: torch.Tensor, n: int) -> torch.Tensor:
     return torch.topk(score.float(), n).indices.sort().values
 
 
-def prune_indices(blocks: Sequence[dict], num_heads: int, head_dim: int, d_s: int, dh_s: int, ff_s: int,
-                  rope: bool = False):
-    """Structured pruning by weight magnitude (L1). Returns (d_idx, [(hd_idx, ff_idx, freq_idx)] per
-    block): one set of d_s hidden dims for the whole side network (the residual stream is shared),
-    per block the same dh_s dims inside every head (rotary: dh_s/2 frequency pairs (f, f + d_h/2),
-    kept in the rotate-half order) and ff_s FFN units."""
+def l1_scores(blocks: Sequence[dict]) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Weight-magnitude (L1) importance of the structural units: (hidden dims (d,), per block the
+    attention columns (h·d_h,) and the FFN units (d_ff,)) of the blocks' canonical weights."""
     d = blocks[0]["o"][0].shape[0]
-    dev = blocks[0]["o"][0].device
-    imp_d = torch.zeros(d, device=dev)
+    imp_d = torch.zeros(d, device=blocks[0]["o"][0].device)
+    imp_hd, imp_ff = [], []
     for w in blocks:
         for name in ("q", "k", "v", "fin") + (("gate",) if "gate" in w else ()):
             imp_d += w[name][0].abs().float().sum(0)
         for name in ("o", "fout"):
             imp_d += w[name][0].abs().float().sum(1)
+        imp_hd.append(sum(w[n][0].abs().float().sum(1) for n in ("q", "k", "v")) + w["o"][0].abs().float().sum(0))
+        ff = w["fin"][0].abs().float().sum(1) + w["fout"][0].abs().float().sum(0)
+        if "gate" in w:
+            ff += w["gate"][0].abs().float().sum(1)
+        imp_ff.append(ff)
+    return imp_d, imp_hd, imp_ff
+
+
+def select_units(imp_d: torch.Tensor, imp_hd: Sequence[torch.Tensor], imp_ff: Sequence[torch.Tensor],
+                 num_heads: int, head_dim: int, d_s: int, dh_s: int, ff_s: int, rope: bool = False):
+    """The kept units, given importance scores (``l1_scores`` or the Fisher scores of
+    patching/ladder_fisher.py). Returns (d_idx, [(hd_idx, ff_idx, freq_idx)] per block): the d_s
+    top hidden dims for the whole side network (the residual stream is shared), per block the same
+    dh_s dims inside every head (a dim's score summed over the heads; rotary: dh_s/2 frequency
+    pairs (f, f + d_h/2), kept in the rotate-half order) and the ff_s top FFN units."""
     d_idx = _top(imp_d, d_s)
+    dev = d_idx.device
     per_block = []
-    for w in blocks:
-        imp_hd = sum(w[n][0].abs().float().sum(1) for n in ("q", "k", "v")) + w["o"][0].abs().float().sum(0)
-        imp_e = imp_hd.view(num_heads, head_dim).sum(0)                   # (head_dim,): shared by the heads
+    for hd_score, ff_score in zip(imp_hd, imp_ff):
+        imp_e = hd_score.float().view(num_heads, head_dim).sum(0)      # (head_dim,): shared by the heads
         freq = None
         if rope:
             half = head_dim // 2
@@ -145,11 +157,14 @@ def prune_indices(blocks: Sequence[dict], num_heads: int, head_dim: int, d_s: in
         else:
             within = _top(imp_e, dh_s)
         hd_idx = (torch.arange(num_heads, device=dev)[:, None] * head_dim + within[None, :]).reshape(-1)
-        imp_ff = w["fin"][0].abs().float().sum(1) + w["fout"][0].abs().float().sum(0)
-        if "gate" in w:
-            imp_ff += w["gate"][0].abs().float().sum(1)
-        per_block.append((hd_idx, _top(imp_ff, ff_s), freq))
+        per_block.append((hd_idx, _top(ff_score, ff_s), freq))
     return d_idx, per_block
+
+
+def prune_indices(blocks: Sequence[dict], num_heads: int, head_dim: int, d_s: int, dh_s: int, ff_s: int,
+                  rope: bool = False):
+    """Structured pruning by weight magnitude (L1): ``select_units`` of ``l1_scores``."""
+    return select_units(*l1_scores(blocks), num_heads, head_dim, d_s, dh_s, ff_s, rope=rope)
 
 
 class LadderCrossAttention(nn.Module):

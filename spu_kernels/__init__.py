@@ -19,6 +19,7 @@ from .modules import (
     LadderSideNetwork,
     LoRAEmbedding,
     LoRALinear,
+    PrefixAttention,
     PromptClassifier,
     PromptTemplate,
     SiVALinear,
@@ -33,7 +34,7 @@ from .ops import (
     lowrank_linear,
     lowrank_linear_reference,
 )
-from .optim import MeZO
+from .optim import MaskedAdamW, MeZO
 from .patching import (
     NoPeftEquivalent,
     active_adapter,
@@ -59,6 +60,7 @@ from .patching import (
     unmerge_adapter,
     unpatch,
 )
+from .patching.fishmask_methods import fisher_scores, fishmask_masks
 
 
 def describe_method(name: str) -> str:
@@ -78,4 +80,6 @@ __all__ = ["patch", "unpatch", "merge", "summary", "is_patched", "save_adapter",
            "lowrank_linear", "lowrank_linear_reference", "ia3_linear", "ia3_scaled_act", "kron_linear",
            "ladder_cross_attention", "ladder_cross_attention_reference", "LoRALinear", "LoRAEmbedding", "SiVALinear",
            "IA3Linear", "IA3ScaledActivation", "KronALinear", "LadderSideNetwork", "SoftPromptBackbone",
-           "PromptTemplate", "PromptClassifier", "MeZO", "__version__"]
+           "PromptTemplate", "PromptClassifier", "MeZO", "MaskedAdamW", "fisher_scores", "fishmask_masks",
+           "__version__"]
+__all__ += ["PrefixAttention"]

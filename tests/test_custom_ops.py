@@ -134,3 +134,27 @@ def test_zo_axpby_custom_op(backend):
     for got, want in zip(via_op, via_fn):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert not torch.equal(via_op[0], tensors[0])
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "triton") if b in available_backends()])
+def test_masked_adamw_custom_op(backend):
+    """The in-place masked AdamW step as a custom op: opcheck, and the op updates as the function does."""
+    from spu_kernels.ops.masked_adamw import MASKED_ADAMW, masked_adamw_
+    ps = [torch.randn(5, 3, device=DEVICE), torch.randn(7, device=DEVICE, dtype=torch.bfloat16)]
+    gs = [torch.randn_like(p) for p in ps]
+    idx = [torch.tensor([0, 4, 14], device=DEVICE), torch.tensor([6], device=DEVICE)]
+
+    def args():
+        return ([p.clone() for p in ps], gs, idx, [torch.rand(i.numel(), device=DEVICE) for i in idx],
+                [torch.rand(i.numel(), device=DEVICE) for i in idx], 1e-2, 0.9, 0.99, 1e-8, 0.1, 3)
+    torch.manual_seed(0)
+    torch.library.opcheck(MASKED_ADAMW[backend], args())
+    torch.manual_seed(1)
+    via_op = args()
+    torch.manual_seed(1)
+    via_fn = args()
+    MASKED_ADAMW[backend](*via_op)
+    masked_adamw_(*via_fn[:5], lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, step=3, backend=backend)
+    for got, want in zip([*via_op[0], *via_op[3], *via_op[4]], [*via_fn[0], *via_fn[3], *via_fn[4]]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.equal(via_op[0][0], ps[0])

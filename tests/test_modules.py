@@ -163,8 +163,9 @@ def test_module_bad_arguments(kwargs, match):
 
 
 # the module classes patch() puts in a model's place: each is an AdapterModule (modules/adapter.py)
+# (IA3DynamicLinear and PrefixAttention are tested in full in tests/test_ia3_dynamic.py, tests/test_prefix.py)
 REPLACING = (LoRALinear, LoRAEmbedding, SiVALinear, IA3Linear, IA3ScaledActivation, KronALinear, LadderBackbone,
-             SoftPromptBackbone)
+             SoftPromptBackbone, modules.IA3DynamicLinear, modules.PrefixAttention)
 
 
 def _subclasses(cls):

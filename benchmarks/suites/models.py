@@ -10,7 +10,7 @@ Models (the seeds' settings and a decoder):
 
 Methods: full fine-tuning (the reference), PEFT LoRA (query+value r=8; all linears r=16), PEFT
 IA3, spu lora (q+v r=8, and all linears r=16), siva (q+v r=16, and all linears), siva_kv, ia3,
-krona, lst, klst (k = 3, 5, 9), last_n (n = 3), bitfit, prompt (20 tokens), and MeZO (all
+krona (B = 0, and init="kopa"), lst, klst (k = 3, 5, 9), last_n (n = 3), bitfit, prompt (20 tokens), and MeZO (all
 parameters; spu LoRA). AdamW for everything but MeZO. ``+compile`` kinds run the same step with
 ``torch.compile(model)`` (default Inductor) for a few methods per model (``SPU_BENCH_COMPILE_ALL=1``:
 every method but MeZO), ``+cudagraphs`` kinds with ``mode="reduce-overhead"`` (Inductor and CUDA
@@ -71,13 +71,16 @@ METHODS = {
     "spu_siva_all": ("siva", dict(r=16, targets=2)),
     "spu_siva_kv": ("siva_kv", dict(r=16)),
     "spu_ia3": ("ia3", {}),
+    "spu_ia3_dynamic": ("ia3", dict(dynamic=True)),
     "spu_krona": ("krona", {}),
+    "spu_krona_kopa": ("krona", dict(init="kopa")),
     "spu_lst": ("lst", dict(r=8)),
     "spu_klst3": ("klst", dict(k=3, r=8)),
     "spu_klst5": ("klst", dict(k=5, r=8)),
     "spu_klst9": ("klst", dict(k=9, r=8)),
     "spu_last_n3": ("last_n", dict(n=3)),
     "spu_bitfit": ("bitfit", {}),
+    "spu_fishmask": ("fishmask", dict(p=0.005)),    # ranked on one small batch; trained with MaskedAdamW
     "spu_prompt20": ("prompt", dict(n_tokens=20)),
     "mezo_full": ("mezo", {}),
     "mezo_spu_lora": ("mezo", dict(patch="lora", r=8)),
@@ -136,6 +139,8 @@ def apply_method(model, family: str, kind: str):
         return model
     if "targets" in opts:
         opts["target_modules"] = targets[opts.pop("targets")]
+    if method == "fishmask":     # which entries are chosen does not change the step's cost: rank on one small batch
+        opts["batches"] = [make_batch(model, family, SMOKE_BATCH, SMOKE_SEQ, next(model.parameters()).device)]
     try:
         spu_kernels.patch(model, method, **opts)
     except ValueError as e:
@@ -157,7 +162,11 @@ def train_step(model, batch: dict, device: str, mezo: bool):
             with torch.no_grad(), amp:
                 return model(**batch).loss
         return lambda: opt.step(loss)
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    import spu_kernels
+    if spu_kernels.is_patched(model) and spu_kernels.summary(model).method == "fishmask":
+        opt = spu_kernels.MaskedAdamW(spu_kernels.fishmask_masks(model), lr=1e-5)   # state for the mask only
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-5)
 
     def step():
         with amp:

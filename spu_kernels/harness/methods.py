@@ -12,6 +12,7 @@ place the harness reaches below the public API).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import spu_kernels
 
@@ -24,6 +25,23 @@ class HarnessMethod:
     patch: str | None                 # the spu_kernels.patch method, None = full fine-tuning
     learning_rate: float              # default peak learning rate (training.learning_rate overrides)
     args: dict = field(default_factory=dict)   # default options (method.args override them)
+    # given the resolved options, whether patch() also takes ``batches=``: the run's first
+    # PATCH_BATCHES training batches (e.g. lst/klst with init="fisher" score the backbone's units on them)
+    needs_batches: Callable[[dict], bool] | None = None
+
+
+#: how many training batches the harness hands to a patch that needs them (the LST paper's Fisher
+#: pruning accumulates over a few batches of the task's training data)
+PATCH_BATCHES = 8
+
+
+def _fisher_init(args: dict) -> bool:
+    return args.get("init") == "fisher"
+
+
+def _no_selection(args: dict) -> bool:
+    """fishmask ranks on the batches unless the config gives its selection (``mask``)."""
+    return args.get("mask") is None and args.get("scores") is None
 
 
 METHODS: dict[str, HarnessMethod] = {
@@ -33,11 +51,14 @@ METHODS: dict[str, HarnessMethod] = {
     "siva_kv": HarnessMethod("siva_kv", 1e-3, {"r": 16}),
     "krona": HarnessMethod("krona", 1e-3),
     "ia3": HarnessMethod("ia3", 3e-3),
-    "lst": HarnessMethod("lst", 3e-3, {"r": 8}),
-    "klst": HarnessMethod("klst", 3e-3, {"r": 8, "k": 3}),
+    "ia3_dynamic": HarnessMethod("ia3", 3e-3, {"dynamic": True}),
+    "lst": HarnessMethod("lst", 3e-3, {"r": 8}, needs_batches=_fisher_init),
+    "klst": HarnessMethod("klst", 3e-3, {"r": 8, "k": 3}, needs_batches=_fisher_init),
     "last_n": HarnessMethod("last_n", 1e-4, {"n": 2}),
     "bitfit": HarnessMethod("bitfit", 1e-3),
+    "fishmask": HarnessMethod("fishmask", 1e-3, {"p": 0.005}, needs_batches=_no_selection),
     "prompt": HarnessMethod("prompt", 3e-3, {"n_tokens": 20}),
+    "prefix": HarnessMethod("prefix", 3e-3, {"n_tokens": 20}),
 }
 
 # default learning rates with optimizer: mezo (its steps follow a projected gradient: much smaller)
@@ -71,6 +92,8 @@ def options_of(name: str) -> dict:
     out = {k: spec.defaults().get(k) for k in spec.option_names()}
     # the options patch() itself takes for every method it allows them for (train_head, ...)
     out.update(_registry().shared_options(m.patch))
+    if m.needs_batches is not None:
+        out.pop("batches", None)        # the harness passes them (PATCH_BATCHES), never the config
     return out
 
 
@@ -112,13 +135,22 @@ def resolve(name: str, args: dict | None, learning_rate: float | None,
     return m, {**m.args, **(args or {})}, float(learning_rate)
 
 
-def apply(model, name: str, args: dict):
+def apply(model, name: str, args: dict, batches: Callable[[], list[dict]] | None = None):
     """Apply the method to ``model`` in place (to the language model inside a PromptClassifier);
-    returns the model it applied it to."""
+    returns the model it applied it to. ``batches()``: training batches (model inputs with labels),
+    called only where the method ``needs_batches``."""
     m = get(name)
-    model = lm_of(model)
+    lm = lm_of(model)
     if m.patch is None:
-        for p in model.parameters():
+        for p in lm.parameters():
             p.requires_grad_(True)
-        return model
-    return spu_kernels.patch(model, m.patch, **args)
+        return lm
+    if m.needs_batches is not None and m.needs_batches(args):
+        if lm is not model:
+            raise ConfigError(f"method {name!r} with {args}: needs training batches of the model it patches; "
+                              "with a prompt template the batches are the prompt classifier's, not its LM's "
+                              "(drop prompt.template, or use options that need no batches)")
+        if batches is None:
+            raise ConfigError(f"method {name!r} with {args} needs training batches; pass batches= to apply")
+        args = {**args, "batches": batches()}
+    return spu_kernels.patch(lm, m.patch, **args)

@@ -386,6 +386,15 @@ def _optimizer(model, tr, lr: float):
     """(optimizer, uses MeZO) for one phase."""
     if tr.optimizer == "mezo":
         return spu_kernels.MeZO(_param_groups(model, tr.weight_decay), lr=lr, eps=tr.mezo_eps), True
+    lm = lm_of(model)
+    if spu_kernels.is_patched(lm) and spu_kernels.summary(lm).method == "fishmask":   # state for the mask only
+        if tr.fsdp:
+            raise ValueError("training.fsdp with fishmask: MaskedAdamW updates whole (unsharded) tensors through "
+                             "their masks; use DDP (fsdp: false)")
+        masks = {id(p): idx for p, idx in spu_kernels.fishmask_masks(lm)}
+        groups = [{**g, "params": [(p, masks[id(p)]) for p in g["params"]]}
+                  for g in _param_groups(model, tr.weight_decay)]
+        return spu_kernels.MaskedAdamW(groups, lr=lr), False
     return torch.optim.AdamW(_param_groups(model, tr.weight_decay), lr=lr), False
 
 
@@ -511,6 +520,15 @@ def _build(cfg: Config, method: str, multi: bool, output_dir, splits: Splits | N
                 train_data=train_data, val_data=val_data, test_data=test_data, dist=d)
 
 
+def _first_batches(ctx: _Run, tr) -> list[dict]:
+    """The first ``methods.PATCH_BATCHES`` global batches of the first epoch's order (the same on
+    every rank), for a patch that initialises from training batches (``HarnessMethod.needs_batches``)."""
+    order = torch.randperm(len(ctx.train_data), generator=torch.Generator().manual_seed(tr.seed * 100_003)).tolist()
+    n = tr.batch_size * ctx.dist.world_size
+    return [collate([ctx.train_data[j] for j in order[i:i + n]], ctx.pad_id, ctx.device)
+            for i in range(0, min(len(order), n * hmethods.PATCH_BATCHES), n)]
+
+
 def _start_phase(ctx: _Run, index: int, n: int, phase: tuple, ckpt: Path | None = None) -> _Phase:
     """Merge the previous phase's adapters, apply this phase's method, load ``ckpt``'s weights (resume),
     wrap the model (DDP / FSDP2 on several processes), set up its optimizer, schedule and scaler (the
@@ -522,7 +540,7 @@ def _start_phase(ctx: _Run, index: int, n: int, phase: tuple, ckpt: Path | None 
     if spu_kernels.is_patched(lm_of(model)):        # the previous phase's adapters become weights
         spu_kernels.merge(lm_of(model))
     torch.manual_seed(tr.seed)
-    hmethods.apply(model, pname, args)
+    hmethods.apply(model, pname, args, batches=lambda: _first_batches(ctx, tr))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     ctx.trainable, ctx.total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())

@@ -2,10 +2,12 @@
 ``AdapterModule`` (adapter.py: the contract the patching core relies on)."""
 from .adapter import AdapterModule
 from .ia3 import IA3Linear, IA3ScaledActivation
+from .ia3_dynamic import IA3DynamicLinear
 from .krona import KronALinear
 from .ladder import LadderBackbone, LadderSideNetwork
 from .lora import LoRAEmbedding, LoRALinear
 from .lowrank_base import LowRankAdapterLinear, WrappedLinear, is_linear_like
+from .prefix import PrefixAttention, PrefixEncoder
 from .prompt_classifier import PromptClassifier, PromptTemplate
 from .siva import SiVALinear
 from .soft_prompt import SoftPromptBackbone
@@ -14,3 +16,5 @@ __all__ = ["AdapterModule", "WrappedLinear", "LoRALinear", "SiVALinear", "LowRan
            "IA3Linear", "IA3ScaledActivation", "KronALinear", "LadderBackbone", "LadderSideNetwork",
            "SoftPromptBackbone", "PromptTemplate", "PromptClassifier"]
 __all__ += ["LoRAEmbedding"]
+__all__ += ["IA3DynamicLinear"]
+__all__ += ["PrefixAttention", "PrefixEncoder"]

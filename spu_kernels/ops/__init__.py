@@ -10,9 +10,10 @@ from .ladder_cross_attention import (
     ladder_cross_attention_reference,
 )
 from .lowrank_linear import LowRankLinearFunction, lowrank_linear, lowrank_linear_reference
+from .masked_adamw import masked_adamw_
 from .zo_perturb import zo_axpby_, zo_normal
 
 __all__ = ["dropout_keep_mask", "philox4x32", "LowRankLinearFunction", "lowrank_linear", "lowrank_linear_reference",
            "ia3_linear", "ia3_linear_reference", "ia3_scaled_act", "ia3_scaled_act_reference", "kron_linear",
            "kron_linear_reference", "LadderCrossAttentionFunction", "ladder_cross_attention",
-           "ladder_cross_attention_reference", "zo_axpby_", "zo_normal"]
+           "ladder_cross_attention_reference", "zo_axpby_", "zo_normal", "masked_adamw_"]

@@ -2,11 +2,13 @@
 Nothing here knows about kernels. Importing this package registers the built-in methods."""
 # importing the method files registers their methods
 from . import (  # noqa: F401
+    fishmask_methods,
     freeze_methods,  # last_n, bitfit
     ia3_methods,
     krona_methods,
     ladder_methods,
     lowrank_methods,
+    prefix_methods,
     prompt_methods,
 )
 from .adapters import (

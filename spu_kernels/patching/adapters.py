@@ -164,7 +164,7 @@ def add_adapter(model: nn.Module, adapter_name: str, method: str, *, train_head:
         _check_switchable(new, "add_adapter", adapter_name)
     except BaseException:
         if new is not None:
-            _undo(inner, new.replacements, new.requires_grad_before)
+            _undo(inner, new.replacements, new.requires_grad_before, new.on_undo)
         _attach(cur, inner)
         _set_flags(cur_flags)
         inner.__dict__[_STATE_ATTR] = cur

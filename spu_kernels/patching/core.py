@@ -92,6 +92,8 @@ class PatchState:
     replacements: list[Replacement]
     requires_grad_before: list[tuple[nn.Parameter, bool]]
     summary: PatchSummary
+    #: PatchContext.on_undo: run by unpatch and merge
+    on_undo: list[Callable[[], None]] = field(default_factory=list)
 
 
 class PatchContext:
@@ -104,6 +106,11 @@ class PatchContext:
         self.trainable: list[nn.Parameter] = []
         #: run once the whole patch has succeeded (e.g. dropping what only a rollback needs)
         self.on_success: list[Callable[[], None]] = []
+        #: run by unpatch, merge and a rollback: undo what is no module replacement (e.g. gradient hooks)
+        self.on_undo: list[Callable[[], None]] = []
+        #: options recorded in place of the given ones (what save / load re-run; e.g. not the batches an
+        #: initialisation consumed)
+        self.recorded_options: dict = {}
 
     def find_targets(self, target_modules: str | Sequence[str] | None,
                      roles: tuple[str, ...] = ("query", "value"), embeddings: bool = False) -> list[Target]:
@@ -186,7 +193,10 @@ def _check_options(spec, options: dict) -> None:
                             f"{', '.join(allowed + list(SHARED_OPTION_NAMES))}")
 
 
-def _undo(model: nn.Module, replacements: list[Replacement], flags: list[tuple[nn.Parameter, bool]]) -> None:
+def _undo(model: nn.Module, replacements: list[Replacement], flags: list[tuple[nn.Parameter, bool]],
+          on_undo: Sequence[Callable[[], None]] = ()) -> None:
+    for done in reversed(on_undo):
+        done()
     for rep in reversed(replacements):
         if isinstance(rep.new, AdapterModule):
             rep.new.unmerge()
@@ -286,7 +296,7 @@ def _build_state(model: nn.Module, method: str, train_head: bool, trainable_modu
         for m in extra:
             m.requires_grad_(True)
     except BaseException:
-        _undo(model, ctx.replacements, flags)
+        _undo(model, ctx.replacements, flags, ctx.on_undo)
         raise
     for done in ctx.on_success:
         done()
@@ -295,9 +305,9 @@ def _build_state(model: nn.Module, method: str, train_head: bool, trainable_modu
         method=method, model=type(model).__name__, replaced=[r.name for r in ctx.replacements],
         trainable_params=sum(p.numel() for p in all_params if p.requires_grad),
         total_params=sum(p.numel() for p in all_params),
-        options={**spec.defaults(), **options, "train_head": train_head,
+        options={**spec.defaults(), **options, **ctx.recorded_options, "train_head": train_head,
                  "trainable_modules": list(trainable_modules or []), "soft_prompt": soft_prompt})
-    return PatchState(method, summary.options, ctx.replacements, flags, summary)
+    return PatchState(method, summary.options, ctx.replacements, flags, summary, ctx.on_undo)
 
 
 def _state(model: nn.Module, what: str) -> PatchState:
@@ -322,7 +332,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Put back the original modules, weights and requires_grad flags: outputs are bit-identical
     to the model's before ``patch``. Every named adapter goes (adapters.py), merged or not."""
     state = _state(model, "unpatch")
-    _undo(model, state.replacements, state.requires_grad_before)
+    _undo(model, state.replacements, state.requires_grad_before, state.on_undo)
     _clear(model)
     unwrap_model(model).__dict__.pop(ADAPTERS_ATTR, None)   # inactive adapters left the base layers as they were
     return model
@@ -345,6 +355,8 @@ def merge(model: nn.Module) -> nn.Module:
     for rep in state.replacements:
         rep.new.unmerge()    # merge_adapter's fold is undone exactly, then done for good
         setattr(rep.parent, rep.attr, rep.new.merge())
+    for done in reversed(state.on_undo):
+        done()
     for p, flag in state.requires_grad_before:
         p.requires_grad_(flag)
     _clear(model)

@@ -12,7 +12,7 @@ what the patched model does, to fp32 rounding); anything else is refused with th
   the FFN output linear) as feedforward ``ia3_l`` (1, K) on that linear.
 * krona -> LoKr with full ``lokr_w1`` = A, ``lokr_w2`` = B: nn.Linear targets without slices whose
   (a1, a2) PEFT's ``factorization`` reproduces with one ``decompose_factor``; r is set so PEFT keeps
-  w2 whole, ``alpha = scale · r``.
+  w2 whole, ``alpha = scale · r``. Not with ``init="kopa"`` (the frozen weight is W_res, not W).
 * siva / siva_kv -> LoRA of rank 2·S·r on the ORIGINAL weight (as PEFT converts PiSSA):
   ΔW = U S Vᵀ − U₀ S₀ V₀ᵀ = [U S | −U₀ S₀] [Vᵀ; V₀ᵀ], the initial factors re-computed by the
   same seeded SVD of the original weight (kept by ``keep_original=True``). With dropout > 0 PEFT
@@ -195,6 +195,9 @@ def _siva(model: nn.Module, state: PatchState) -> tuple[dict, dict]:
 
 
 def _ia3(model: nn.Module, state: PatchState) -> tuple[dict, dict]:
+    if state.options.get("dynamic"):
+        raise NoPeftEquivalent("ia3 with dynamic=True (per-token scales from a generator) has no PEFT equivalent: "
+                               "PEFT's IA3 scales by fixed vectors; use spu_kernels.save_adapter")
     tensors, targets, ff, conv = {}, [], [], False
     for rep in state.replacements:
         m = rep.new
@@ -255,6 +258,10 @@ def _krona(model: nn.Module, state: PatchState) -> tuple[dict, dict]:
         m = rep.new
         if not isinstance(m, KronALinear):
             raise NoPeftEquivalent(f"{rep.name} is a {type(m).__name__}, not a KronA layer")
+        if m.init != "zeros":
+            raise NoPeftEquivalent(f"{rep.name} is KronA with init={m.init!r}: its frozen base weight is the residual "
+                                   "W − s·A₀⊗B₀, not W, and the difference from W is no single Kronecker product, "
+                                   "so PEFT's LoKr cannot encode it; use spu_kernels.save_adapter / save_pretrained")
         if not isinstance(m.base_layer, nn.Linear):
             raise NoPeftEquivalent(f"{rep.name} wraps a {type(m.base_layer).__name__}; PEFT's LoKr adapts "
                                    "nn.Linear layers only")

@@ -149,6 +149,7 @@ OPTION_RULES: dict[str, tuple[Callable, str]] = {
 }
 METHOD_OPTION_RULES: dict[tuple[str, str], tuple[Callable, str]] = {
     ("klst", "k"): (lambda v: _is_int(v) and v >= 1 and v % 2 == 1, "an odd positive int"),
+    ("fishmask", "p"): (lambda v: _is_finite(v) and 0 < v <= 1, "a fraction in (0, 1]"),
 }
 
 

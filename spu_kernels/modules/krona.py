@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from ..ops.kron_linear import kron_linear, split_near_sqrt
 from .lowrank_base import WrappedLinear, is_linear_like, linear_dims, normalise_slices, weight_nk
+from .residual_weight import ResidualWeight
 
 
 def kron_shapes(n: int, k: int, a_shape: Sequence[int] | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -74,7 +75,7 @@ def _divisors(n: int, limit: int = 12) -> str:
     return ", ".join(map(str, ds[:limit])) + (", ..." if len(ds) > limit else "")
 
 
-class KronALinear(WrappedLinear):
+class KronALinear(ResidualWeight, WrappedLinear):
     """A frozen ``nn.Linear`` / ``Conv1D`` plus a trainable Kronecker update s · (A ⊗ B).
 
     A (``krona_A``, (S, a1, a2)) and B (``krona_B``, (S, b1, b2)): with ``init="zeros"`` A starts
@@ -113,10 +114,9 @@ class KronALinear(WrappedLinear):
         w = base_layer.weight
         s = len(self.out_slices) if self.out_slices else 1
         dtype = adapter_dtype or w.dtype
-        self._original_weight = None
         if init == "kopa":
             a, b = self._kopa_split(weight_nk(base_layer), dtype)   # checks everything before writing W_res
-            self._original_weight = w.detach().to("cpu", copy=True) if keep_original else None
+            self.keep_original(w, keep_original)
         else:
             bound = 1.0 / math.sqrt(a2)
             a = torch.empty(s, a1, a2, device=w.device, dtype=dtype).uniform_(-bound, bound)
@@ -180,49 +180,10 @@ class KronALinear(WrappedLinear):
         w.copy_((w.float() + self.delta_weight().to(w.device)).to(w.dtype))
         return self.base_layer
 
-    # -- kopa: the base layer holds W_res ------------------------------------------------------
-    @torch.no_grad()
-    def drop_original(self) -> None:
-        """Free the host copy of the original weight (``keep_original=False``): ``restore`` is then an error."""
-        self._original_weight = None
-
-    def restore(self) -> nn.Module:
-        """Put the original weight back (kopa: bit for bit, from the CPU copy) and return the base layer."""
-        if self.init == "kopa":
-            if self._original_weight is None:
-                raise RuntimeError("KronALinear was built with init='kopa' and keep_original=False, so the original "
-                                   "weight is gone; merge() folds the trained factors back in instead")
-            self.base_layer.weight.copy_(self._original_weight.to(self.base_layer.weight.device))
-        return self.base_layer
-
     @property
-    def detach_error(self) -> str | None:
-        if self.init == "kopa" and self._original_weight is None:
-            return ("KronALinear was built with init='kopa' and keep_original=False, so the original weight W is "
-                    "gone and the base layer cannot compute it (adapter switching and disable_adapter need it); "
-                    "patch with keep_original=True")
-        return None
-
-    @torch.no_grad()
-    def detach_base(self) -> None:
-        """kopa: put W back in the base layer, keeping W_res on the CPU for ``attach_base``."""
-        if self.init != "kopa":
-            return
-        if self.detach_error:
-            raise RuntimeError(self.detach_error)
-        if getattr(self, "_residual", None) is not None:
-            return
-        w = self.base_layer.weight
-        self._residual = w.detach().to("cpu", copy=True)
-        w.copy_(self._original_weight.to(w.device))
-
-    @torch.no_grad()
-    def attach_base(self) -> None:
-        """kopa: put W_res back in the base layer."""
-        res = getattr(self, "_residual", None)
-        if res is not None:
-            self.base_layer.weight.copy_(res.to(self.base_layer.weight.device))
-            self._residual = None
+    def holds_residual(self) -> bool:
+        """kopa: the base layer holds W_res (ResidualWeight); "zeros" leaves W untouched."""
+        return self.init == "kopa"
 
     def extra_repr(self) -> str:
         sl = f", out_slices={list(self.out_slices)}" if self.out_slices else ""

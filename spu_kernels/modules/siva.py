@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from .lowrank_base import LowRankAdapterLinear, weight_nk
+from .residual_weight import ResidualWeight
 
 SVD_METHODS = ("exact", "randomized")
 FACTORS = ("svd", "pissa")
@@ -49,7 +50,7 @@ def top_r_svd(w: torch.Tensor, r: int, method: str = "randomized", niter: int = 
     raise ValueError(f"unknown svd method {method!r}; choose one of {', '.join(SVD_METHODS)}")
 
 
-class SiVALinear(LowRankAdapterLinear):
+class SiVALinear(ResidualWeight, LowRankAdapterLinear):
     """A frozen ``nn.Linear`` / ``Conv1D`` split by SVD into a frozen residual and trainable
     top-r factors.
 
@@ -76,7 +77,7 @@ class SiVALinear(LowRankAdapterLinear):
         self.svd, self.niter = svd, int(niter)
         w = weight_nk(base_layer)
         dtype = adapter_dtype or w.dtype
-        self._original_weight = base_layer.weight.detach().to("cpu", copy=True) if keep_original else None
+        self.keep_original(base_layer.weight, keep_original)
         with torch.no_grad():
             w32 = w.detach().float()
             res = w32.clone()
@@ -110,46 +111,6 @@ class SiVALinear(LowRankAdapterLinear):
 
     def lowrank_factors(self):
         return self.siva_Vh, self._assemble_b(self.siva_U), self.siva_S
-
-    @torch.no_grad()
-    def drop_original(self) -> None:
-        """Free the host copy of the original weight (``keep_original=False``): ``restore`` is then an error."""
-        self._original_weight = None
-
-    def restore(self) -> nn.Module:
-        """Put the original weight back, bit for bit, and return the base layer."""
-        if self._original_weight is None:
-            raise RuntimeError("SiVALinear was built with keep_original=False, so the original weight is gone; "
-                               "merge() folds the trained factors back in instead")
-        self.base_layer.weight.copy_(self._original_weight.to(self.base_layer.weight.device))
-        return self.base_layer
-
-    @property
-    def detach_error(self) -> str | None:
-        if self._original_weight is None:
-            return ("SiVALinear was built with keep_original=False, so the original weight W is gone and the base "
-                    "layer cannot compute it (adapter switching and disable_adapter need it); patch with "
-                    "keep_original=True")
-        return None
-
-    @torch.no_grad()
-    def detach_base(self) -> None:
-        """Put W back in the base layer, keeping W_res on the CPU for ``attach_base``."""
-        if self.detach_error:
-            raise RuntimeError(self.detach_error)
-        if getattr(self, "_residual", None) is not None:
-            return
-        w = self.base_layer.weight
-        self._residual = w.detach().to("cpu", copy=True)
-        w.copy_(self._original_weight.to(w.device))
-
-    @torch.no_grad()
-    def attach_base(self) -> None:
-        """Put W_res back in the base layer."""
-        res = getattr(self, "_residual", None)
-        if res is not None:
-            self.base_layer.weight.copy_(res.to(self.base_layer.weight.device))
-            self._residual = None
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", train_s={self.train_s}, svd={self.svd}, factors={self.factors}"

@@ -19,6 +19,26 @@ from .adapter import AdapterModule
 from .lowrank_base import WrappedLinear, is_linear_like, linear_dims, normalise_slices, weight_nk
 
 
+def wrap_scaled(module: nn.Module, base_layer: nn.Module, side: str, out_slices) -> int:
+    """Check ``base_layer`` and wrap it (frozen) in ``module`` for (IA)³ scaling on ``side``; the number of scaled
+    features (input side: K; output side: N, or the rows of ``out_slices``)."""
+    who = type(module).__name__
+    if not is_linear_like(base_layer):
+        raise TypeError(f"{who} wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}")
+    if side not in ("output", "input"):
+        raise ValueError(f"{who}: side must be 'output' or 'input', got {side!r}")
+    module.in_features, module.out_features = linear_dims(base_layer)
+    if side == "input" and out_slices is not None:
+        raise ValueError(f"{who}: out_slices only applies to side='output'")
+    module.out_slices = normalise_slices(out_slices, module.out_features)
+    module.side = side
+    module.base_layer = base_layer
+    base_layer.weight.requires_grad_(False)
+    if side == "input":
+        return module.in_features
+    return sum(hi - lo for lo, hi in module.out_slices) if module.out_slices else module.out_features
+
+
 class IA3Linear(WrappedLinear):
     """y = (x Wᵀ + b) ⊙ l (side="output") or y = (x ⊙ l) Wᵀ + b (side="input"), fused.
 
@@ -33,22 +53,8 @@ class IA3Linear(WrappedLinear):
                  out_slices: Sequence[tuple[int, int]] | None = None,
                  adapter_dtype: torch.dtype | None = torch.float32):
         super().__init__()
-        if not is_linear_like(base_layer):
-            raise TypeError(f"IA3Linear wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}")
-        if side not in ("output", "input"):
-            raise ValueError(f"IA3Linear: side must be 'output' or 'input', got {side!r}")
-        self.in_features, self.out_features = linear_dims(base_layer)
-        if side == "input" and out_slices is not None:
-            raise ValueError("IA3Linear: out_slices only applies to side='output'")
-        self.out_slices = normalise_slices(out_slices, self.out_features)
-        self.side = side
-        self.base_layer = base_layer
-        base_layer.weight.requires_grad_(False)
+        size = wrap_scaled(self, base_layer, side, out_slices)
         w = base_layer.weight
-        if side == "input":
-            size = self.in_features
-        else:
-            size = sum(hi - lo for lo, hi in self.out_slices) if self.out_slices else self.out_features
         self.ia3_l = nn.Parameter(torch.ones(size, device=w.device, dtype=adapter_dtype or w.dtype))
 
     @classmethod

@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.ia3_dynamic import dynamic_scale
-from .lowrank_base import WrappedLinear, is_linear_like, linear_dims, normalise_slices
+from .ia3 import wrap_scaled
+from .lowrank_base import WrappedLinear
 
 DEFAULT_GENERATOR_RANK = 4
 
@@ -47,25 +48,11 @@ class IA3DynamicLinear(WrappedLinear):
                  out_slices: Sequence[tuple[int, int]] | None = None, rank: int = DEFAULT_GENERATOR_RANK,
                  adapter_dtype: torch.dtype | None = torch.float32):
         super().__init__()
-        if not is_linear_like(base_layer):
-            raise TypeError(f"IA3DynamicLinear wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}")
-        if side not in ("output", "input"):
-            raise ValueError(f"IA3DynamicLinear: side must be 'output' or 'input', got {side!r}")
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"IA3DynamicLinear: generator_rank must be a positive int, got {rank!r}")
-        self.in_features, self.out_features = linear_dims(base_layer)
-        if side == "input" and out_slices is not None:
-            raise ValueError("IA3DynamicLinear: out_slices only applies to side='output'")
-        self.out_slices = normalise_slices(out_slices, self.out_features)
-        self.side = side
+        size = wrap_scaled(self, base_layer, side, out_slices)
         self.rank = rank
-        self.base_layer = base_layer
-        base_layer.weight.requires_grad_(False)
         w = base_layer.weight
-        if side == "input":
-            size = self.in_features
-        else:
-            size = sum(hi - lo for lo, hi in self.out_slices) if self.out_slices else self.out_features
         self.scaled_features = size
         dt = adapter_dtype or w.dtype
         self.ia3_down = nn.Parameter(torch.empty(rank, self.in_features, device=w.device, dtype=dt))

@@ -173,6 +173,9 @@ def test_out_of_range_settings_stop_finetune_before_anything_is_written(tiny_con
     ("klst", {"k": 4}, r"k: must be an odd positive int for klst, got 4"),
     ("lst", {"r": True}, r"r: must be a positive int"),
     ("prompt", {"n_tokens": 0}, r"n_tokens: must be a positive int"),
+    ("ia3", {"dynamic": True, "generator_rank": 0}, r"generator_rank: must be a positive int for ia3, got 0"),
+    ("prefix", {"init_std": -0.1}, r"init_std: must be a finite number > 0 for prefix"),
+    ("prefix", {"reparam": True, "reparam_hidden": 0}, r"reparam_hidden: must be a positive int for prefix"),
     ("last_n", {"n": -1}, r"n: must be an int >= 0"),
     ("siva", {"soft_prompt": 0}, r"soft_prompt: must be a positive int"),
 ])

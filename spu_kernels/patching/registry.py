@@ -140,6 +140,8 @@ _POSITIVE_INT = (lambda v: _is_int(v) and v >= 1, "a positive int")
 # patch()'s own, like soft_prompt)
 OPTION_RULES: dict[str, tuple[Callable, str]] = {
     "r": _POSITIVE_INT, "k": _POSITIVE_INT, "n_tokens": _POSITIVE_INT, "niter": _POSITIVE_INT,
+    "generator_rank": _POSITIVE_INT, "reparam_hidden": _POSITIVE_INT,
+    "init_std": (lambda v: _is_finite(v) and v > 0, "a finite number > 0"),
     "n": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
     "dropout": (lambda v: _is_finite(v) and 0 <= v < 1, "a number in [0, 1)"),
     "alpha": (_is_finite, "a finite number"),

@@ -9,7 +9,7 @@ from models import make_batch, make_model
 import spu_kernels
 from spu_kernels.modules.ladder import select_units
 from spu_kernels.patching.architectures import family_of
-from spu_kernels.patching.ladder_fisher import fisher_scores
+from spu_kernels.patching.ladder_fisher import unit_fisher_scores
 
 FAMILIES = ["bert", "gpt2", "llama"]
 
@@ -89,7 +89,7 @@ def test_scores_match_mask_gradients_by_hand(family):
     want = hand_scores(model, batches)
     fam = family_of(model)
     layers = layers_of(model)
-    got = fisher_scores(model, layers, list(range(1, len(layers) + 1)), lambda b: fam.side_block(b, model.config),
+    got = unit_fisher_scores(model, layers, list(range(1, len(layers) + 1)), lambda b: fam.side_block(b, model.config),
                         batches)
     torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-10)
     for a, b in zip(got[1] + got[2], want[1] + want[2]):
@@ -121,7 +121,7 @@ def test_side_network_is_cut_with_fisher_indices(family):
     fam, cfg = family_of(model), model.config
     layers = layers_of(model)
     canon = lambda b: fam.side_block(b, cfg)
-    scores = fisher_scores(model, layers, [1, 2], canon, batches)
+    scores = unit_fisher_scores(model, layers, [1, 2], canon, batches)
     h, hd = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
     weights = [canon(layer) for layer in layers]
     spu_kernels.patch(model, "lst", r=4, init="fisher", batches=batches)
@@ -148,7 +148,8 @@ def test_backbone_state_untouched():
     modes = {n: m.training for n, m in model.named_modules()}
     state = {k: v.clone() for k, v in model.state_dict().items()}
     layers = layers_of(model)
-    fisher_scores(model, layers, [1, 2], lambda b: family_of(model).side_block(b, model.config), batches_for("bert"))
+    unit_fisher_scores(model, layers, [1, 2], lambda b: family_of(model).side_block(b, model.config),
+                       batches_for("bert"))
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert {n: m.training for n, m in model.named_modules()} == modes
     assert all(p.grad is None for p in model.parameters())
@@ -239,8 +240,8 @@ def test_harness_passes_the_first_training_batches(tmp_path, monkeypatch):
     lines = [json.dumps({"text": f"a {'good' if i % 2 else 'bad'} film {i}", "label": i % 2}) + "\n" for i in range(40)]
     (tmp_path / "d.jsonl").write_text("".join(lines))
     seen = []
-    real = ladder_methods.fisher_scores
-    monkeypatch.setattr(ladder_methods, "fisher_scores",
+    real = ladder_methods.unit_fisher_scores
+    monkeypatch.setattr(ladder_methods, "unit_fisher_scores",
                         lambda model, layers, ids, canon, batches: seen.extend(batches) or real(
                             model, layers, ids, canon, batches))
     raw = {"name": "t", "dataset": {"path": str(tmp_path / "d.jsonl"), "max_length": 16, "n_val": 4, "n_test": 4},

@@ -37,6 +37,7 @@ import torch.nn as nn
 
 from .architectures import HEAD_NAMES
 from .core import PatchContext, patch_state
+from .model_modes import grads_only_for
 from .registry import register_method
 from .unwrap import unwrap_model
 
@@ -65,37 +66,24 @@ def fisher_scores(model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> dic
     if not named:
         raise ValueError("fisher_scores: the model has no floating parameter outside its task head to rank")
     params = [p for _, p in named]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    modes = [(m, m.training) for m in model.modules()]
     acc = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
     count = 0
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        model.eval()
+    with grads_only_for(model, params):
         for i, batch in enumerate(batches):
             if not isinstance(batch, Mapping):
                 raise TypeError(f"fisher_scores: batch {i} is a {type(batch).__name__}; each batch must be a dict of "
                                 "model inputs with labels, as model(**batch) takes it")
-            with torch.enable_grad():
-                loss = _loss_of(model(**batch))
-                if loss is None or not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                    raise ValueError(f"fisher_scores: model(**batch) gave no scalar loss for batch {i}; the batches "
-                                     f"need labels (keys: {sorted(batch)})")
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"fisher_scores: the loss of batch {i} is {loss.item()}, not finite")
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
+            loss = _loss_of(model(**batch))
+            if loss is None or not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                raise ValueError(f"fisher_scores: model(**batch) gave no scalar loss for batch {i}; the batches "
+                                 f"need labels (keys: {sorted(batch)})")
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"fisher_scores: the loss of batch {i} is {loss.item()}, not finite")
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
             for a, g in zip(acc, grads):
                 if g is not None:
                     a.add_(g.detach().float().square())
             count += 1
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        for m, mode in modes:
-            m.training = mode
     if count == 0:
         raise ValueError("fisher_scores: batches is empty; pass a few training batches (e.g. 8) with labels")
     return {n: a.div_(count) for (n, _), a in zip(named, acc)}

@@ -27,6 +27,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from .model_modes import grads_only_for
+
 
 @contextmanager
 def _swapped(module: nn.Module, grads: dict[nn.Parameter, torch.Tensor | None]):
@@ -60,15 +62,13 @@ def _to(batch, device):
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def fisher_scores(model: nn.Module, layers: Sequence[nn.Module], side_ids: Sequence[int],
+def unit_fisher_scores(model: nn.Module, layers: Sequence[nn.Module], side_ids: Sequence[int],
                   canonical: Callable[[nn.Module], dict], batches: Iterable[Mapping]):
     """(imp_d (d,), [imp_hd (h·d_h,)], [imp_ff (d_ff,)]) for the side layers ``side_ids`` (1-based
     ids into ``layers``, the backbone's layer modules), from ``model(**batch).loss`` on each batch
     (model inputs with labels). ``canonical(block)``: the block's weights in canonical form."""
     params = list(dict.fromkeys(p for i in side_ids for p in layers[i - 1].parameters()))
     p0 = next(model.parameters())
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    modes = [(m, m.training) for m in model.modules()]
     d = canonical(layers[side_ids[0] - 1])["o"][0].shape[0]
     mask = torch.ones(d, device=p0.device, dtype=p0.dtype, requires_grad=True)
 
@@ -90,11 +90,7 @@ def fisher_scores(model: nn.Module, layers: Sequence[nn.Module], side_ids: Seque
     handles += [layer.register_forward_hook(post) for layer in layers]
     imp_d, imp_hd, imp_ff, n = torch.zeros(d, device=p0.device), None, None, 0
     try:
-        model.eval()
-        model.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        with torch.enable_grad():
+        with grads_only_for(model, params):
             for batch in batches:
                 loss = getattr(model(**_to(batch, p0.device)), "loss", None)
                 if loss is None:
@@ -110,10 +106,6 @@ def fisher_scores(model: nn.Module, layers: Sequence[nn.Module], side_ids: Seque
     finally:
         for h in handles:
             h.remove()
-        for p, f in flags:
-            p.requires_grad_(f)
-        for m, t in modes:
-            m.training = t
     if n == 0:
         raise ValueError("init='fisher': batches was empty; pass a few training batches (the harness uses 8)")
     return imp_d, imp_hd, imp_ff

@@ -24,7 +24,7 @@ import torch.nn as nn
 from ..modules.ladder import LadderBackbone, LadderSideNetwork, l1_scores, select_units
 from .architectures import FAMILIES, head_dim, model_type_of
 from .core import PatchContext
-from .ladder_fisher import fisher_scores
+from .ladder_fisher import unit_fisher_scores
 from .options import float_dtype
 from .registry import register_method
 
@@ -76,7 +76,7 @@ def _side_network(ctx: PatchContext, r, k, layers, init, dropout, side_dtype, ba
     side.to(device=p0.device)
     if init in ("prune", "fisher"):
         canonical = lambda block: fam.side_block(block, cfg)
-        scores = (fisher_scores(model, mods, side.layers, canonical, batches) if init == "fisher" else None)
+        scores = (unit_fisher_scores(model, mods, side.layers, canonical, batches) if init == "fisher" else None)
         with torch.no_grad():
             weights = [canonical(mods[i - 1]) for i in side.layers]
             d_idx, per_block = select_units(*(scores or l1_scores(weights)), h, hd, side.d_s, hd // r,

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from ..modules.prefix import PrefixAttention, PrefixEncoder
 from .core import PatchContext
+from .model_modes import evaluating
 from .options import float_dtype
 from .registry import register_method
 
@@ -88,18 +89,15 @@ def _init_from_tokens(model: nn.Module, wrappers: list[PrefixAttention], ids: to
     """Run the backbone once on ``ids`` (eval mode, no cache) and set each layer's prefix to the
     keys / values its attention computed."""
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), model)
-    modes = {m: m.training for m in backbone.modules()}
-    backbone.eval()
     for w in wrappers:
         w._recording = []
     try:
-        device = next(backbone.parameters()).device
-        backbone(input_ids=ids[None].to(device), use_cache=False)
+        with evaluating(backbone):
+            device = next(backbone.parameters()).device
+            backbone(input_ids=ids[None].to(device), use_cache=False)
         for w in wrappers:
             (keys, values), = w._recording
             w.init_from(keys, values)
     finally:
         for w in wrappers:
             w._recording = None
-        for m, mode in modes.items():
-            m.training = mode

@@ -89,3 +89,21 @@ def make_batch(family: str, batch=2, seq=9, seed=1):
 
 def model_output(model, batch) -> torch.Tensor:
     return model(**batch).logits
+
+
+def snapshot(model):
+    """(state dict copy, requires_grad flags, module types): what unpatch must give back bit for bit."""
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            {n: type(m) for n, m in model.named_modules()})
+
+
+def assert_restored(model, snap):
+    """``model`` has exactly the state, flags and module types of ``snapshot(model)`` ``snap``."""
+    state, flags, types = snap
+    now = model.state_dict()
+    assert set(now) == set(state)
+    for k in state:
+        assert torch.equal(now[k], state[k]), k
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert {n: type(m) for n, m in model.named_modules()} == types

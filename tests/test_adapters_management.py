@@ -3,27 +3,11 @@ SiVA's PiSSA factors, on tiny models: switching and disabling are bit-exact, mer
 rounding, bad use raises before anything changes."""
 import pytest
 import torch
-from models import make_batch, make_model, model_output
+from models import assert_restored, make_batch, make_model, model_output, snapshot
 
 import spu_kernels
 from spu_kernels.modules import AdapterModule, LoRALinear, SiVALinear
 from spu_kernels.patching.core import patch_state
-
-
-def snapshot(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters()},
-            {n: type(m) for n, m in model.named_modules()})
-
-
-def assert_snapshot(model, snap):
-    state, flags, types = snap
-    now = model.state_dict()
-    assert set(now) == set(state)
-    for k in state:
-        assert torch.equal(now[k], state[k]), k
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert {n: type(m) for n, m in model.named_modules()} == types
 
 
 def perturb(model, scale=0.3, seed=0):
@@ -79,7 +63,7 @@ def test_named_adapters_switch_exactly_and_unpatch_restores(bert):
 
     spu_kernels.set_adapter(model, "b")
     spu_kernels.unpatch(model)                                      # from a non-default adapter: all go
-    assert_snapshot(model, snap)
+    assert_restored(model, snap)
     assert torch.equal(model_output(model, batch), out0)
     assert "_spu_adapters" not in model.__dict__
     with pytest.raises(RuntimeError, match="not patched"):
@@ -109,13 +93,13 @@ def test_adapter_errors_leave_the_model_as_it_was(bert):
         spu_kernels.add_adapter(model, "x", "siva", r=4, keep_original=False)
     with pytest.raises(ValueError, match="r=999"):
         spu_kernels.add_adapter(model, "x", "lora", r=999)
-    assert_snapshot(model, before)
+    assert_restored(model, before)
     assert torch.equal(model_output(model, batch), out_a)
     assert spu_kernels.list_adapters(model) == ["default", "other"]
     spu_kernels.delete_adapter(model, "other")
     assert spu_kernels.list_adapters(model) == ["default"]
     spu_kernels.unpatch(model)
-    assert_snapshot(model, snap)
+    assert_restored(model, snap)
 
     # a model patched with a method that cannot switch refuses a second adapter
     spu_kernels.patch(model, "siva", r=4, keep_original=False)
@@ -147,7 +131,7 @@ def test_disable_adapter_computes_the_original_model(bert, method, options):
         with pytest.raises(RuntimeError, match="inside spu_kernels.disable_adapter"):
             spu_kernels.merge_adapter(model)
     spu_kernels.unpatch(model)
-    assert_snapshot(model, snap)
+    assert_restored(model, snap)
 
 
 def test_disable_adapter_errors():
@@ -199,7 +183,7 @@ def test_merge_adapter_unmerge_exact(bert, method, tmp_path):
     # merge() and unpatch() after merge_adapter: as without it
     spu_kernels.merge_adapter(model)
     spu_kernels.unpatch(model)
-    assert_snapshot(model, snap)
+    assert_restored(model, snap)
 
 
 def test_merge_after_merge_adapter_merges_once(bert):
@@ -251,7 +235,7 @@ def test_siva_pissa_step0_merge_unpatch(bert):
     layer = model.bert.encoder.layer[0].attention.self.value
     assert isinstance(layer, SiVALinear) and layer.factors == "pissa"
     spu_kernels.unpatch(model)
-    assert_snapshot(model, snap)
+    assert_restored(model, snap)
     spu_kernels.patch(model, "siva", r=4, factors="pissa")
     spu_kernels.merge(model)
     torch.testing.assert_close(model_output(model, batch), out0, rtol=1e-4, atol=1e-5)
@@ -287,4 +271,4 @@ def test_switch_disable_unpatch_other_families(family):
         with spu_kernels.disable_adapter(model):
             assert torch.equal(model_output(model, batch), out0), name
     spu_kernels.unpatch(model)
-    assert_snapshot(model, snap)
+    assert_restored(model, snap)

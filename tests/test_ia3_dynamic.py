@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import transformers as tf
-from models import make_batch, make_model, model_output
+from models import assert_restored, make_batch, make_model, model_output, snapshot
 
 import spu_kernels
 from spu_kernels.modules import IA3DynamicLinear, IA3Linear, IA3ScaledActivation
@@ -27,12 +27,6 @@ EXPECTED = {
     "t5": {"k": "output", "v": "output", "DenseReluDense.wo": "input"},
 }
 FAMILIES = list(EXPECTED)
-
-
-def snapshot(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters()},
-            {n: type(m) for n, m in model.named_modules()})
 
 
 def perturb(model, seed=0):
@@ -189,11 +183,7 @@ def test_patch_step0_train_disable_unpatch(family):
     assert not torch.equal(output(model, batch), out_before)
 
     spu_kernels.unpatch(model)                                           # bit-identical
-    state, flags, types = snap
-    after = model.state_dict()
-    assert set(after) == set(state) and all(torch.equal(after[k], state[k]) for k in state)
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert_restored(model, snap)
     assert torch.equal(output(model, batch), out_before)
 
 

@@ -2,7 +2,7 @@
 targets, step 0 = the original model, unpatch bit-identical, merge, the kernels, save/load, errors."""
 import pytest
 import torch
-from models import FAMILY_MODELS, make_batch, make_model, model_output
+from models import FAMILY_MODELS, assert_restored, make_batch, make_model, model_output, snapshot
 
 import spu_kernels
 from spu_kernels.backends import available_backends
@@ -27,12 +27,6 @@ KRONA_EXPECTED = {"bert": ("attention.self.query", "attention.self.value"), "dis
 KRONA_EXPECTED["roberta"] = KRONA_EXPECTED["bert"]
 for _fam in ("llama", "mistral", "qwen2"):
     KRONA_EXPECTED[_fam] = ("q_proj", "v_proj")
-
-
-def snapshot(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters()},
-            {n: type(m) for n, m in model.named_modules()})
 
 
 def rel_diff(a, b):
@@ -99,11 +93,7 @@ def test_patch_step0_unpatch_merge(family, method):
     assert rel_diff(model_output(model, batch), out_before) > 1e-3
 
     spu_kernels.unpatch(model)                                           # bit-identical
-    state, flags, types = snap
-    after = model.state_dict()
-    assert set(after) == set(state) and all(torch.equal(after[k], state[k]) for k in state)
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert_restored(model, snap)
     assert torch.equal(model_output(model, batch), out_before)
 
     spu_kernels.patch(model, method)
@@ -111,6 +101,7 @@ def test_patch_step0_unpatch_merge(family, method):
     out_patched = model_output(model, batch)
     spu_kernels.merge(model)
     assert not any(isinstance(m, ADAPTERS) for m in model.modules())
+    _, flags, types = snap
     assert {n: type(m) for n, m in model.named_modules()} == types
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert rel_diff(model_output(model, batch), out_patched) < 1e-5

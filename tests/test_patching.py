@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-from models import EXPECTED_TARGETS, FAMILY_MODELS, make_batch, make_model, model_output
+from models import EXPECTED_TARGETS, FAMILY_MODELS, assert_restored, make_batch, make_model, model_output, snapshot
 
 import spu_kernels
 from spu_kernels.modules import AdapterModule, LoRALinear, SiVALinear
@@ -28,20 +28,8 @@ from spu_kernels.patching.registry import (
 METHODS = ["lora", "siva", "siva_kv"]
 
 
-def snapshot(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters()},
-            {n: type(m) for n, m in model.named_modules()})
-
-
 def assert_same_as(model, snap, out_before, batch):
-    state, flags, types = snap
-    after_state = model.state_dict()
-    assert set(after_state) == set(state)
-    for k in state:
-        assert torch.equal(after_state[k], state[k]), k
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert_restored(model, snap)
     assert torch.equal(model_output(model, batch), out_before)
 
 

@@ -81,5 +81,4 @@ __all__ = ["patch", "unpatch", "merge", "summary", "is_patched", "save_adapter",
            "ladder_cross_attention", "ladder_cross_attention_reference", "LoRALinear", "LoRAEmbedding", "SiVALinear",
            "IA3Linear", "IA3ScaledActivation", "KronALinear", "LadderSideNetwork", "SoftPromptBackbone",
            "PromptTemplate", "PromptClassifier", "MeZO", "MaskedAdamW", "fisher_scores", "fishmask_masks",
-           "__version__"]
-__all__ += ["PrefixAttention"]
+           "PrefixAttention", "__version__"]

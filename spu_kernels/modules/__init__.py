@@ -14,7 +14,5 @@ from .soft_prompt import SoftPromptBackbone
 
 __all__ = ["AdapterModule", "WrappedLinear", "LoRALinear", "SiVALinear", "LowRankAdapterLinear", "is_linear_like",
            "IA3Linear", "IA3ScaledActivation", "KronALinear", "LadderBackbone", "LadderSideNetwork",
-           "SoftPromptBackbone", "PromptTemplate", "PromptClassifier"]
-__all__ += ["LoRAEmbedding"]
-__all__ += ["IA3DynamicLinear"]
-__all__ += ["PrefixAttention", "PrefixEncoder"]
+           "SoftPromptBackbone", "PromptTemplate", "PromptClassifier", "LoRAEmbedding", "IA3DynamicLinear",
+           "PrefixAttention", "PrefixEncoder"]

@@ -53,7 +53,6 @@ class IA3DynamicLinear(WrappedLinear):
         size = wrap_scaled(self, base_layer, side, out_slices)
         self.rank = rank
         w = base_layer.weight
-        self.scaled_features = size
         dt = adapter_dtype or w.dtype
         self.ia3_down = nn.Parameter(torch.empty(rank, self.in_features, device=w.device, dtype=dt))
         nn.init.kaiming_uniform_(self.ia3_down, a=math.sqrt(5))
@@ -90,9 +89,6 @@ class IA3DynamicLinear(WrappedLinear):
         if prev < self.out_features:
             parts.append(z[..., prev:])
         return torch.cat(parts, dim=-1)
-
-    def merge(self) -> nn.Module:
-        raise RuntimeError(self.merge_error)
 
     def extra_repr(self) -> str:
         sl = f", out_slices={list(self.out_slices)}" if self.out_slices else ""

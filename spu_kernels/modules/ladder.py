@@ -161,12 +161,6 @@ def select_units(imp_d: torch.Tensor, imp_hd: Sequence[torch.Tensor], imp_ff: Se
     return d_idx, per_block
 
 
-def prune_indices(blocks: Sequence[dict], num_heads: int, head_dim: int, d_s: int, dh_s: int, ff_s: int,
-                  rope: bool = False):
-    """Structured pruning by weight magnitude (L1): ``select_units`` of ``l1_scores``."""
-    return select_units(*l1_scores(blocks), num_heads, head_dim, d_s, dh_s, ff_s, rope=rope)
-
-
 class LadderCrossAttention(nn.Module):
     """k-LST's per-layer cross-attention: s (B, S, d_s) queries the k stacked ladder features
     (k, B·S, d_s) of the same tokens; W_k, W_v are fused into the kernel (no bias: see the op)."""

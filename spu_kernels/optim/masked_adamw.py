@@ -20,13 +20,12 @@ from typing import Iterable
 
 import torch
 
+from ..ops._checks import FLOAT_DTYPES
 from ..ops.masked_adamw import masked_adamw_
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_index(i: int, p: torch.Tensor, idx) -> torch.Tensor:
-    if not isinstance(p, torch.Tensor) or p.dtype not in _DTYPES:
+    if not isinstance(p, torch.Tensor) or p.dtype not in FLOAT_DTYPES:
         raise TypeError(f"MaskedAdamW: parameter {i} must be a float32/float16/bfloat16 tensor, got "
                         f"{getattr(p, 'dtype', type(p).__name__)}")
     if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 1:

@@ -31,10 +31,10 @@ from typing import Callable, Iterable
 
 import torch
 
+from ..ops._checks import FLOAT_DTYPES
 from ..ops.dropout_rng import new_seed
 from ..ops.zo_perturb import Z_MAX, zo_axpby_
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -109,7 +109,7 @@ class MeZO(torch.optim.Optimizer):
     def _check_params(self, params) -> None:
         """Before anything moves: float dtypes, and an eps whose εz cannot overflow them."""
         for dt in {p.dtype for p in params}:
-            if dt not in _DTYPES:
+            if dt not in FLOAT_DTYPES:
                 raise TypeError(f"MeZO: a trainable parameter is {dt}; MeZO perturbs float32 / float16 / "
                                 "bfloat16 parameters (freeze the others: requires_grad_(False))")
             limit = torch.finfo(dt).max / (2 * Z_MAX)

@@ -68,6 +68,18 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def block_layout(counts, chunk: int):
+    """For a multi-tensor sweep whose program k covers ``chunk`` elements of one tensor: (blk_tensor
+    (int32: each program's tensor), blk_start (int64: its first element in that tensor), programs),
+    on the host, for tensors of ``counts`` elements."""
+    blocks = [cdiv(n, chunk) for n in counts]
+    blk_tensor = torch.repeat_interleave(torch.arange(len(blocks), dtype=torch.int32), torch.tensor(blocks))
+    firsts = torch.tensor([0] + blocks[:-1]).cumsum(0)
+    blk_start = (torch.arange(int(sum(blocks)), dtype=torch.int64)
+                 - torch.repeat_interleave(firsts, torch.tensor(blocks))) * chunk
+    return blk_tensor, blk_start, int(sum(blocks))
+
+
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (0 for n <= 0, as triton.next_power_of_2), host-side. A
     symbolic size (a triton_op traced with dynamic shapes) is specialised to its value."""

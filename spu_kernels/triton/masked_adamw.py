@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, TL_DTYPE, cdiv
+from ._common import INTERPRET, TL_DTYPE, block_layout
 
 # indices per program (a multiple of BLOCK): small under the interpreter, where programs are slow
 BLOCK = 128 if INTERPRET else 1024
@@ -52,14 +52,10 @@ def _table(ptrs: tuple[tuple[int, ...], ...], counts: tuple[int, ...], device: t
     """(pointer table (5 x T int64: params, grads, indices, exp_avgs, exp_avg_sqs), counts,
     blk_tensor, blk_start) as device tensors for one dtype group; cached, since an optimiser
     sweeps the same tensors every step (the key holds every value it encodes)."""
-    blocks = [cdiv(n, CHUNK) for n in counts]
-    blk_tensor = torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int32), torch.tensor(blocks))
-    firsts = torch.tensor([0] + blocks[:-1]).cumsum(0)
-    blk_start = (torch.arange(int(sum(blocks)), dtype=torch.int64)
-                 - torch.repeat_interleave(firsts, torch.tensor(blocks))) * CHUNK
+    blk_tensor, blk_start, n_prog = block_layout(counts, CHUNK)
     host = [torch.tensor(ptrs, dtype=torch.int64).reshape(-1), torch.tensor(counts, dtype=torch.int64),
             blk_tensor, blk_start]
-    return [h.to(device) for h in host], int(sum(blocks))
+    return [h.to(device) for h in host], n_prog
 
 
 def masked_adamw_multi(params, grads, indices, exp_avgs, exp_avg_sqs, lr: float, beta1: float, beta2: float,

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, TL_DTYPE, cdiv
+from ._common import INTERPRET, TL_DTYPE, block_layout
 
 # elements per program (a multiple of BLOCK): small under the interpreter, where programs are slow
 BLOCK = 256 if INTERPRET else 1024
@@ -43,14 +43,10 @@ def _zo_axpby_kernel(ptrs, numels, bases, blk_tensor, blk_start, seed, alpha, be
 def _table(ptrs: tuple[int, ...], numels: tuple[int, ...], bases: tuple[int, ...], device: torch.device):
     """(ptrs, numels, bases, blk_tensor, blk_start) as device tensors for one dtype group; cached,
     since an optimiser sweeps the same tensors every step (the key holds every value it encodes)."""
-    blocks = [cdiv(n, CHUNK) for n in numels]
-    blk_tensor = torch.repeat_interleave(torch.arange(len(ptrs), dtype=torch.int32), torch.tensor(blocks))
-    firsts = torch.tensor([0] + blocks[:-1]).cumsum(0)
-    blk_start = (torch.arange(int(sum(blocks)), dtype=torch.int64)
-                 - torch.repeat_interleave(firsts, torch.tensor(blocks))) * CHUNK
+    blk_tensor, blk_start, n_prog = block_layout(numels, CHUNK)
     host = [torch.tensor(ptrs, dtype=torch.int64), torch.tensor(numels, dtype=torch.int64),
             torch.tensor(bases, dtype=torch.int64), blk_tensor, blk_start]
-    return [h.to(device) for h in host], int(sum(blocks))
+    return [h.to(device) for h in host], n_prog
 
 
 def zo_axpby_multi(tensors, bases, seed: int, alpha: float, beta: float, stream: int) -> None:

@@ -90,6 +90,11 @@ class SiVALinear(ResidualWeight, LowRankAdapterLinear):
                 vhs.append(vh)
             w.copy_(res.to(w.dtype))   # the base layer now holds W_res
         u, vh, s = torch.cat(us), torch.cat(vhs), torch.cat(ss)
+        # the split as computed, (U₀S₀ per slice (ΣN_slice, r), V₀ᵀ (S·r, K)) fp32 on the CPU beside W:
+        # what PEFT's LoRA form of this adapter subtracts (patching/peft_format.py); re-running the
+        # seeded SVD later could give other bits (another device's RNG stream)
+        self._initial_factors = ((torch.cat([ui * si for ui, si in zip(us, ss)]).to("cpu", copy=True),
+                                  vh.to("cpu", copy=True)) if keep_original else None)   # copies: vh becomes siva_Vh
         if factors == "pissa":
             root = s.sqrt()
             # U√S per output row: each slice's rows take its own r roots
@@ -111,6 +116,11 @@ class SiVALinear(ResidualWeight, LowRankAdapterLinear):
 
     def lowrank_factors(self):
         return self.siva_Vh, self._assemble_b(self.siva_U), self.siva_S
+
+    def drop_original(self) -> None:
+        """keep_original=False: no host copies, of W or of the initial factors."""
+        super().drop_original()
+        self._initial_factors = None
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", train_s={self.train_s}, svd={self.svd}, factors={self.factors}"

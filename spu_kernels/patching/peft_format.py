@@ -34,7 +34,7 @@ from ..modules.ia3 import IA3Linear, IA3ScaledActivation
 from ..modules.krona import KronALinear
 from ..modules.lora import LoRAEmbedding, LoRALinear
 from ..modules.lowrank_base import is_conv1d
-from ..modules.siva import SiVALinear, top_r_svd
+from ..modules.siva import SiVALinear
 from .core import PatchState, patch_state
 from .unwrap import unwrap_model
 
@@ -158,32 +158,24 @@ def _lora(model: nn.Module, state: PatchState) -> tuple[dict, dict]:
 
 
 @torch.no_grad()
-def _siva_initial(m: SiVALinear, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U₀S₀ block-assembled (N, S·r), V₀ᵀ (S·r, K)): the factors the module started from,
-    re-computed as its __init__ did from the original weight."""
-    if m._original_weight is None:
-        raise NoPeftEquivalent("SiVA was patched with keep_original=False: the original weight, needed to re-compute "
-                               "the initial factors PEFT's LoRA subtracts, is gone")
-    base = m.base_layer
-    orig = m._original_weight.to(base.weight.device)
-    w32 = (orig.t() if is_conv1d(base) else orig).float()
-    us, vhs = [], []
-    for lo, hi in m.out_slices or [(0, m.out_features)]:
-        u, s, vh = top_r_svd(w32[lo:hi], m.r, m.svd, m.niter, seed=seed)
-        us.append(u * s)
-        vhs.append(vh)
-    return m._assemble_b(torch.cat(us)), torch.cat(vhs)
+def _siva_initial(m: SiVALinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U₀S₀ block-assembled (N, S·r), V₀ᵀ (S·r, K)): the factors the module started from, as its
+    __init__ kept them."""
+    if m._initial_factors is None:
+        raise NoPeftEquivalent("SiVA was patched with keep_original=False: the original weight and the initial "
+                               "factors PEFT's LoRA subtracts are gone")
+    us0, vh0 = m._initial_factors
+    return m._assemble_b(us0), vh0
 
 
 def _siva(model: nn.Module, state: PatchState) -> tuple[dict, dict]:
     tensors, ranks, drops, conv = {}, {}, [], False
-    seed = state.options.get("svd_seed", 0)
     for rep in state.replacements:
         m = rep.new
         if not isinstance(m, SiVALinear):
             raise NoPeftEquivalent(f"{rep.name} is a {type(m).__name__}, not a SiVA layer")
         a, b, g = m.lowrank_factors()
-        b0, a0 = _siva_initial(m, seed)
+        b0, a0 = _siva_initial(m)
         dt = a.dtype
         tensors[f"{PREFIX}{rep.name}.lora_A.weight"] = torch.cat([a.detach(), a0.to(dt)])
         tensors[f"{PREFIX}{rep.name}.lora_B.weight"] = torch.cat([(b * g).detach().to(dt), -b0.to(dt)], dim=1)

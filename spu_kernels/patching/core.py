@@ -321,11 +321,14 @@ def _state(model: nn.Module, what: str) -> PatchState:
 
 
 def _clear(model: nn.Module) -> None:
+    """Drop the patch's records (unpatch, merge): its state, summary, save_pretrained hook, and the
+    inactive named adapters (they left the base layers as they were; merge drops them, as PEFT does)."""
     model = unwrap_model(model)
     delattr(model, _STATE_ATTR)
     if "spu_summary" in model.__dict__:
         del model.__dict__["spu_summary"]
     remove_save_pretrained(model)
+    model.__dict__.pop(ADAPTERS_ATTR, None)
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -334,7 +337,6 @@ def unpatch(model: nn.Module) -> nn.Module:
     state = _state(model, "unpatch")
     _undo(model, state.replacements, state.requires_grad_before, state.on_undo)
     _clear(model)
-    unwrap_model(model).__dict__.pop(ADAPTERS_ATTR, None)   # inactive adapters left the base layers as they were
     return model
 
 
@@ -360,7 +362,6 @@ def merge(model: nn.Module) -> nn.Module:
     for p, flag in state.requires_grad_before:
         p.requires_grad_(flag)
     _clear(model)
-    unwrap_model(model).__dict__.pop(ADAPTERS_ATTR, None)   # the inactive adapters are dropped, as PEFT does
     return model
 
 

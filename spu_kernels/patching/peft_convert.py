@@ -19,6 +19,7 @@ from .adapters import list_adapters
 from .architectures import HEAD_NAMES
 from .core import is_patched, patch, unpatch
 from .peft_format import NoPeftEquivalent, factorization, peft_mapping
+from .pretrained import base_model_path
 from .unwrap import unwrap_model
 
 
@@ -38,8 +39,7 @@ def to_peft(model: nn.Module):
                          "one: delete the others first (spu_kernels.delete_adapter)")
     config, tensors = peft_mapping(inner)
     peft_config = peft.get_peft_config({**config, "inference_mode": False,
-                                        "base_model_name_or_path": getattr(getattr(inner, "config", None),
-                                                                           "_name_or_path", None) or None})
+                                        "base_model_name_or_path": base_model_path(inner)})
     unpatch(inner)
     pm = get_peft_model(inner, peft_config)
     result = set_peft_model_state_dict(pm, tensors)

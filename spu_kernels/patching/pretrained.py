@@ -35,6 +35,7 @@ from .checkpoint import (
 )
 from .core import patch_state
 from .hf_hooks import refuse_peft
+from .peft_format import peft_adapter_files
 from .unwrap import unwrap_model
 
 CONFIG_NAME = "spu_config.json"
@@ -60,14 +61,6 @@ def base_dtype(model: nn.Module) -> str | None:
 def model_class(model: nn.Module) -> type:
     """``model``'s own class: FSDP2's ``fully_shard`` swaps in a subclass (FSDP<Name>) to skip."""
     return next(c for c in type(model).__mro__ if not c.__module__.startswith("torch.distributed"))
-
-
-def _peft_files(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]] | None:
-    try:
-        from .peft_format import peft_adapter_files
-    except ImportError:
-        return None
-    return peft_adapter_files(model)
 
 
 def _saves_own(model: nn.Module, tensors: dict[str, torch.Tensor]) -> bool:
@@ -101,11 +94,11 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, stat
     refuse_peft(inner, "save_pretrained")
     state = patch_state(inner, "save_pretrained")
     tensors = gathered_adapter_tensors(inner, state_dict)   # a collective under FSDP2: before the rank check
-    base = base_model_path(inner)
-    peft = _peft_files(inner) if peft_format and base is not None and _saves_own(inner, tensors) else None
     folder = Path(save_directory)
     if not is_main_process:
         return folder
+    base = base_model_path(inner)
+    peft = peft_adapter_files(inner) if peft_format and base is not None and _saves_own(inner, tensors) else None
     from safetensors.torch import save_file
     if folder.is_file():
         raise FileExistsError(f"save_pretrained: {folder} is a file; give a folder path")

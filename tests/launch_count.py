@@ -10,7 +10,8 @@ import importlib
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-TRITON_MODULES = ("lowrank_linear", "ia3", "kron_linear", "ladder_cross_attention", "gemm", "partials")
+TRITON_MODULES = ("lowrank_linear", "ia3", "ia3_dynamic", "kron_linear", "ladder_cross_attention", "bottleneck_adapter",
+                  "gemm", "partials")
 # ATen ops that launch no kernel: views, allocations without fill, metadata
 NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "lift_fresh",
              "alias", "_reshape_alias", "set_", "resize_"}

@@ -3,6 +3,7 @@
 Adding a family (its ``Family`` record in spu_kernels/patching/architectures.py): its builder in
 ``FAMILY_MODELS`` and its default targets in ``EXPECTED_TARGETS``; every per-family test then runs
 on it (``make_batch`` also needs the decoder inputs of an encoder-decoder model)."""
+import pytest
 import torch
 import transformers as tf
 
@@ -107,3 +108,20 @@ def assert_restored(model, snap):
         assert torch.equal(now[k], state[k]), k
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert {n: type(m) for n, m in model.named_modules()} == types
+
+
+def assert_merge_refused(model, batch, match: str):
+    """``merge`` and ``merge_adapter`` both raise (``match``: the reason) and leave ``model``'s state
+    and outputs exactly as they were."""
+    import spu_kernels
+    with torch.no_grad():
+        want = model_output(model, batch)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=match):
+        spu_kernels.merge(model)
+    with pytest.raises(RuntimeError, match="cannot be merged"):
+        spu_kernels.merge_adapter(model)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], state[k]) for k in state)
+    with torch.no_grad():
+        assert torch.equal(model_output(model, batch), want)

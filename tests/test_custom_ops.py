@@ -9,7 +9,9 @@ import torch
 from helpers import DEVICE
 
 from spu_kernels.backends import available_backends
+from spu_kernels.ops.bottleneck_adapter import BOTTLENECK_ADAPTER
 from spu_kernels.ops.ia3 import IA3_LINEAR, IA3_SCALED_ACT
+from spu_kernels.ops.ia3_dynamic import IA3_DYNAMIC_LINEAR
 from spu_kernels.ops.kron_linear import KRON_LINEAR
 from spu_kernels.ops.ladder_cross_attention import LADDER_CROSS_ATTENTION
 from spu_kernels.ops.lowrank_linear import LOWRANK_LINEAR
@@ -48,6 +50,16 @@ def ia3_linear_cases():
     yield "bwd", (_t(T, N), None, None, w, None, ln.detach(), "output", True, False, False)
 
 
+def ia3_dynamic_cases():
+    K, N, r = 12, 10, 3
+    x, w, bias = _t(T, K, grad=True), _t(N, K), _t(N, grad=True)
+    d, u = _t(r, K, grad=True), _t(N, r, grad=True)
+    yield "fwd", (x, w, bias, d, u)
+    yield "fwd", (x, w, None, d, u)
+    yield "bwd", (_t(T, N), x.detach(), _t(T, N), w, d.detach(), u.detach(), _t(T, r), True, True, True, True)
+    yield "bwd", (_t(T, N), None, _t(T, N), None, d.detach(), u.detach(), _t(T, r), False, False, False, True)
+
+
 def ia3_act_cases():
     h, l = _t(T, 9, grad=True), _t(9, grad=True)
     for act in ("gelu", "silu"):
@@ -63,6 +75,16 @@ def kron_cases():
     yield "bwd", (_t(T, 14), x.detach(), w, a.detach(), b.detach(), 0.5, [0, 7], True, True, True, True)
 
 
+def bottleneck_cases():
+    d, r = 10, 3
+    h, wd, bd = _t(T, d, grad=True), _t(r, d, grad=True), _t(r, grad=True)
+    wu, bu = _t(d, r, grad=True), _t(d, grad=True)
+    yield "fwd", (h, wd, bd, wu, bu, "gelu")
+    yield "fwd", (h, wd, None, wu, None, "tanh")
+    yield "bwd", (_t(T, d), h.detach(), _t(T, r), wd.detach(), wu.detach(), "silu", True, True, True, True, True)
+    yield "bwd", (_t(T, d), None, _t(T, r), wd.detach(), wu.detach(), "relu", True, False, False, True, False)
+
+
 def ladder_cases():
     heads, dh, nk = 2, 4, 3
     d = heads * dh
@@ -74,8 +96,10 @@ def ladder_cases():
 
 
 OPS = {"lowrank_linear": (LOWRANK_LINEAR, lowrank_cases), "ia3_linear": (IA3_LINEAR, ia3_linear_cases),
-       "ia3_scaled_act": (IA3_SCALED_ACT, ia3_act_cases), "kron_linear": (KRON_LINEAR, kron_cases),
-       "ladder_cross_attention": (LADDER_CROSS_ATTENTION, ladder_cases)}
+       "ia3_scaled_act": (IA3_SCALED_ACT, ia3_act_cases),
+       "ia3_dynamic_linear": (IA3_DYNAMIC_LINEAR, ia3_dynamic_cases), "kron_linear": (KRON_LINEAR, kron_cases),
+       "ladder_cross_attention": (LADDER_CROSS_ATTENTION, ladder_cases),
+       "bottleneck_adapter": (BOTTLENECK_ADAPTER, bottleneck_cases)}
 PARAMS = [(name, be) for name, (pair, _) in OPS.items() for be in pair.fwd if be in available_backends()]
 
 
@@ -90,6 +114,7 @@ def test_opcheck(name, backend):
 def test_every_op_has_a_pair_per_backend():
     """Each op defines its fwd / bwd custom ops for exactly the backends it implements."""
     for name, pairs in (("lowrank_linear", [LOWRANK_LINEAR]), ("ia3", [IA3_LINEAR, IA3_SCALED_ACT]),
+                        ("ia3_dynamic", [IA3_DYNAMIC_LINEAR]), ("bottleneck_adapter", [BOTTLENECK_ADAPTER]),
                         ("kron_linear", [KRON_LINEAR]), ("ladder_cross_attention", [LADDER_CROSS_ATTENTION])):
         mod = importlib.import_module(f"spu_kernels.ops.{name}")
         for pair in pairs:

@@ -1,8 +1,8 @@
 """Property-based tests (hypothesis) of the fused ops against an independent float64 implementation
 written here from the formulas in README.md and the ops' docstrings (never the package's own
 ``*_reference`` functions): ``lowrank_linear``, ``kron_linear``, ``ia3_linear`` (output and input
-side), ``ia3_scaled_act`` and ``ladder_cross_attention``, forward and every gradient, on every
-backend this machine has (torch; triton under TRITON_INTERPRET=1).
+side), ``ia3_scaled_act``, ``ia3_dynamic_linear``, ``bottleneck_adapter`` and ``ladder_cross_attention``,
+forward and every gradient, on every backend this machine has (torch; triton under TRITON_INTERPRET=1).
 
 What is drawn: leading dims, small sizes (T·K·N stays tiny), the layout of the input (contiguous,
 a strided slice, transposed, broadcast with stride 0; transposed W), the dtype (fp32 / fp16 / bf16
@@ -41,7 +41,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from spu_kernels import ia3_linear, ia3_scaled_act, kron_linear, ladder_cross_attention, lowrank_linear
+from spu_kernels import (
+    bottleneck_adapter,
+    ia3_dynamic_linear,
+    ia3_linear,
+    ia3_scaled_act,
+    kron_linear,
+    ladder_cross_attention,
+    lowrank_linear,
+)
 from spu_kernels.backends import available_backends
 from spu_kernels.ops.dropout_rng import dropout_keep_mask
 
@@ -386,6 +394,99 @@ def test_ia3_linear_matches_float64_math(backend):
         def math_fn(t, mag=False):
             return ia3_math(t, view, side)
         compare(op, math_fn, leaves, dy, dt, f"{backend} ia3_linear[{side}]")
+    check()
+
+
+# --------------------------------------------------------------------------------------------
+# ia3_dynamic_linear:  y = (x Wᵀ + b) ⊙ (1 + tanh((x Dᵀ) Uᵀ))
+# --------------------------------------------------------------------------------------------
+@st.composite
+def ia3_dynamic_cases(draw, backend):
+    c = draw(common(backend))
+    m = small(backend)
+    c.update(lead=draw(lead_dims(m)), K=draw(st.integers(1, m)), N=draw(st.integers(1, m)), r=draw(st.integers(1, 5)),
+             bias=draw(st.booleans()), w_t=draw(st.booleans()), u_scale=draw(st.sampled_from([0.0, 0.3, 1.0, 4.0])),
+             grads=draw(st.sets(st.sampled_from(["x", "bias", "down", "up"]), min_size=1)))
+    return c
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ia3_dynamic_linear_matches_float64_math(backend):
+    @fuzz_settings(backend)
+    @given(c=ia3_dynamic_cases(backend))
+    def check(c):
+        dt, K, N, r = c["dtype"], c["K"], c["N"], c["r"]
+        gen, pdt, xleaf, view, w = frozen_linear_inputs(c, K, N)
+        leaves = dict(x=_leaf(xleaf, dt, "x" in c["grads"]), w=w,
+                      bias=_leaf(_param(gen, (N,)), dt, "bias" in c["grads"]) if c["bias"] else None,
+                      down=_leaf(_param(gen, (r, K), K ** -0.5), pdt, "down" in c["grads"]),
+                      up=_leaf(_param(gen, (N, r), c["u_scale"]), pdt, "up" in c["grads"]))
+        if not any(v is not None and v.requires_grad for v in leaves.values()):
+            leaves["up"].requires_grad_(True)
+        dy = torch.randn(*c["lead"], N, generator=gen).to(DEVICE, dt)
+
+        def op(t):
+            return ia3_dynamic_linear(view(t["x"]), t["w"], t["bias"], t["down"], t["up"], backend=backend)
+
+        def math_fn(t):
+            x = view(t["x"])
+            z = x @ t["w"].to(x.dtype).t()
+            if t["bias"] is not None:
+                z = z + t["bias"]
+            return z * (1 + torch.tanh((x @ t["down"].to(x.dtype).t()) @ t["up"].to(x.dtype).t()))
+        compare(op, math_fn, leaves, dy, dt, f"{backend} ia3_dynamic_linear", multilinear=False)
+    check()
+
+
+# --------------------------------------------------------------------------------------------
+# bottleneck_adapter:  y = h + act(h W_dᵀ + b_d) W_uᵀ + b_u
+# --------------------------------------------------------------------------------------------
+BOTTLENECK_ACT = {"relu": lambda z: torch.where(z > 0, z, torch.zeros_like(z)),
+                  "gelu": lambda z: 0.5 * z * torch.erfc(-z / math.sqrt(2.0)),
+                  "silu": lambda z: z * torch.sigmoid(z), "tanh": torch.tanh}
+
+
+@st.composite
+def bottleneck_cases(draw, backend):
+    c = draw(common(backend))
+    m = small(backend)
+    c.update(lead=draw(lead_dims(2 * m)), D=draw(st.integers(1, 2 * m)), r=draw(st.integers(1, 5)),
+             biases=draw(st.booleans()), activation=draw(st.sampled_from(sorted(BOTTLENECK_ACT))),
+             up_scale=draw(st.sampled_from([0.0, 0.3, 1.0])),
+             grads=draw(st.sets(st.sampled_from(["h", "wd", "bd", "wu", "bu"]), min_size=1)))
+    return c
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bottleneck_adapter_matches_float64_math(backend):
+    @fuzz_settings(backend)
+    @given(c=bottleneck_cases(backend))
+    def check(c):
+        dt, D, r, act = c["dtype"], c["D"], c["r"], c["activation"]
+        gen = torch.Generator().manual_seed(c["seed"])
+        pdt = torch.float32 if c["master_fp32"] else dt
+        hleaf, view = make_x_leaf(gen, c["lead"], D, c["layout"], dt, c["mag"])
+        leaves = dict(h=_leaf(hleaf, dt, "h" in c["grads"]),
+                      wd=_leaf(_param(gen, (r, D), D ** -0.5 / c["mag"]), pdt, "wd" in c["grads"]),
+                      bd=_leaf(_param(gen, (r,)), pdt, "bd" in c["grads"]) if c["biases"] else None,
+                      wu=_leaf(_param(gen, (D, r), c["up_scale"]), pdt, "wu" in c["grads"]),
+                      bu=_leaf(_param(gen, (D,)), pdt, "bu" in c["grads"]) if c["biases"] else None)
+        if not any(v is not None and v.requires_grad for v in leaves.values()):
+            leaves["wu"].requires_grad_(True)
+        dy = torch.randn(*c["lead"], D, generator=gen).to(DEVICE, dt)
+
+        def op(t):
+            return bottleneck_adapter(view(t["h"]), t["wd"], t["bd"], t["wu"], t["bu"], act, backend=backend)
+
+        def math_fn(t):
+            h = view(t["h"])
+            cast = lambda v: v.to(h.dtype) if v is not None else None
+            z = h @ cast(t["wd"]).t()
+            if t["bd"] is not None:
+                z = z + cast(t["bd"])
+            y = h + BOTTLENECK_ACT[act](z) @ cast(t["wu"]).t()
+            return y + cast(t["bu"]) if t["bu"] is not None else y
+        compare(op, math_fn, leaves, dy, dt, f"{backend} bottleneck_adapter[{act}]", multilinear=False)
     check()
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import transformers as tf
-from models import assert_restored, make_batch, make_model, model_output, snapshot
+from models import assert_merge_refused, assert_restored, make_batch, make_model, model_output, snapshot
 
 import spu_kernels
 from spu_kernels.modules import IA3DynamicLinear, IA3Linear, IA3ScaledActivation
@@ -192,15 +192,7 @@ def test_merge_refuses_before_anything_changes():
     batch = make_batch("llama")
     spu_kernels.patch(model, "ia3", dynamic=True)
     perturb(model)
-    want = output(model, batch)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(RuntimeError, match="cannot be merged: its scale depends on each token"):
-        spu_kernels.merge(model)
-    with pytest.raises(RuntimeError, match="cannot be merged"):
-        spu_kernels.merge_adapter(model)
-    after = model.state_dict()
-    assert all(torch.equal(after[k], state[k]) for k in state)
-    assert torch.equal(output(model, batch), want)
+    assert_merge_refused(model, batch, "cannot be merged: its scale depends on each token")
 
 
 def test_save_load_and_pretrained_round_trip(tmp_path):
@@ -279,3 +271,30 @@ def test_named_adapters_switch_exactly():
     assert torch.equal(output(model, batch), b)
     spu_kernels.unpatch(model)
     assert torch.equal(output(model, batch), base)
+
+
+
+def test_fullgraph_compile_matches_eager():
+    """Both sides under torch.compile(fullgraph=True) (aot_eager: the fused op's custom ops in the joint
+    graph), GPT-2's Conv1D with k / v slices on the output side: eager's output and grads."""
+    out = IA3DynamicLinear(tf.pytorch_utils.Conv1D(12, 8), side="output", out_slices=[(4, 8), (8, 12)], rank=2)
+    inp = IA3DynamicLinear(nn.Linear(12, 8), side="input", rank=2)
+    with torch.no_grad():
+        for mod in (out, inp):
+            mod.ia3_up.normal_()
+    x = torch.randn(2, 3, 8)
+    params = [out.ia3_down, out.ia3_up, inp.ia3_down, inp.ia3_up, out.base_layer.bias]
+
+    def step(fn):
+        xx = x.clone().requires_grad_(True)
+        y = fn(xx)
+        return (y.detach(), *torch.autograd.grad(y.square().sum(), [xx, *params]))
+    torch._dynamo.reset()
+    try:
+        with spu_kernels.use_backend("torch"):
+            got = step(torch.compile(lambda t: inp(out(t)), backend="aot_eager", fullgraph=True))
+            want = step(lambda t: inp(out(t)))
+    finally:
+        torch._dynamo.reset()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -24,8 +24,13 @@ LAUNCHES = {
                              "splits' partials"),
     "ia3_linear input": (3, "GEMM with x⊙l | dx GEMM with grad_l's row-block partials, their sum"),
     "ia3_scaled_act": (3, "act⊙l | one pass for dh and grad_l, the sum of its token splits' partials"),
+    "ia3_dynamic_linear": (6, "GEMM with x Dᵀ in its K loop, ⊙(1 + tanh) in its epilogue | one pass over dy and y "
+                              "(dz, dg's column-split shares, grad_U's row-block partials), the two ordered sums, "
+                              "dx GEMM (+ dg D), grad_D GEMM (5 with one column split)"),
     "kron_linear": (6, "GEMM, Kronecker term | dx GEMM, its term, grad_A and grad_B in one kernel, the sum of its "
                        "token splits' partials (GEMMs past TRITON_GEMM_MAX_MACS: cuBLAS, same count)"),
+    "bottleneck_adapter": (8, "down, act, up and residual in one kernel | dz and dh in one kernel, grad_W_d and "
+                              "grad_W_u GEMMs and their casts to the fp32 weights, the two bias sums"),
     "ladder_cross_attention": (4, "fused attention | fused backward (head groups write fp32 parts of dC), their "
                                   "ordered sum in the activations' dtype, dW (3 with one head group)"),
 }
@@ -46,7 +51,11 @@ def _call(name):
         "ia3_linear output": (spu_kernels.ia3_linear, (_x(T, K), w, None, _x(N, dtype=f32)), {}),
         "ia3_linear input": (spu_kernels.ia3_linear, (_x(T, K), w, None, _x(K, dtype=f32)), {"side": "input"}),
         "ia3_scaled_act": (spu_kernels.ia3_scaled_act, (_x(T, 37), _x(37, dtype=f32)), {}),
+        "ia3_dynamic_linear": (spu_kernels.ia3_dynamic_linear,
+                               (_x(T, K), w, None, _x(R, K, dtype=f32), _x(N, R, dtype=f32)), {}),
         "kron_linear": (spu_kernels.kron_linear, (_x(T, K), w, None, _x(5, 6, dtype=f32), _x(8, 8, dtype=f32)), {}),
+        "bottleneck_adapter": (spu_kernels.bottleneck_adapter, (_x(T, N), _x(R, N, dtype=f32), _x(R, dtype=f32),
+                                                                _x(N, R, dtype=f32), _x(N, dtype=f32)), {}),
         "ladder_cross_attention": (spu_kernels.ladder_cross_attention,
                                    (_x(T, 4, 8), _x(3, T, 32), _x(32, 32, dtype=f32), _x(32, 32, dtype=f32)), {}),
     }[name]

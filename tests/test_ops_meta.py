@@ -17,6 +17,10 @@ CASES = {
     "ia3_linear input": lambda x: spu_kernels.ia3_linear(x, _m(6, 8), None, _m(8, grad=True), side="input"),
     "kron_linear": lambda x: spu_kernels.kron_linear(x, _m(6, 8), None, _m(2, 2, grad=True), _m(3, 4, grad=True)),
     "ia3_scaled_act": lambda x: spu_kernels.ia3_scaled_act(x, _m(8, grad=True)),
+    "bottleneck_adapter": lambda x: spu_kernels.bottleneck_adapter(x, _m(3, 8, grad=True), _m(3, grad=True),
+                                                                   _m(8, 3, grad=True), _m(8, grad=True), "gelu"),
+    "ia3_dynamic_linear": lambda x: spu_kernels.ia3_dynamic_linear(x, _m(6, 8), _m(6, grad=True), _m(2, 8, grad=True),
+                                                                   _m(6, 2, grad=True)),
 }
 
 
@@ -24,7 +28,8 @@ CASES = {
 def test_ops_infer_shapes_on_meta_tensors(op):
     x = _m(3, 4, 8, grad=True)
     y = CASES[op](x)
-    assert y.device.type == "meta" and y.shape == ((3, 4, 8) if op == "ia3_scaled_act" else (3, 4, 6))
+    same = op in ("ia3_scaled_act", "bottleneck_adapter")
+    assert y.device.type == "meta" and y.shape == ((3, 4, 8) if same else (3, 4, 6))
     y.sum().backward()
     assert x.grad.shape == x.shape and x.grad.device.type == "meta"
 

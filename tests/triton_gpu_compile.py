@@ -42,7 +42,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # must not spill; spills may only shrink. fp32 operands run on FMA (ieee dots, no tensor cores).
 SPILL_BUDGET = {
     "16-bit": {
-        "_gemm_kernel": 80,         # the dx GEMM with dropout and grad_A (bf16 16-48 B, fp16 80 B)
+        "_gemm_kernel": 88,         # the dx GEMM with dropout and grad_A, 64×128 (bf16 16-48 B, fp16 88 B)
         "_bwd_kernel": 912,         # the ladder's backward
         "_dw_kernel": 968,
         "_fwd_kernel": 40,
@@ -50,7 +50,10 @@ SPILL_BUDGET = {
         "_scaled_act_bwd_kernel": 8,
     },
     "fp32": {
-        "_gemm_kernel": 152,        # the rank-r and grad_A epilogues beside a 64×64 FMA accumulator
+        "_gemm_kernel": 232,        # the rank-r and grad_A epilogues beside a 64×128 FMA accumulator
+                                    # (lowrank dropout, the cuBLAS way's rank-r GEMM: 232 B; grad_A: 168 B)
+        "_bottleneck_bwd_kernel": 136,   # r = 128: g (BLOCK_M × 128) and its act' beside the dh tile
+        "_bottleneck_fwd_kernel": 8,
         "_bwd_kernel": 912,
         "_dw_kernel": 968,
         "_fwd_kernel": 40,
@@ -148,6 +151,17 @@ def ops(dt):
             _grads(O.ia3_scaled_act(h, l, name, backend="triton"), h, l)
         return f
 
+    def ia3_dynamic():
+        x, b, d, u = r(70, 96, grad=True), r(80, grad=True), r(4, 96, grad=True), r(80, 4, grad=True)
+        _grads(O.ia3_dynamic_linear(x, r(80, 96), b, d, u, backend="triton"), x, b, d, u)
+
+    def bottleneck(act_name, rank):
+        def f():
+            h, wd, bd = r(70, 96, grad=True), r(rank, 96, grad=True), r(rank, grad=True)
+            wu, bu = r(96, rank, grad=True), r(96, grad=True)
+            _grads(O.bottleneck_adapter(h, wd, bd, wu, bu, act_name, backend="triton"), h, wd, bd, wu, bu)
+        return f
+
     def kron():
         x, a, b = r(70, 96, grad=True), r(8, 12, grad=True), r(10, 8, grad=True)
         _grads(O.kron_linear(x, r(80, 96), None, a, b, scale=0.5, backend="triton"), x, a, b)
@@ -184,6 +198,9 @@ def ops(dt):
     yield "ia3_linear input", ia3("input")
     for name in O.ia3.ACTIVATIONS:
         yield f"ia3_scaled_act {name}", act(name)
+    yield "ia3_dynamic_linear", ia3_dynamic
+    yield "bottleneck_adapter gelu r=24", bottleneck("gelu", 24)
+    yield "bottleneck_adapter relu r=128", bottleneck("relu", 128)
     yield "kron_linear", kron
     yield "ladder_cross_attention k=3 d_h=32", ladder(3, 32)
     yield "ladder_cross_attention k=5 d_h=24", ladder(5, 24)

@@ -12,8 +12,12 @@ as nn.Linear's default (Kaiming-uniform), so U's first gradients are not zero. l
 * side="input" (the FFN output linear): y = base(x ⊙ l(x)), the generator reading the FFN hidden
   state x = act(h) itself (the static method's place for the FFN scale: that linear's input).
 
-The base layer is called as it is (nn.Linear or Conv1D), so disabled / step-0 outputs are its own
-bit for bit. No merge: a scale that depends on the input cannot be folded into the weights.
+Output side: one fused op, ``ia3_dynamic_linear`` (the generator's x Dᵀ accumulated in the GEMM's K
+loop, the scale in its epilogue); GPT-2's slices give U zero rows elsewhere (tanh(0) = 0: those
+outputs exactly unscaled). Input side: torch's generator, ``dynamic_scale``, then the base layer
+called as it is. At step 0 the torch backend (CPU) gives the base layer's outputs bit for bit; the
+triton backend to rounding (its GEMM tiling), as static (IA)³. Disabled: the base layer itself.
+No merge: a scale that depends on the input cannot be folded into the weights.
 """
 from __future__ import annotations
 
@@ -24,9 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.ia3_dynamic import dynamic_scale
+from ..ops.ia3_dynamic import dynamic_scale, ia3_dynamic_linear
 from .ia3 import wrap_scaled
-from .lowrank_base import WrappedLinear
+from .lowrank_base import WrappedLinear, weight_nk
 
 DEFAULT_GENERATOR_RANK = 4
 
@@ -34,9 +38,11 @@ DEFAULT_GENERATOR_RANK = 4
 class IA3DynamicLinear(WrappedLinear):
     """y = base(x) ⊙ l(x) (side="output") or base(x ⊙ l(x)) (side="input"); see the module docstring.
 
-    The generator's weights are kept in ``adapter_dtype`` (fp32 by default); x is cast to it for
-    the generator and l to the activations' dtype. Backward saves (besides the base layer's own):
-    x (for dD), x Dᵀ (T, r_g; for dU), and the op's z and tanh(g) (ops/ia3_dynamic.py).
+    The generator's weights are kept in ``adapter_dtype`` (fp32 by default): the output side's op
+    reads them as they are; on the input side x is cast to it for the generator and l to the
+    activations' dtype. Backward saves: output side, the fused op's
+    x, W, y and g = x Dᵀ (T, r_g; ops/ia3_dynamic.py); input side (besides the base layer's own) x,
+    x Dᵀ and the scale op's tanh(g).
     """
 
     switchable = True
@@ -73,22 +79,24 @@ class IA3DynamicLinear(WrappedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bypassed():
             return self.base_forward(x)
-        g = self.generator_logits(x)
         if self.side == "input":
-            return self.base_layer(dynamic_scale(x, g))
-        z = self.base_layer(x)
+            return self.base_layer(dynamic_scale(x, self.generator_logits(x)))
+        return ia3_dynamic_linear(x, weight_nk(self.base_layer), self.base_layer.bias, self.ia3_down, self.up_full())
+
+    def up_full(self) -> torch.Tensor:
+        """U over every output row (N, r_g): zero rows outside ``out_slices`` (differentiable)."""
         if self.out_slices is None:
-            return dynamic_scale(z, g)
+            return self.ia3_up
         parts, prev, off = [], 0, 0
         for lo, hi in self.out_slices:
             if lo > prev:
-                parts.append(z[..., prev:lo])
-            parts.append(dynamic_scale(z[..., lo:hi], g[..., off:off + hi - lo]))
+                parts.append(self.ia3_up.new_zeros(lo - prev, self.rank))
+            parts.append(self.ia3_up[off:off + hi - lo])
             off += hi - lo
             prev = hi
         if prev < self.out_features:
-            parts.append(z[..., prev:])
-        return torch.cat(parts, dim=-1)
+            parts.append(self.ia3_up.new_zeros(self.out_features - prev, self.rank))
+        return torch.cat(parts)
 
     def extra_repr(self) -> str:
         sl = f", out_slices={list(self.out_slices)}" if self.out_slices else ""

@@ -84,33 +84,25 @@ def ia3(ctx: PatchContext, *, target_modules: str | Sequence[str] | None = None,
             raise ValueError(f"ia3: {clash} are in both target_modules and feedforward_modules; a layer is scaled "
                              "on its output or its input, not both")
     sites = _ffn_sites(ctx) if feedforward and ff_targets is None else []
-    if dynamic:
-        for t in targets:
-            mod = IA3DynamicLinear(t.module, side="output", out_slices=t.out_slices(), rank=rank, adapter_dtype=dt)
-            ctx.replace(t.name, mod)
-            ctx.train(p for _, p in mod.adapter_parameters())
-        inputs = [(t.name, t.module) for t in ff_targets or ()] + [(o_name, o) for _, _, o_name, o in sites]
-        for name, lin in inputs:
-            mod = IA3DynamicLinear(lin, side="input", rank=rank, adapter_dtype=dt)
-            ctx.replace(name, mod)
-            ctx.train(p for _, p in mod.adapter_parameters())
-        return
+
+    def add(name: str, mod: nn.Module) -> None:
+        ctx.replace(name, mod)
+        ctx.train(p for _, p in mod.adapter_parameters())
+
+    def scaled_linear(lin: nn.Module, side: str, out_slices=None) -> nn.Module:
+        if dynamic:
+            return IA3DynamicLinear(lin, side=side, out_slices=out_slices, rank=rank, adapter_dtype=dt)
+        return IA3Linear(lin, side=side, out_slices=out_slices, adapter_dtype=dt)
+
     for t in targets:
-        mod = IA3Linear(t.module, side="output", out_slices=t.out_slices(), adapter_dtype=dt)
-        ctx.replace(t.name, mod)
-        ctx.train(p for _, p in mod.adapter_parameters())
+        add(t.name, scaled_linear(t.module, "output", t.out_slices()))
     for t in ff_targets or ():
-        mod = IA3Linear(t.module, side="input", adapter_dtype=dt)
-        ctx.replace(t.name, mod)
-        ctx.train(p for _, p in mod.adapter_parameters())
+        add(t.name, scaled_linear(t.module, "input"))
     for act_name, act, out_name, out in sites:
         parent = ctx.model.get_submodule(act_name.rpartition(".")[0])
         gated = any(isinstance(getattr(parent, a, None), nn.Module) for a in ctx.family.gate_attrs)
         kind = activation_name(act)
-        if gated or kind is None:
-            mod = IA3Linear(out, side="input", adapter_dtype=dt)
-            ctx.replace(out_name, mod)
+        if dynamic or gated or kind is None:   # the scale on the FFN output linear's input
+            add(out_name, scaled_linear(out, "input"))
         else:
-            mod = IA3ScaledActivation(act, linear_dims(out)[0], kind, next_linear=out, adapter_dtype=dt)
-            ctx.replace(act_name, mod)
-        ctx.train(p for _, p in mod.adapter_parameters())
+            add(act_name, IA3ScaledActivation(act, linear_dims(out)[0], kind, next_linear=out, adapter_dtype=dt))

@@ -263,11 +263,14 @@ def _grad_a_tile(fp32: bool) -> tuple[int, int]:
 def _configs(fp32: bool, variant: str) -> list:
     """``reduce``: tiles of one height (its workspace has a row per row block), at most 128 wide
     (128×256 with Z's tile needs 240 KB of shared memory on sm_90, past the 227 KB a block may
-    have); ``grad_a``: tiles of one width (its row splits are chosen for that many column blocks)."""
+    have); ``grad_a``: tiles of one width (its row splits are chosen for that many column blocks);
+    ``out32``: fp32 output from 16-bit operands (e.g. grad_D of ia3_dynamic): at most 128 wide (128×256
+    stages a 128 KB fp32 output tile beside its operand stages: 245,784 B on sm_90, past 227 KB)."""
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps,
                           num_stages=stages)
             for bm, bn, bk, warps, stages in _tiles(fp32)
             if (variant != "reduce" or (bm == _reduce_block_m(fp32) and bn <= 128))
+            and (variant != "out32" or bn <= 128)
             and (variant != "grad_a" or bn == _grad_a_tile(fp32)[1])]
 
 
@@ -275,7 +278,7 @@ _KEY = ["M_BUCKET", "N", "K", "A_TMA", "B_TMA", "B_KMAJOR", "HAS_BIAS", "K_SCALE
         "HAS_DROPOUT", "REDUCE_Z", "GRAD_A", "GRAD_G"]
 # one autotuner per (operand width, variant): fp32 gets its own tiles
 _AUTOTUNED = {(fp32, variant): triton.autotune(configs=_configs(fp32, variant), key=_KEY)(_gemm_kernel)
-              for fp32 in (False, True) for variant in ("plain", "reduce", "grad_a")}
+              for fp32 in (False, True) for variant in ("plain", "reduce", "grad_a", "out32")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,7 +386,8 @@ def gemm(a_op: torch.Tensor | None, b_op: torch.Tensor | None, out: torch.Tensor
         variant = "grad_a"
     else:
         grid = lambda meta: (min(sms, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
-        variant = "reduce" if zp is not None else "plain"
+        variant = ("reduce" if zp is not None
+                   else "out32" if out.dtype == torch.float32 and a_op.dtype != torch.float32 else "plain")
     launch(_AUTOTUNED[(a_op.dtype == torch.float32, variant)])[grid](
         a_op, b_op, out, bias, k_scale, n_scale, low, right, g, reduce_z, zp, x if grads is not None else None,
         grads, u, seed,

@@ -14,6 +14,8 @@ it the block type (pre/post norm, LayerNorm/RMSNorm, activation, gated FFN, rota
 pruned backbone weights into it (``select_units`` of L1 or Fisher scores / ``SideBlock.load_pruned``).
 ``LadderBackbone`` wraps a Hugging Face backbone: frozen pass under ``torch.no_grad()``, side network,
 and the backbone's own output type with ``last_hidden_state`` (and the pooler output) recomputed.
+Encoder-decoder backbones (T5): modules/ladder_seq2seq.py builds on these (``RelativePositionBias``,
+``upsample=False``, ``block_cls``).
 """
 from __future__ import annotations
 
@@ -38,13 +40,16 @@ def _rotate_half(x):
 
 class SideBlock(nn.Module):
     """A transformer block of width d: multi-head self-attention (inner width h·d_h) and an FFN,
-    pre- or post-norm, LayerNorm or RMSNorm, plain or gated (SwiGLU-style) FFN, optional rotary."""
+    pre- or post-norm, LayerNorm or RMSNorm, plain or gated (SwiGLU-style) FFN, optional rotary.
+    ``attn_scale``: the attention logits' scale (None: 1/sqrt(head_dim); T5: 1.0, its weights absorb it).
+    ``mask`` may be a bool mask or an additive float mask (a relative position bias rides in it)."""
 
     def __init__(self, d: int, num_heads: int, head_dim: int, d_ff: int, *, act: Callable, pre_norm: bool,
                  norm: str = "layer", eps: float = 1e-5, glu: bool = False, rope: bool = False,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, attn_scale: float | None = None):
         super().__init__()
         self.h, self.dh, self.pre_norm, self.dropout, self.act = num_heads, head_dim, pre_norm, dropout, act
+        self.attn_scale = attn_scale
         inner = num_heads * head_dim
         norm_cls = (lambda: nn.LayerNorm(d, eps=eps)) if norm == "layer" else (lambda: nn.RMSNorm(d, eps=eps))
         self.ln1, self.ln2 = norm_cls(), norm_cls()
@@ -68,8 +73,10 @@ class SideBlock(nn.Module):
             ang = torch.cat((ang, ang), dim=-1)
             cos, sin = ang.cos().to(q.dtype), ang.sin().to(q.dtype)
             q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:
+            mask = mask.to(q.dtype)      # an additive mask under autocast: SDPA wants the query's dtype
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+                                           dropout_p=self.dropout if self.training else 0.0, scale=self.attn_scale)
         return self.o(y.transpose(1, 2).reshape(b, s, self.h * self.dh))
 
     def _ffn(self, x):
@@ -161,6 +168,38 @@ def select_units(imp_d: torch.Tensor, imp_hd: Sequence[torch.Tensor], imp_ff: Se
     return d_idx, per_block
 
 
+class RelativePositionBias(nn.Module):
+    """T5-style learned relative position bias: a (num_buckets, heads) table indexed by the bucket of
+    key position − query position (exact for small distances, log-spaced up to ``max_distance``;
+    bidirectional: separate buckets for keys after the query). ``forward(q_len, k_len)`` -> (1, heads,
+    q_len, k_len) in the table's dtype, added to the attention logits. Zeros at the start (no
+    position information) unless the patch copies a backbone's table into ``weight``."""
+
+    def __init__(self, num_heads: int, num_buckets: int = 32, max_distance: int = 128, bidirectional: bool = True):
+        super().__init__()
+        self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
+        self.weight = nn.Parameter(torch.zeros(num_buckets, num_heads))
+
+    def buckets(self, rel: torch.Tensor) -> torch.Tensor:
+        """The bucket (int64) of each relative position ``rel`` (key − query), as T5 computes it."""
+        n, out = self.num_buckets, torch.zeros_like(rel)
+        if self.bidirectional:
+            n //= 2
+            out = out + (rel > 0).long() * n
+            rel = rel.abs()
+        else:
+            rel = -rel.clamp(max=0)
+        exact = n // 2
+        far = exact + (torch.log(rel.float().clamp(min=1) / exact) / math.log(self.max_distance / exact)
+                       * (n - exact)).long()
+        return out + torch.where(rel < exact, rel, far.clamp(max=n - 1))
+
+    def forward(self, q_len: int, k_len: int, device=None) -> torch.Tensor:
+        device = device if device is not None else self.weight.device
+        rel = torch.arange(k_len, device=device)[None, :] - torch.arange(q_len, device=device)[:, None]
+        return self.weight[self.buckets(rel)].permute(2, 0, 1).unsqueeze(0)
+
+
 class LadderCrossAttention(nn.Module):
     """k-LST's per-layer cross-attention: s (B, S, d_s) queries the k stacked ladder features
     (k, B·S, d_s) of the same tokens; W_k, W_v are fused into the kernel (no bias: see the op)."""
@@ -196,11 +235,18 @@ class LadderSideNetwork(nn.Module):
         block: keyword arguments of ``SideBlock`` (act, pre_norm, norm, eps, glu, rope) plus
             ``head_dim`` (backbone head dim) and ``d_ff`` (backbone FFN width).
         causal: decoder (causal) side self-attention. final_norm: "layer", "rms" or None.
+        position_bias: None, or ``RelativePositionBias`` options (num_buckets, max_distance): one
+            learned bias table shared by the side blocks' self-attention (T5), bidirectional unless causal.
+        upsample: False leaves out ``up``: forward then returns the final side state (B, S, d_s)
+            (an encoder side network feeding a decoder side network's cross-attention).
+        block_cls: the side block class (``SideBlock`` or a subclass; extra forward keyword
+            arguments of ``forward`` are handed to every block).
     """
 
     def __init__(self, d: int, num_layers: int, num_heads: int, *, r: int, k: int | None = None,
                  layers: Sequence[int] | None = None, block: dict, causal: bool = False,
-                 final_norm: str | None = None, dropout: float = 0.0):
+                 final_norm: str | None = None, dropout: float = 0.0, position_bias: dict | None = None,
+                 upsample: bool = True, block_cls: type[SideBlock] = SideBlock):
         super().__init__()
         if not isinstance(r, int) or isinstance(r, bool) or r < 1 or d % r:
             raise ValueError(f"r must be a positive int dividing the hidden size {d}, got {r!r}")
@@ -238,11 +284,13 @@ class LadderSideNetwork(nn.Module):
         else:
             self.gate_alpha = None
             self.cross = nn.ModuleList(LadderCrossAttention(d_s, num_heads) for _ in layers)
-        self.blocks = nn.ModuleList(SideBlock(d_s, num_heads, dh_s, max(1, d_ff // r), dropout=dropout, **block)
+        self.blocks = nn.ModuleList(block_cls(d_s, num_heads, dh_s, max(1, d_ff // r), dropout=dropout, **block)
                                     for _ in layers)
         norm = {"layer": nn.LayerNorm, "rms": nn.RMSNorm, None: None}[final_norm]
         self.final_norm = norm(d_s, eps=block.get("eps", 1e-5)) if norm else None
-        self.up = nn.Linear(d_s, d)
+        self.rel_bias = (RelativePositionBias(num_heads, bidirectional=not causal, **position_bias)
+                         if position_bias is not None else None)
+        self.up = nn.Linear(d_s, d) if upsample else None
 
     @torch.no_grad()
     def init_selection(self, d_idx: torch.Tensor) -> None:
@@ -251,24 +299,33 @@ class LadderSideNetwork(nn.Module):
         self.down_weight.zero_()
         self.down_weight[:, torch.arange(self.d_s), d_idx] = 1.0
         self.down_bias.zero_()
-        self.up.weight.zero_()
-        self.up.weight[d_idx, torch.arange(self.d_s)] = 1.0
-        self.up.bias.zero_()
+        if self.up is not None:
+            self.up.weight.zero_()
+            self.up.weight[d_idx, torch.arange(self.d_s)] = 1.0
+            self.up.bias.zero_()
 
     def _mask(self, attention_mask, b, s, device):
-        """SDPA arguments: (bool mask (B, 1, S, S) or None, is_causal)."""
-        if attention_mask is None:
-            return None, self.causal
-        if attention_mask.dim() != 2:
+        """SDPA arguments: (bool mask (B, 1, S, S) or None, is_causal); with a relative position bias
+        an additive float mask (B or 1, heads, S, S): the bias, and the dtype's minimum where masked."""
+        if attention_mask is not None and attention_mask.dim() != 2:
             raise NotImplementedError("the ladder side network takes a (batch, seq) padding mask; got a "
                                       f"{attention_mask.dim()}-d attention_mask")
-        keep = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :].expand(b, 1, s, s)
+        if attention_mask is None and self.rel_bias is None:
+            return None, self.causal
+        keep = torch.ones(1, 1, s, s, dtype=torch.bool, device=device)
+        if attention_mask is not None:
+            keep = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :].expand(b, 1, s, s)
         if self.causal:
             keep = keep & torch.ones(s, s, dtype=torch.bool, device=device).tril()
         # a token always sees itself: fully padded rows stay finite (their outputs are ignored anyway)
-        return keep | torch.eye(s, dtype=torch.bool, device=device), False
+        keep = keep | torch.eye(s, dtype=torch.bool, device=device)
+        if self.rel_bias is None:
+            return keep, False
+        bias = self.rel_bias(s, s, device).to(self.down_weight.dtype)
+        return bias.masked_fill(~keep, torch.finfo(bias.dtype).min), False
 
-    def forward(self, hidden_states: Sequence[torch.Tensor], attention_mask: torch.Tensor | None = None):
+    def forward(self, hidden_states: Sequence[torch.Tensor], attention_mask: torch.Tensor | None = None,
+                **block_kwargs):
         if len(hidden_states) != self.num_layers + 1:
             raise ValueError(f"expected {self.num_layers + 1} hidden states (embeddings + {self.num_layers} layers), "
                              f"got {len(hidden_states)}")
@@ -287,10 +344,10 @@ class LadderSideNetwork(nn.Module):
                 state = mu * state + (1 - mu) * ladders[self._pos[i]].view(b, s, self.d_s)
             else:
                 state = state + self.cross[n](state, ladders[self._pos[lo]:self._pos[hi] + 1])
-            state = self.blocks[n](state, mask, is_causal)
+            state = self.blocks[n](state, mask, is_causal, **block_kwargs)
         if self.final_norm is not None:
             state = self.final_norm(state)
-        return self.up(state).to(out_dtype)
+        return self.up(state).to(out_dtype) if self.up is not None else state
 
 
 def _install_output_capturing_hooks(backbone: nn.Module) -> None:
@@ -331,28 +388,37 @@ class LadderBackbone(AdapterModule):
     def adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return self.side.named_parameters(prefix="side")
 
-    def forward(self, *args, **kwargs):
+    def _run_frozen(self, args, kwargs, **override):
+        """The backbone's output (hidden states on, under no_grad; ``override`` replaces inputs) and
+        ``get(name)``: the caller's argument ``name`` (positional or keyword), or None."""
         bound = self._sig.bind_partial(*args, **kwargs).arguments
         extra = bound.get("kwargs", {}) if isinstance(bound.get("kwargs"), dict) else {}
         get = lambda name: bound.get(name, extra.get(name))
         if get("past_key_values") is not None:
             raise NotImplementedError("a ladder-patched model has no KV cache for its side network: run the full "
                                       "sequence (generate(..., use_cache=False)), or unpatch for cached decoding")
-        want_hidden, return_dict = get("output_hidden_states"), get("return_dict")
-        kwargs = {**kwargs, "output_hidden_states": True, "return_dict": True}
+        if override:     # everything by name, so that an override cannot clash with a positional argument
+            args, kwargs = (), {**{k: v for k, v in bound.items() if k != "kwargs"}, **extra}
+        kwargs = {**kwargs, **override, "output_hidden_states": True, "return_dict": True}
         if self.decoder:
             kwargs["use_cache"] = False
         with torch.no_grad():
-            out = self.base_layer(*args, **kwargs)
-        y = self.side(out.hidden_states, get("attention_mask"))
+            return self.base_layer(*args, **kwargs), get
+
+    def _output(self, out, y, get):
+        """The backbone's output type with ``last_hidden_state`` = ``y`` (and the pooler output of it)."""
         fields = {k: v for k, v in out.items() if k not in ("last_hidden_state", "pooler_output", "hidden_states")}
         fields["last_hidden_state"] = y
         if out.get("pooler_output") is not None:
             fields["pooler_output"] = self.base_layer.pooler(y)
-        if want_hidden:
+        if get("output_hidden_states"):
             fields["hidden_states"] = out.hidden_states
         new = type(out)(**fields)
-        return new if return_dict is not False else new.to_tuple()
+        return new if get("return_dict") is not False else new.to_tuple()
+
+    def forward(self, *args, **kwargs):
+        out, get = self._run_frozen(args, kwargs)
+        return self._output(out, self.side(out.hidden_states, get("attention_mask")), get)
 
     # why merge() (AdapterModule's: it raises this) and core.merge() refuse this module
     merge_error = ("a ladder side network cannot be merged into the backbone: it is a separate network that reads "

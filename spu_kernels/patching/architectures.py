@@ -34,6 +34,9 @@ class SideLayout:
     d_ff: int                          # the backbone's FFN width
     causal: bool
     final_norm: nn.Module | None       # the norm after the last block (of the blocks' norm kind), if any
+    # a learned relative position bias shared by the blocks (T5): {"table": (num_buckets, heads) weight,
+    # "max_distance": int}; the side network gets its own table of that shape
+    relative_bias: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -51,8 +54,9 @@ class Family:
     gate_attrs: tuple[str, ...] = ()   # children that make an FFN block gated: hidden = act(gate) * up
     encoder_decoder: bool = False
     # ladder side networks (None: not supported): where the blocks are and the side blocks' options,
-    # side_layout(backbone, config); and one block's weights in canonical form (nn.Linear layout,
-    # full size; keys q k v o ln1 fin fout ln2, + gate) for the pruned init, side_block(block, config)
+    # side_layout(backbone, config) (encoder_decoder: of one stack, the encoder or the decoder); and one
+    # block's weights in canonical form (nn.Linear layout, full size; keys q k v o ln1 fin fout ln2, + gate;
+    # a decoder block's cross-attention: xq xk xv xo lnx) for the pruned init, side_block(block, config)
     side_layout: Callable[[nn.Module, Any], SideLayout] | None = None
     side_block: Callable[[nn.Module, Any], dict] | None = None
 
@@ -149,6 +153,33 @@ def _llama_side(backbone, cfg):
                       cfg.intermediate_size, True, backbone.norm)
 
 
+def _t5_block(block, cfg):
+    """A T5Block (encoder: self-attention, FFN; decoder: also cross-attention, as "xq" .. "xo", "lnx")."""
+    sa, ff = block.layer[0], block.layer[-1]
+    a, m = sa.SelfAttention, ff.DenseReluDense
+    gated = hasattr(m, "wi_0")
+    out = {"q": _lin(a.q), "k": _lin(a.k), "v": _lin(a.v), "o": _lin(a.o), "ln1": _norm(sa.layer_norm),
+           "fin": _lin(m.wi_1 if gated else m.wi), "fout": _lin(m.wo), "ln2": _norm(ff.layer_norm)}
+    if gated:
+        out["gate"] = _lin(m.wi_0)
+    if len(block.layer) == 3:
+        x = block.layer[1].EncDecAttention
+        out.update(xq=_lin(x.q), xk=_lin(x.k), xv=_lin(x.v), xo=_lin(x.o), lnx=_norm(block.layer[1].layer_norm))
+    return out
+
+
+def _t5_side(stack, cfg):
+    """One T5 stack (``model.encoder`` or ``model.decoder``): pre-norm RMS blocks, unscaled attention
+    logits (T5 folds the scale into its weights), relu or gated-gelu FFN, block 0's relative bias."""
+    attn = stack.block[0].layer[0].SelfAttention
+    return SideLayout(stack.block,
+                      dict(act=_act(cfg.dense_act_fn), pre_norm=True, norm="rms", eps=cfg.layer_norm_epsilon,
+                           glu=cfg.is_gated_act, attn_scale=1.0),
+                      cfg.d_ff, bool(stack.is_decoder), stack.final_layer_norm,
+                      {"table": attn.relative_attention_bias.weight,
+                       "max_distance": attn.relative_attention_max_distance})
+
+
 # --- the families ---------------------------------------------------------------------------------
 
 _ATTN = ("query", "key", "value")
@@ -169,7 +200,8 @@ FAMILIES = (
             "ffn_act": r"DenseReluDense\.act"},
            stacks=(r"encoder\.block", r"decoder\.block"),
            top=(r"encoder\.final_layer_norm", r"decoder\.final_layer_norm"),
-           positions="relative", gate_attrs=("wi_0",), encoder_decoder=True),   # T5 v1.1 "gated-gelu": wi_0, wi_1
+           positions="relative", gate_attrs=("wi_0",), encoder_decoder=True,   # T5 v1.1 "gated-gelu": wi_0, wi_1
+           side_layout=_t5_side, side_block=_t5_block),   # side_layout of one stack (encoder or decoder)
     Family("gpt2", ("gpt2",),
            {"attn_out": r"attn\.c_proj", "ffn_in": r"mlp\.c_fc", "ffn_out": r"mlp\.c_proj",
             "ffn_act": r"mlp\.act"},

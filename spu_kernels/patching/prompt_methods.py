@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..modules.ladder import LadderBackbone
 from ..modules.soft_prompt import SoftPromptBackbone
 from .core import PatchContext
 from .options import float_dtype
@@ -18,6 +19,9 @@ from .registry import register_method, register_shared_option
 
 def _target(model: nn.Module) -> str:
     """Qualified name of the module the prompt wraps."""
+    if any(isinstance(m, LadderBackbone) for m in model.modules()):
+        raise ValueError("soft prompt: a ladder side network (lst / klst) reads the backbone's hidden states "
+                         "directly; soft prompts cannot be combined with it")
     cfg = getattr(model, "config", None)
     if getattr(cfg, "is_encoder_decoder", False):
         for name, mod in model.named_modules():
@@ -27,9 +31,6 @@ def _target(model: nn.Module) -> str:
     prefix = getattr(model, "base_model_prefix", "")
     child = getattr(model, prefix, None) if prefix else None
     if isinstance(child, nn.Module) and child is not model and hasattr(child, "get_input_embeddings"):
-        if type(child).__name__ == "LadderBackbone":
-            raise ValueError("soft prompt: a ladder side network (lst / klst) reads the backbone's hidden states "
-                             "directly; soft prompts cannot be combined with it")
         return prefix
     raise ValueError(f"soft prompt needs a task model with a backbone child (e.g. BertForSequenceClassification, "
                      f"GPT2LMHeadModel); {type(model).__name__} has no {prefix!r} child with input embeddings")

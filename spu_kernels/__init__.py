@@ -13,6 +13,7 @@ replacing module) and ops/_library.py (op pairs, backends) say how they fit toge
 from ._version import __version__
 from .backends import available_backends, backend_status, use_backend
 from .modules import (
+    BottleneckAdapterLinear,
     IA3Linear,
     IA3ScaledActivation,
     KronALinear,
@@ -26,6 +27,8 @@ from .modules import (
     SoftPromptBackbone,
 )
 from .ops import (
+    bottleneck_adapter,
+    ia3_dynamic_linear,
     ia3_linear,
     ia3_scaled_act,
     kron_linear,
@@ -61,6 +64,7 @@ from .patching import (
     unpatch,
 )
 from .patching.fishmask_methods import fisher_scores, fishmask_masks
+from .patching.prefix_methods import fold_prefix
 
 
 def describe_method(name: str) -> str:
@@ -77,8 +81,9 @@ __all__ = ["patch", "unpatch", "merge", "summary", "is_patched", "save_adapter",
            "add_adapter", "set_adapter", "delete_adapter", "active_adapter", "list_adapters", "disable_adapter",
            "merge_adapter", "unmerge_adapter", "from_peft", "to_peft", "peft_adapter_files", "NoPeftEquivalent",
            "available_backends", "backend_status", "use_backend",
-           "lowrank_linear", "lowrank_linear_reference", "ia3_linear", "ia3_scaled_act", "kron_linear",
+           "lowrank_linear", "lowrank_linear_reference", "ia3_linear", "ia3_scaled_act", "ia3_dynamic_linear",
+           "kron_linear",
            "ladder_cross_attention", "ladder_cross_attention_reference", "LoRALinear", "LoRAEmbedding", "SiVALinear",
            "IA3Linear", "IA3ScaledActivation", "KronALinear", "LadderSideNetwork", "SoftPromptBackbone",
            "PromptTemplate", "PromptClassifier", "MeZO", "MaskedAdamW", "fisher_scores", "fishmask_masks",
-           "PrefixAttention", "__version__"]
+           "PrefixAttention", "fold_prefix", "BottleneckAdapterLinear", "bottleneck_adapter", "__version__"]

@@ -20,6 +20,7 @@ from spu_kernels.modules import (
     SiVALinear,
     SoftPromptBackbone,
     WrappedLinear,
+    ladder_seq2seq,
 )
 from spu_kernels.modules.lowrank_base import LowRankAdapterLinear
 from spu_kernels.modules.siva import top_r_svd
@@ -165,7 +166,8 @@ def test_module_bad_arguments(kwargs, match):
 # the module classes patch() puts in a model's place: each is an AdapterModule (modules/adapter.py)
 # (IA3DynamicLinear and PrefixAttention are tested in full in tests/test_ia3_dynamic.py, tests/test_prefix.py)
 REPLACING = (LoRALinear, LoRAEmbedding, SiVALinear, IA3Linear, IA3ScaledActivation, KronALinear, LadderBackbone,
-             SoftPromptBackbone, modules.IA3DynamicLinear, modules.PrefixAttention)
+             SoftPromptBackbone, modules.IA3DynamicLinear, modules.PrefixAttention, modules.BottleneckAdapterLinear,
+             ladder_seq2seq.LadderEncoder, ladder_seq2seq.LadderDecoder)
 
 
 def _subclasses(cls):

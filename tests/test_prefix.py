@@ -1,6 +1,6 @@
 """Prefix tuning (patch(model, "prefix")): each self-attention against softmax(q [P_k; K]^T) [P_v; V]
 written by hand, every family's shapes, training, unpatch, save / load, generate() cached ==
-uncached, and the refusals (merge, unsupported families, bad options)."""
+uncached, and the refusals (merge, unsupported families, bad options). T5: tests/test_prefix_t5.py."""
 import copy
 import math
 
@@ -13,7 +13,7 @@ import spu_kernels
 from spu_kernels.modules.prefix import PrefixAttention
 
 P = 3
-SUPPORTED = ("bert", "roberta", "gpt2", "llama", "mistral", "qwen2")
+SUPPORTED = ("bert", "roberta", "distilbert", "gpt2", "llama", "mistral", "qwen2")
 
 
 def _lm(family):
@@ -48,6 +48,10 @@ def _reference(family, wrapper, h, mask, pos_emb):
         n = a.num_attention_heads
         q, k, v = _heads(a.query(h), n), _heads(a.key(h), n), _heads(a.value(h), n)
         causal = False
+    elif family == "distilbert":
+        n = a.n_heads
+        q, k, v = _heads(a.q_lin(h), n), _heads(a.k_lin(h), n), _heads(a.v_lin(h), n)
+        causal = False
     elif family == "gpt2":
         n = a.num_heads
         q, k, v = (_heads(t, n) for t in a.c_attn(h).split(a.embed_dim, dim=2))
@@ -71,11 +75,14 @@ def _reference(family, wrapper, h, mask, pos_emb):
         return a.c_proj(out)
     if family in ("llama",):
         return a.o_proj(out)
+    if family == "distilbert":
+        return a.out_lin(out)
     return out
 
 
 @pytest.mark.parametrize("family, padding, reparam", [(f, pad, False) for f in ("bert", "gpt2", "llama")
-                                                     for pad in (True, False)] + [("llama", True, True)])
+                                                     for pad in (True, False)]
+                         + [("llama", True, True), ("distilbert", True, False), ("distilbert", False, True)])
 def test_attention_equals_hand_written_prefix_attention(family, padding, reparam):
     model = _lm(family) if family == "gpt2" else make_model(family)
     batch = make_batch(family)
@@ -116,7 +123,8 @@ def test_every_family_runs_trains_only_the_prefix_and_unpatches_exactly(family):
     assert out.shape == before.shape and torch.isfinite(out).all()
     assert not torch.allclose(out, before)          # step 0 differs: the queries attend to the prefix
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trained and all(n.endswith(("prefix_key", "prefix_value")) or n.startswith(("classifier", "score"))
+    assert trained and all(n.endswith(("prefix_key", "prefix_value"))
+                           or n.startswith(("classifier", "pre_classifier", "score"))
                            for n in trained)
     with spu_kernels.disable_adapter(model):
         assert torch.equal(model_output(model, batch), before)
@@ -127,11 +135,11 @@ def test_every_family_runs_trains_only_the_prefix_and_unpatches_exactly(family):
         model.state_dict().keys()
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("family", ["bert", "distilbert", "llama"])
 def test_loss_falls(family):
     model = make_model(family)       # eval: no dropout noise in a few steps
     batch = make_batch(family)
-    labels = torch.tensor([0, 1]) if family == "bert" else batch["input_ids"]
+    labels = batch["input_ids"] if family == "llama" else torch.tensor([0, 1])
     spu_kernels.patch(model, "prefix", n_tokens=P, train_head=False)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
     losses = []
@@ -170,12 +178,12 @@ def test_generate_cached_equals_uncached(family, padding):
     torch.testing.assert_close(cached.logits[0], first, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("reparam", [False, True])
-def test_save_load_round_trips_bit_identical_without_peft_files(tmp_path, reparam):
+@pytest.mark.parametrize("family, reparam", [("bert", False), ("bert", True), ("distilbert", False)])
+def test_save_load_round_trips_bit_identical_without_peft_files(tmp_path, family, reparam):
     base = tmp_path / "base"
-    make_model("bert").save_pretrained(base)
-    load = lambda: tf.BertForSequenceClassification.from_pretrained(base).eval()     # noqa: E731
-    batch = make_batch("bert")
+    make_model(family).save_pretrained(base)
+    load = lambda: type(make_model(family)).from_pretrained(base).eval()     # noqa: E731
+    batch = make_batch(family)
     model = spu_kernels.patch(load(), "prefix", n_tokens=P, seed=3, reparam=reparam, reparam_hidden=5)
     with torch.no_grad():
         for p in model.parameters():
@@ -203,10 +211,12 @@ def test_merge_refuses_and_model_is_unchanged():
     assert torch.equal(model_output(model, batch), want)
 
 
-@pytest.mark.parametrize("family", ["distilbert", "t5"])
-def test_unsupported_family_raises_before_changing_anything(family):
-    model = make_model(family)
-    with pytest.raises(ValueError, match="not supported yet"):
+def test_unsupported_family_raises_before_changing_anything():
+    torch.manual_seed(0)
+    model = tf.AlbertForSequenceClassification(tf.AlbertConfig(
+        vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=37, max_position_embeddings=64)).eval()
+    with pytest.raises(ValueError, match="AlbertForSequenceClassification has none: use 'prompt' or 'lora'"):
         spu_kernels.patch(model, "prefix")
     assert not spu_kernels.is_patched(model) and not any(p.requires_grad is False for p in model.parameters())
 
@@ -243,7 +253,7 @@ def test_chunked_attention_without_a_mask_equals_one_pass():
     torch.testing.assert_close(torch.cat(parts, 1), whole, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("family", ["bert", "distilbert", "gpt2", "llama"])
 def test_init_from_real_tokens(family):
     """init_token_ids: each layer's prefix is the keys / values the frozen model computes for the tokens."""
     model = make_model(family)
@@ -251,7 +261,7 @@ def test_init_from_real_tokens(family):
     want = []
     hooks = [m.register_forward_hook(lambda mod, a, out: want.append(out))
              for n, m in model.named_modules() if n.endswith(("attention.self.value", "self_attn.v_proj",
-                                                              "attn.c_attn"))]
+                                                              "attn.c_attn", "attention.v_lin"))]
     with torch.no_grad():
         getattr(model, model.base_model_prefix)(input_ids=ids[[0, 1, 2, 0, 1]][None], use_cache=False)  # cycled
     for hd in hooks:
@@ -318,3 +328,43 @@ def test_reparam_mlp_gives_every_layer_its_prefix_and_trains_once(tmp_path):
     spu_kernels.unpatch(model)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before(ids).logits)
+
+
+def test_fold_prefix_gives_plain_prefixes_with_the_same_outputs(tmp_path):
+    """fold_prefix: every layer's prefix_key / prefix_value is its MLP output, the MLP is gone, the outputs are
+    bit for bit the same, and save / load and save_pretrained -> from_pretrained read the plain prefixes."""
+    base = tmp_path / "base"
+    make_model("bert").save_pretrained(base)
+    load = lambda: tf.BertForSequenceClassification.from_pretrained(base).eval()     # noqa: E731
+    batch = make_batch("bert")
+    model = spu_kernels.patch(load(), "prefix", n_tokens=P, reparam=True, reparam_hidden=5)
+    with pytest.raises(ValueError, match="reparam=False; it folds the MLP"):
+        spu_kernels.fold_prefix(spu_kernels.patch(load(), "prefix", n_tokens=P))
+    wrappers = [m for m in model.modules() if isinstance(m, PrefixAttention)]
+    with torch.no_grad():
+        for p in wrappers[0].encoder.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        mlp = [tuple(t.clone() for t in w.prefix()) for w in wrappers]
+        want = model_output(model, batch)
+    spu_kernels.fold_prefix(model)
+    assert all(w.encoder is None for w in wrappers)
+    assert not any("self.encoder." in n for n, _ in model.named_parameters())
+    for w, (k, v) in zip(wrappers, mlp):
+        assert torch.equal(w.prefix_key, k) and torch.equal(w.prefix_value, v) and w.prefix_key.requires_grad
+    with torch.no_grad():
+        assert torch.equal(model_output(model, batch), want)
+    trained = sorted(n for n, p in model.named_parameters() if p.requires_grad and "prefix" in n)
+    assert len(trained) == 2 * len(wrappers)
+    assert spu_kernels.summary(model).trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    fresh = spu_kernels.patch(load(), "prefix", n_tokens=P)
+    spu_kernels.load_adapter(fresh, spu_kernels.save_adapter(model, tmp_path / "a.safetensors"))
+    folder = tmp_path / "adapter"
+    model.save_pretrained(folder)
+    with torch.no_grad():
+        assert torch.equal(model_output(fresh, batch), want)
+        assert torch.equal(model_output(spu_kernels.from_pretrained(folder), batch), want)
+    with pytest.raises(ValueError, match="there is none to fold"):
+        spu_kernels.fold_prefix(model)
+    spu_kernels.unpatch(model)
+    with torch.no_grad():
+        assert torch.equal(model_output(model, batch), model_output(load(), batch))

@@ -24,7 +24,8 @@ import torch  # noqa: E402
 from spu_kernels.triton.stub_driver import install_stub_launches  # noqa: E402
 
 CASES = [("lora", "llama", {"r": 4, "dropout": 0.1}), ("siva", "roberta", {"r": 4}), ("ia3", "bert", {}),
-         ("krona", "gpt2", {}), ("klst", "roberta", {"k": 3, "r": 4}), ("siva_kv", "t5", {"r": 4})]
+         ("krona", "gpt2", {}), ("klst", "roberta", {"k": 3, "r": 4}), ("siva_kv", "t5", {"r": 4}),
+         ("ia3", "llama", {"dynamic": True}), ("adapter", "distilbert", {"r": 8})]
 
 
 def main() -> int:

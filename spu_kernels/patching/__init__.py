@@ -2,6 +2,7 @@
 Nothing here knows about kernels. Importing this package registers the built-in methods."""
 # importing the method files registers their methods
 from . import (  # noqa: F401
+    bottleneck_methods,
     fishmask_methods,
     freeze_methods,  # last_n, bitfit
     ia3_methods,

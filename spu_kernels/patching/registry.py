@@ -18,6 +18,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from ..ops.bottleneck_adapter import ACTIVATIONS
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -152,6 +154,9 @@ OPTION_RULES: dict[str, tuple[Callable, str]] = {
 METHOD_OPTION_RULES: dict[tuple[str, str], tuple[Callable, str]] = {
     ("klst", "k"): (lambda v: _is_int(v) and v >= 1 and v % 2 == 1, "an odd positive int"),
     ("fishmask", "p"): (lambda v: _is_finite(v) and 0 < v <= 1, "a fraction in (0, 1]"),
+    ("prefix", "attentions"): (lambda v: v in ("all", "decoder_self"), "'all' or 'decoder_self'"),
+    ("adapter", "non_linearity"): (lambda v: v in ACTIVATIONS, "one of " + ", ".join(ACTIVATIONS)),
+    ("adapter", "placement"): (lambda v: v in ("houlsby", "pfeiffer"), "'houlsby' or 'pfeiffer'"),
 }
 
 

@@ -3,6 +3,7 @@ to the original, training moves the selected entries only (MaskedAdamW, and a pl
 through the gradient hook), loss falls, unpatch / merge, save / load and save_pretrained /
 from_pretrained bit-identical, no PEFT files, errors before anything changes."""
 import copy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -238,3 +239,155 @@ def test_a_failed_patch_removes_its_gradient_hooks():
     assert not spu_kernels.is_patched(model)
     model(**labelled(model, "bert")).loss.backward()
     assert (dict(model.named_parameters())[name].grad[1:] != 0).any()
+
+
+# -- the sparse adapter file (fishmask_format.py) --------------------------------------------------
+def trained_fishmask(family="bert", p=0.01, steps=2, **patch_kw):
+    model = make_model(family)
+    batches = [labelled(model, family)]
+    if "mask" not in patch_kw:
+        patch_kw["batches"] = batches
+    spu_kernels.patch(model, "fishmask", p=p, **patch_kw)
+    opt = spu_kernels.MaskedAdamW(spu_kernels.fishmask_masks(model), lr=3e-2)
+    for _ in range(steps):
+        model(**batches[0]).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model.eval(), inputs(batches[0])
+
+
+def test_sparse_file_holds_the_selected_entries_only(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    model, x = trained_fishmask(p=0.005)
+    mask = spu_kernels.summary(model).options["mask"]
+    k = sum(len(v) for v in mask.values())
+    params = dict(model.named_parameters())
+    head = sum(p.numel() * p.element_size() for n, p in params.items() if n.split(".")[0] in HEAD_NAMES)
+    dense = head + sum(params[n].numel() * params[n].element_size() for n in mask)   # the v2 file's tensor bytes
+    spu_kernels.save_adapter(model, tmp_path / "a.safetensors")
+    size = (tmp_path / "a.safetensors").stat().st_size
+    assert size < k * (8 + 4) + head + len(mask) * (32 + 400) + 2048     # index + fp32 value, digest, header
+    assert size < dense / 4
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+        keys = set(f.keys())
+    with warnings.catch_warnings():                                        # a deep copy keeps the base digests
+        warnings.simplefilter("error")
+        spu_kernels.save_adapter(copy.deepcopy(model), tmp_path / "copy.safetensors")
+    with safe_open(str(tmp_path / "copy.safetensors"), framework="pt") as f:
+        assert set(f.keys()) == keys and f.metadata() == meta
+    assert meta["format"] == "spu_kernels.adapter.v3" and meta["encoding"] == "fishmask.sparse.v1"
+    assert "mask" not in json.loads(meta["options"])
+    assert not keys & set(mask)                                            # no masked tensor is stored whole
+    for n, idx in mask.items():
+        assert {f"{n}::fishmask.values", f"{n}::fishmask.base_sha256"} <= keys
+        assert (f"{n}::fishmask.index" in keys) != (f"{n}::fishmask.bitmap" in keys)
+    model.save_pretrained(tmp_path / "folder")
+    cfg = json.loads((tmp_path / "folder" / "spu_config.json").read_text())
+    assert "mask" not in cfg["options"]
+    fresh = spu_kernels.from_pretrained(tmp_path / "folder", model=make_model("bert"))
+    assert torch.equal(model_output(fresh, x), model_output(model, x))
+    assert spu_kernels.summary(fresh).options["mask"] == mask
+    assert all(torch.equal(p, params[n]) for n, p in fresh.named_parameters())
+
+
+def test_index_and_bitmap_layouts_round_trip(tmp_path):
+    """A mask above 1/64 of a tensor is stored as a bitmap (numpy's little-endian packbits), a sparser one as
+    indices."""
+    import numpy as np
+
+    from spu_kernels.patching.fishmask_format import pack_bits, unpack_bits
+    idx = torch.tensor([0, 3, 8, 9, 20])
+    want = np.zeros(21, dtype=bool)
+    want[idx.numpy()] = True
+    assert pack_bits(idx, 21).tolist() == np.packbits(want, bitorder="little").tolist()
+    assert unpack_bits(pack_bits(idx, 21), 21).tolist() == idx.tolist()
+    with pytest.raises(ValueError, match="past the tensor's end"):
+        unpack_bits(torch.tensor([0, 0, 0b10000000], dtype=torch.uint8), 21)
+    dense, sparse = "bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.1.output.dense.weight"
+    model, x = trained_fishmask(mask={dense: list(range(0, 1024, 3)), sparse: [7, 100, 1000]})
+    spu_kernels.save_adapter(model, tmp_path / "a.safetensors")
+    _, _, tensors, _ = spu_kernels.patching.checkpoint.read_adapter(tmp_path / "a.safetensors")
+    assert f"{dense}::fishmask.bitmap" in tensors and f"{sparse}::fishmask.index" in tensors
+    assert tensors[f"{sparse}::fishmask.index"].tolist() == [7, 100, 1000]
+    fresh = spu_kernels.load_adapter(make_model("bert"), tmp_path / "a.safetensors")
+    assert torch.equal(model_output(fresh, x), model_output(model, x))
+    assert spu_kernels.summary(fresh).options["mask"] == spu_kernels.summary(model).options["mask"]
+
+
+def test_v2_files_with_whole_tensors_still_load(tmp_path, monkeypatch):
+    """A file as spu_kernels wrote it before the sparse layout: format v2, the mask in the options, tensors whole."""
+    from spu_kernels.patching import checkpoint
+    model, x = trained_fishmask()
+    with monkeypatch.context() as mp:
+        mp.setattr(checkpoint, "_CODECS", {})
+        spu_kernels.save_adapter(model, tmp_path / "v2.safetensors")
+    _, options, tensors, fmt = checkpoint.read_adapter(tmp_path / "v2.safetensors")
+    mask = spu_kernels.summary(model).options["mask"]
+    assert fmt == "spu_kernels.adapter.v2" and options["mask"] == mask and set(mask) <= set(tensors)
+    fresh = spu_kernels.load_adapter(make_model("bert"), tmp_path / "v2.safetensors")
+    assert torch.equal(model_output(fresh, x), model_output(model, x))
+    assert spu_kernels.summary(fresh).options["mask"] == mask
+
+
+def test_a_different_base_is_an_error_before_anything_changes(tmp_path):
+    model, _ = trained_fishmask()
+    spu_kernels.save_adapter(model, tmp_path / "a.safetensors")
+    mask = spu_kernels.summary(model).options["mask"]
+    name = next(iter(mask))
+    outside = next(i for i in range(10**6) if i not in set(mask[name]))
+    other = make_model("bert")
+    with torch.no_grad():
+        dict(other.named_parameters())[name].view(-1)[outside] += 1.0
+    before = {n: p.detach().clone() for n, p in other.named_parameters()}
+    with pytest.raises(ValueError, match=f"base weights differ.*{name}"):
+        spu_kernels.load_adapter(other, tmp_path / "a.safetensors")
+    assert not spu_kernels.is_patched(other)
+    assert all(torch.equal(p, before[n]) for n, p in other.named_parameters())
+    with pytest.raises(ValueError, match="base weights differ.*bfloat16"):
+        spu_kernels.load_adapter(make_model("bert").to(torch.bfloat16), tmp_path / "a.safetensors")
+
+
+def test_entries_moved_outside_the_mask_are_saved_whole(tmp_path):
+    """A plain AdamW with weight decay moves every entry of a touched tensor: the file keeps those tensors whole."""
+    model = make_model("bert")
+    batch = labelled(model, "bert")
+    spu_kernels.patch(model, "fishmask", p=0.01, batches=[batch])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    model(**batch).loss.backward()
+    opt.step()
+    model.eval()
+    mask = spu_kernels.summary(model).options["mask"]
+    with pytest.warns(UserWarning, match="outside the mask changed since patch"):
+        spu_kernels.save_adapter(model, tmp_path / "a.safetensors")
+    _, _, tensors, _ = spu_kernels.patching.checkpoint.read_adapter(tmp_path / "a.safetensors")
+    assert set(mask) <= set(tensors)
+    fresh = spu_kernels.load_adapter(make_model("bert"), tmp_path / "a.safetensors")
+    assert all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in fresh.named_parameters())
+
+
+def test_load_into_a_patched_model_checks_the_mask(tmp_path):
+    model, x = trained_fishmask(steps=1)
+    spu_kernels.save_adapter(model, tmp_path / "a.safetensors")
+    model2, _ = trained_fishmask(steps=1)       # same base, same mask, trained further: resuming loads the file
+    spu_kernels.load_adapter(model2, tmp_path / "a.safetensors")
+    assert torch.equal(model_output(model2, x), model_output(model, x))
+    name = next(iter(spu_kernels.summary(model).options["mask"]))
+    other = make_model("bert")
+    spu_kernels.patch(other, "fishmask", mask={name: [0]})
+    with pytest.raises(ValueError, match="another FishMask mask"):
+        spu_kernels.load_adapter(other, tmp_path / "a.safetensors")
+
+
+def test_an_unknown_encoding_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    model, _ = trained_fishmask(steps=0)
+    spu_kernels.save_adapter(model, tmp_path / "a.safetensors")
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(tmp_path / "b.safetensors"), metadata={**meta, "encoding": "fishmask.sparse.v9"})
+    with pytest.raises(ValueError, match="'fishmask.sparse.v9', which this version"):
+        spu_kernels.load_adapter(make_model("bert"), tmp_path / "b.safetensors")

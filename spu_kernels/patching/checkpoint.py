@@ -9,12 +9,21 @@ bit-identical to the saved model's. ``load_adapter`` also takes an adapter folde
 (``spu_kernels.save_pretrained``). Wrapped models (DDP, DataParallel, torch.compile) are unwrapped;
 FSDP2 / DTensor parameters are gathered (every rank must call ``save_adapter``; only
 ``is_main_process`` writes) and, on load into an already patched and sharded model, scattered
-(every rank calls ``load_adapter``). Format v1 files (which could hold a backbone's buffers) still load.
+(every rank calls ``load_adapter``).
+
+A method may store its tensors in a layout of its own (``register_file_codec``): it encodes the
+options and tensors on save and decodes them, before anything changes, on load; the file's
+metadata names the encoding (e.g. FishMask writes only the selected entries: fishmask_format.py).
+Formats: v2, and v3 (v2 plus that ``encoding``: only files written through a codec, so older
+versions refuse them instead of misreading them); v1 files (which could hold a backbone's buffers)
+still load.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -25,9 +34,38 @@ from .hf_hooks import refuse_peft
 from .unwrap import full_tensor, unwrap_model
 
 FORMAT = "spu_kernels.adapter.v2"
-_READS = ("spu_kernels.adapter.v1", FORMAT)
+#: files whose method stores its tensors through a file codec (older versions refuse them, not misread them)
+ENCODED_FORMAT = "spu_kernels.adapter.v3"
+_READS = ("spu_kernels.adapter.v1", FORMAT, ENCODED_FORMAT)
 #: the native weights file inside an adapter folder
 WEIGHTS_NAME = "spu_adapter.safetensors"
+
+
+@dataclass(frozen=True)
+class FileCodec:
+    """A method's own file layout. ``name`` (versioned, e.g. "fishmask.sparse.v1") is recorded in
+    the file's metadata as ``encoding``.
+
+    ``encode(model, options, tensors) -> (options, tensors)``: from the patched (unwrapped) model,
+    its JSON-able recorded options and ``adapter_state_dict``'s whole CPU tensors, what the file holds.
+    ``decode(model, options, tensors) -> (options, tensors)``: from the file's, the options ``patch``
+    takes and whole tensors under ``adapter_state_dict``'s names, for the (unwrapped) model about to
+    be loaded into, patched or not. It must change nothing and raise ``ValueError`` saying what
+    does not fit."""
+    name: str
+    encode: Callable[[nn.Module, dict, dict[str, torch.Tensor]], tuple[dict, dict[str, torch.Tensor]]]
+    decode: Callable[[nn.Module, dict, dict[str, torch.Tensor]], tuple[dict, dict[str, torch.Tensor]]]
+
+
+_CODECS: dict[str, FileCodec] = {}
+
+
+def register_file_codec(method: str, codec: FileCodec) -> None:
+    """Make ``save_adapter`` / ``save_pretrained`` write ``method``'s patches through ``codec`` and
+    ``load_adapter`` / ``from_pretrained`` read files naming its encoding (files without one load as usual)."""
+    if method in _CODECS:
+        raise ValueError(f"method {method!r} already has a file codec ({_CODECS[method].name})")
+    _CODECS[method] = codec
 
 
 def jsonable(options: dict) -> dict:
@@ -62,19 +100,31 @@ def save_adapter(model: nn.Module, path: str | Path, *, is_main_process: bool = 
     """Write what ``model``'s patch trains to the safetensors file ``path`` (see the module docstring)."""
     from safetensors.torch import save_file
 
-    refuse_peft(unwrap_model(model), "save_adapter")
-    state = patch_state(unwrap_model(model), "save_adapter")
+    inner = unwrap_model(model)
+    refuse_peft(inner, "save_adapter")
+    state = patch_state(inner, "save_adapter")
     tensors = gathered_adapter_tensors(model)
     path = Path(path)
     if is_main_process:
+        _, tensors, metadata = encode_adapter(inner, state, tensors)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata=file_metadata(state))
+        save_file(tensors, str(path), metadata=metadata)
     return path
 
 
-def file_metadata(state) -> dict[str, str]:
-    return {"format": FORMAT, "spu_kernels": __version__, "method": state.method,
-            "options": json.dumps(jsonable(state.options))}
+def encode_adapter(model: nn.Module, state, tensors: dict[str, torch.Tensor]
+                   ) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
+    """(JSON-able options, tensors, safetensors metadata) of the adapter file for ``state``, the patch
+    of the unwrapped ``model``, whose ``gathered_adapter_tensors`` are ``tensors``: through the
+    method's file codec where it has one."""
+    options = jsonable(state.options)
+    metadata = {"format": FORMAT, "spu_kernels": __version__, "method": state.method}
+    codec = _CODECS.get(state.method)
+    if codec is not None:
+        options, tensors = codec.encode(model, options, tensors)
+        metadata.update(format=ENCODED_FORMAT, encoding=codec.name)
+    metadata["options"] = json.dumps(options)
+    return options, tensors, metadata
 
 
 def _weights_file(path: Path) -> Path:
@@ -91,7 +141,12 @@ def _weights_file(path: Path) -> Path:
 
 
 def read_adapter(path: str | Path) -> tuple[str, dict, dict[str, torch.Tensor], str]:
-    """(method, options, tensors, format) of an adapter file or folder."""
+    """(method, options, tensors, format) of an adapter file or folder, as stored (a method's
+    encoding, e.g. FishMask's selected entries, not decoded: ``load_adapter`` decodes)."""
+    return _read(path)[:4]
+
+
+def _read(path: str | Path) -> tuple[str, dict, dict[str, torch.Tensor], str, str | None]:
     from safetensors import safe_open
     f_path = _weights_file(Path(path))
     with safe_open(str(f_path), framework="pt") as f:
@@ -100,7 +155,7 @@ def read_adapter(path: str | Path) -> tuple[str, dict, dict[str, torch.Tensor], 
             raise ValueError(f"{f_path} is not an spu_kernels adapter file (format {meta.get('format')!r}; "
                              f"this version reads {', '.join(_READS)})")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return meta["method"], json.loads(meta["options"]), tensors, meta["format"]
+    return meta["method"], json.loads(meta["options"]), tensors, meta["format"], meta.get("encoding")
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
@@ -108,9 +163,19 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     method, and load the trained tensors. Missing or unexpected names, or shape mismatches, are
     errors raised before any tensor is copied; on any error the model is left as it was (a patch
     done here is undone). Returns ``model``."""
-    method, options, tensors, fmt = read_adapter(path)
+    method, options, tensors, fmt, encoding = _read(path)
     inner = unwrap_model(model)
     refuse_peft(inner, "load_adapter")
+    if encoding is not None:
+        codec = _CODECS.get(method)
+        if codec is None or codec.name != encoding:
+            raise ValueError(f"{path} stores its tensors as {encoding!r}, which this version of spu_kernels "
+                             f"({__version__}) does not read (it reads "
+                             f"{codec.name if codec else 'no encoding'} for {method!r}); upgrade spu_kernels")
+        try:
+            options, tensors = codec.decode(inner, options, tensors)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     patched_here = not is_patched(inner)
     if patched_here:   # what the unpatched model already has (the head, trainable_modules) must fit first
         own = dict(inner.named_parameters())

@@ -24,8 +24,10 @@ Like last_n and bitfit, FishMask trains the model's own weights in place: ``unpa
 (there is nothing to fold in). The task head trains whole (``train_head``), outside the ranking.
 The recorded options hold the mask (``mask``: name -> index list), not the batches or scores, so
 ``save_adapter`` / ``load_adapter`` and ``save_pretrained`` / ``from_pretrained`` re-patch with
-the same mask; the file holds every touched tensor whole (the core saves what trains), which makes
-loading bit-identical. There is no PEFT equivalent (no PEFT files are written).
+the same mask. The adapter file is sparse (fishmask_format.py): per masked tensor the mask (indices
+or a bitmap), the values at it and a digest of the base entries outside it, which ``patch`` records
+here; loading scatters the values into the base model's tensors, bit-identical. There is no PEFT
+equivalent (no PEFT files are written).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ import torch.nn as nn
 
 from .architectures import HEAD_NAMES
 from .core import PatchContext, patch_state
+from .fishmask_format import forget_base, record_base
 from .model_modes import grads_only_for
 from .registry import register_method
 from .unwrap import unwrap_model
@@ -198,6 +201,8 @@ def fishmask(ctx: PatchContext, *, p: float = 0.005, batches: Iterable | None = 
         handles.clear()
 
     ctx.on_undo.append(remove_hooks)
+    ctx.on_undo.append(lambda: forget_base(ctx.model))
+    record_base(ctx.model, {n: (named[n], idx) for n, idx in chosen.items()})   # for the sparse adapter file
     for n, idx in chosen.items():
         param = named[n]
         ctx.train([param])

@@ -136,25 +136,35 @@ def _one_dropout(values: list[float]) -> float:
 
 
 # -- per method --------------------------------------------------------------------------------
-def _lora(model: nn.Module, state: PatchState) -> tuple[dict, dict]:
-    tensors, ranks, alphas, drops, conv = {}, {}, {}, [], False
-    for rep in state.replacements:
-        m = rep.new
-        if isinstance(m, LoRAEmbedding):
-            tensors[f"{PREFIX}{rep.name}.lora_embedding_A"] = m.lora_embedding_A
-            tensors[f"{PREFIX}{rep.name}.lora_embedding_B"] = m.lora_embedding_B
-            ranks[rep.name], alphas[rep.name] = m.r, m.scaling * m.r
-            continue
-        if not isinstance(m, LoRALinear):
-            raise NoPeftEquivalent(f"{rep.name} is a {type(m).__name__}, not a LoRA layer")
-        a, b, _ = m.lowrank_factors()         # B block-diagonal over the slices: one LoRA of rank S·r
-        tensors[f"{PREFIX}{rep.name}.lora_A.weight"] = a
-        tensors[f"{PREFIX}{rep.name}.lora_B.weight"] = b
-        ranks[rep.name], alphas[rep.name] = a.shape[0], m.scaling * a.shape[0]
-        drops.append(m.dropout)
-        conv |= is_conv1d(m.base_layer)
-    names = [rep.name for rep in state.replacements]
-    return _lora_config(names, ranks, alphas, _one_dropout(drops), conv), tensors
+#: per adapted layer: (PEFT's tensors by key suffix, rank, lora_alpha, the module whose dropout and
+#: base layer count for lora_dropout / fan_in_fan_out, or None for an embedding)
+_LoraFactors = tuple[dict[str, torch.Tensor], int, float, nn.Module | None]
+
+
+def _as_lora(factors_fn: Callable[[str, nn.Module], _LoraFactors]) -> Callable[[nn.Module, PatchState],
+                                                                              tuple[dict, dict]]:
+    """A builder writing every replaced layer as a PEFT LoRA layer, from ``factors_fn(name, module)``."""
+    def build(model: nn.Module, state: PatchState) -> tuple[dict, dict]:
+        tensors, ranks, alphas, drops, conv = {}, {}, {}, [], False
+        for rep in state.replacements:
+            parts, ranks[rep.name], alphas[rep.name], layer = factors_fn(rep.name, rep.new)
+            tensors.update({f"{PREFIX}{rep.name}.{k}": t for k, t in parts.items()})
+            if layer is not None:
+                drops.append(layer.dropout)
+                conv |= is_conv1d(layer.base_layer)
+        names = [rep.name for rep in state.replacements]
+        return _lora_config(names, ranks, alphas, _one_dropout(drops), conv), tensors
+    return build
+
+
+def _lora_factors(name: str, m: nn.Module) -> _LoraFactors:
+    if isinstance(m, LoRAEmbedding):
+        return ({"lora_embedding_A": m.lora_embedding_A, "lora_embedding_B": m.lora_embedding_B},
+                m.r, m.scaling * m.r, None)
+    if not isinstance(m, LoRALinear):
+        raise NoPeftEquivalent(f"{name} is a {type(m).__name__}, not a LoRA layer")
+    a, b, _ = m.lowrank_factors()         # B block-diagonal over the slices: one LoRA of rank S·r
+    return {"lora_A.weight": a, "lora_B.weight": b}, a.shape[0], m.scaling * a.shape[0], m
 
 
 @torch.no_grad()
@@ -168,22 +178,20 @@ def _siva_initial(m: SiVALinear) -> tuple[torch.Tensor, torch.Tensor]:
     return m._assemble_b(us0), vh0
 
 
-def _siva(model: nn.Module, state: PatchState) -> tuple[dict, dict]:
-    tensors, ranks, drops, conv = {}, {}, [], False
-    for rep in state.replacements:
-        m = rep.new
-        if not isinstance(m, SiVALinear):
-            raise NoPeftEquivalent(f"{rep.name} is a {type(m).__name__}, not a SiVA layer")
-        a, b, g = m.lowrank_factors()
-        b0, a0 = _siva_initial(m)
-        dt = a.dtype
-        tensors[f"{PREFIX}{rep.name}.lora_A.weight"] = torch.cat([a.detach(), a0.to(dt)])
-        tensors[f"{PREFIX}{rep.name}.lora_B.weight"] = torch.cat([(b * g).detach().to(dt), -b0.to(dt)], dim=1)
-        ranks[rep.name] = 2 * a.shape[0]
-        drops.append(m.dropout)
-        conv |= is_conv1d(m.base_layer)
-    names = [rep.name for rep in state.replacements]
-    return _lora_config(names, ranks, {n: float(r) for n, r in ranks.items()}, _one_dropout(drops), conv), tensors
+def _siva_factors(name: str, m: nn.Module) -> _LoraFactors:
+    """[U S | −U₀ S₀] [Vᵀ; V₀ᵀ]: rank 2·S·r, lora_alpha = rank (scaling 1)."""
+    if not isinstance(m, SiVALinear):
+        raise NoPeftEquivalent(f"{name} is a {type(m).__name__}, not a SiVA layer")
+    a, b, g = m.lowrank_factors()
+    b0, a0 = _siva_initial(m)
+    dt = a.dtype
+    parts = {"lora_A.weight": torch.cat([a.detach(), a0.to(dt)]),
+             "lora_B.weight": torch.cat([(b * g).detach().to(dt), -b0.to(dt)], dim=1)}
+    return parts, 2 * a.shape[0], float(2 * a.shape[0]), m
+
+
+_lora = _as_lora(_lora_factors)
+_siva = _as_lora(_siva_factors)
 
 
 def _ia3(model: nn.Module, state: PatchState) -> tuple[dict, dict]:

@@ -28,9 +28,8 @@ from .._version import __version__
 from .checkpoint import (
     WEIGHTS_NAME,
     adapter_state_dict,
-    file_metadata,
+    encode_adapter,
     gathered_adapter_tensors,
-    jsonable,
     load_adapter,
 )
 from .core import patch_state
@@ -99,6 +98,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, stat
         return folder
     base = base_model_path(inner)
     peft = peft_adapter_files(inner) if peft_format and base is not None and _saves_own(inner, tensors) else None
+    options, file_tensors, metadata = encode_adapter(inner, state, tensors)
     from safetensors.torch import save_file
     if folder.is_file():
         raise FileExistsError(f"save_pretrained: {folder} is a file; give a folder path")
@@ -111,12 +111,12 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, stat
         "format": FOLDER_FORMAT, "spu_kernels": __version__,
         "base_model_name_or_path": base, "architecture": model_class(inner).__name__,
         "model_type": getattr(cfg, "model_type", None), "dtype": base_dtype(inner),
-        "method": state.method, "options": jsonable(state.options),
+        "method": state.method, "options": options,
         "weights": WEIGHTS_NAME, "peft_files": peft is not None,
     }
     for stale in (CONFIG_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME):   # from an earlier save into this folder
         (folder / stale).unlink(missing_ok=True)
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata=file_metadata(state))
+    save_file(file_tensors, str(folder / WEIGHTS_NAME), metadata=metadata)
     if peft is not None:
         peft_config, peft_tensors = peft
         peft_config = {**peft_config, "base_model_name_or_path": base, "revision": None}

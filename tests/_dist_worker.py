@@ -2,10 +2,10 @@
 
     torchrun --nproc_per_node 2 tests/_dist_worker.py SPEC.json
 
-SPEC: {"ddp" | "fsdp" | "mezo" | "resume": config yaml, "model": folder, "out": folder}. It runs
-the CLI on the DDP config, ``run`` on the FSDP2 and MeZO configs, an interrupted and resumed DDP run,
-and summary / save_adapter / load_adapter on a DDP- and an FSDP2-wrapped patched model; each
-check's outcome goes to ``out/api_rank<R>.json`` (the pytest side asserts on them).
+SPEC: {"ddp" | "fsdp" | "mezo" | "resume" | "accum" | "fsdp_accum": config yaml, "model": folder, "out":
+folder}. It runs the CLI on the DDP config, ``run`` on the FSDP2, MeZO and gradient-accumulation
+configs, an interrupted and resumed DDP run, and summary / save_adapter / load_adapter on a DDP- and
+an FSDP2-wrapped patched model; each check's outcome goes to ``out/api_rank<R>.json`` (the pytest side asserts on them).
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def main(spec_path: str) -> int:
     from spu_kernels.harness.config import load_config
 
     assert cli.main(["finetune", spec["ddp"]]) == 0
-    for name in ("fsdp", "mezo"):
+    for name in ("fsdp", "mezo", "accum", "fsdp_accum"):
         cfg, _ = load_config(spec[name], [])
         train.run(cfg)
     # resume: interrupted at epoch 2's evaluation (epoch 1's checkpoint is written), then resumed

@@ -24,6 +24,7 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
 MEZO = {"optimizer": "mezo", "learning_rate": 1e-3}
+ACCUM = {"batch_size": 3, "gradient_accumulation_steps": 2}     # global batch 3 x 2 processes x 2 = 12
 
 
 def _free_port() -> int:
@@ -64,7 +65,8 @@ def two_procs(setup):
     """The 2-process runs (one torchrun launch); their output folder."""
     tmp, config = setup
     spec = {"model": str(tmp / "model"), "out": str(tmp)}
-    for name, training in (("ddp", {}), ("fsdp", {"fsdp": True}), ("mezo", MEZO), ("resume", {"epochs": 2})):
+    for name, training in (("ddp", {}), ("fsdp", {"fsdp": True}), ("mezo", MEZO), ("resume", {"epochs": 2}),
+                           ("accum", ACCUM), ("fsdp_accum", {"fsdp": True, **ACCUM})):
         (tmp / f"{name}.yaml").write_text(yaml.safe_dump(config(name, **training)))
         spec[name] = str(tmp / f"{name}.yaml")
     (tmp / "spec.json").write_text(json.dumps(spec))
@@ -110,7 +112,8 @@ def test_ddp_run_equals_one_process(setup, two_procs):
     _assert_same_run(two, one, tmp / "ddp", tmp / "ref")
     assert (tmp / "ddp" / "table.md").exists()            # the CLI's table, written once by rank 0
     assert "2 processes (data parallel), global batch 12" in (tmp / "ddp" / "table.md").read_text()
-    assert log.count("test accuracy") == 4                # rank 0 logs (ddp, fsdp, mezo, resumed); rank 1 is quiet
+    assert log.count("test accuracy") == 6                # rank 0 logs (ddp, fsdp, mezo, resumed, accum,
+    #                                                       fsdp_accum); rank 1 is quiet
 
 
 def test_fsdp_run_equals_one_process(setup, two_procs):
@@ -128,6 +131,17 @@ def test_mezo_run_equals_one_process(setup, two_procs):
     one = _one_proc(setup, "ref_mezo", **MEZO)
     two = json.loads((tmp / "mezo" / "results.json").read_text())
     _assert_same_run(two, one, tmp / "mezo", tmp / "ref_mezo", tol=1e-5)
+
+
+def test_gradient_accumulation_equals_one_process(setup, two_procs):
+    """2 micro-batches of 3 per rank (DDP no_sync / FSDP2 set_requires_gradient_sync for the first): the
+    1-process run with batch 12; the epoch's last step (8 = 6 + 2) has a micro-batch rank 1 has no part of."""
+    tmp, _ = two_procs
+    one = _one_proc(setup, "ref_accum")
+    for name in ("accum", "fsdp_accum"):
+        two = json.loads((tmp / name / "results.json").read_text())
+        assert two["gradient_accumulation_steps"] == 2 and two["fsdp"] is (name == "fsdp_accum")
+        _assert_same_run(two, one, tmp / name, tmp / "ref_accum")
 
 
 def test_resume_on_two_processes(setup, two_procs):

@@ -457,7 +457,7 @@ def test_two_phase_recipe(tiny_config):
     ({"phases": [{"method": {"name": "full"}, "trainig": {}}, {"method": {"name": "lora"}}]},
      r"phases\[0\]\.trainig: unknown key \(did you mean 'training'\?\)"),
     ({"phases": [{"method": {"name": "full"}}, {"method": {"name": "lora"}, "training": {"optimizer": "sgd"}}]},
-     r"phases\[1\]\.training\.optimizer: 'sgd' is not allowed; choose one of adamw, mezo"),
+     r"phases\[1\]\.training\.optimizer: 'sgd' is not allowed; choose one of adamw, adafactor, mezo"),
     ({"phases": [{"method": {"name": "full"}}, {"training": {}}]}, r"phases\[1\]\.method: missing"),
     ({"prompt": {"label_words": ["a", "b"]}}, r"prompt\.label_words: only with prompt\.template"),
     ({"prompt": {"template": "{text} It was.", "label_words": ["a", "b"]}}, r"prompt\.template: must contain \[MASK\]"),

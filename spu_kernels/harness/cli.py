@@ -96,7 +96,7 @@ def _effective(raw: dict, cfg, args):
 
 def finetune(args) -> list:
     from . import report
-    from .config import check_compare_entry, check_paths, load_config
+    from .config import check_compare_entry, check_optimizer, check_paths, load_config
     from .data import load_splits
     from .train import run
     cfg, raw = load_config(args.config, args.overrides)
@@ -111,6 +111,7 @@ def finetune(args) -> list:
         for m in wanted:
             get(m)                                   # unknown methods fail before any training
             check_compare_entry(m, cfg.compare.get(m))
+            check_optimizer(m, cfg.training)        # e.g. adafactor with fishmask: before any training
         base = Path(args.output_dir or cfg.training.output_dir or Path("runs") / name)
         splits = load_splits(cfg.dataset)
         results = []

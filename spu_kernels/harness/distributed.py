@@ -6,7 +6,8 @@ per process; ``wrap`` puts the patched model in DDP or, with ``training.fsdp``, 
 FSDP2 (``fully_shard`` on each transformer block, then the root). ``shard`` / ``gather_predictions``
 split an evaluation over the ranks and put the predictions back together exactly (the padded last
 shard is dropped, so no sample counts twice). ``full_params`` gathers FSDP2's sharded parameters
-for saving; ``copy_full_`` writes a whole tensor back into a sharded one; ``full_optimizer_state`` /
+for saving; ``grad_sync`` turns the gradient reduction off for all but the last micro-batch of a
+step (gradient accumulation); ``copy_full_`` writes a whole tensor back into a sharded one; ``full_optimizer_state`` /
 ``load_optimizer_state`` save and load an optimizer's state whole (as one process would). With one process every
 helper is a no-op, and the harness runs as it always did.
 """
@@ -184,6 +185,27 @@ def wrap(model: nn.Module, lm: nn.Module, d: Dist, device: torch.device, fsdp: b
     # trainable parameters get no gradient (no find_unused_parameters search each step)
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                static_graph=True)
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, sync: bool):
+    """Inside, backward passes through ``model`` (what ``wrap`` returned) reduce gradients over the
+    ranks only if ``sync``: gradient accumulation's earlier micro-batches keep them local (DDP's
+    ``no_sync``; FSDP2's ``set_requires_gradient_sync(False)``, unsharded gradients kept until the
+    synced backward) and the last one reduces the sum. One process, or ``sync``: nothing changes."""
+    if sync:
+        yield
+    elif isinstance(model, nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif is_sharded(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -59,6 +59,7 @@ METHODS: dict[str, HarnessMethod] = {
     "fishmask": HarnessMethod("fishmask", 1e-3, {"p": 0.005}, needs_batches=_no_selection),
     "prompt": HarnessMethod("prompt", 3e-3, {"n_tokens": 20}),
     "prefix": HarnessMethod("prefix", 3e-3, {"n_tokens": 20}),
+    "adapter": HarnessMethod("adapter", 1e-3, {"r": 64}),
 }
 
 # default learning rates with optimizer: mezo (its steps follow a projected gradient: much smaller)
@@ -146,6 +147,10 @@ def apply(model, name: str, args: dict, batches: Callable[[], list[dict]] | None
             p.requires_grad_(True)
         return lm
     if m.needs_batches is not None and m.needs_batches(args):
+        if hasattr(model, "lm_batch"):               # task: text2text: the LM's own inputs (target token ids)
+            if batches is None:
+                raise ConfigError(f"method {name!r} with {args} needs training batches; pass batches= to apply")
+            return spu_kernels.patch(lm, m.patch, **args, batches=[model.lm_batch(b) for b in batches()])
         if lm is not model:
             raise ConfigError(f"method {name!r} with {args}: needs training batches of the model it patches; "
                               "with a prompt template the batches are the prompt classifier's, not its LM's "

@@ -1,11 +1,19 @@
-"""The model the harness trains, and its batches: a sequence classifier, or with ``prompt.template``
+"""The model the harness trains, and its batches: a sequence classifier; with ``prompt.template``
 a language model in a ``PromptClassifier`` (the prompt handling lives here: the template, the LM
-class, token ids with the slot position, the LM that methods patch and checkpoints save).
+class, token ids with the slot position, the LM that methods patch and checkpoints save); with
+``task: text2text`` a sequence-to-sequence LM (T5) in a ``Text2TextClassifier`` (class c is its target
+words; training is the LM's own seq2seq cross-entropy, prediction is rank classification).
 
-    model, tok, name, template = load_model(cfg.model.path, num_labels, cfg.prompt, cfg.dataset.max_length)
-    items = encode(tok, examples, max_length, template)       # (token ids, label, slot or None)
+    model, tok, name, template = load_model(cfg.model, num_labels, cfg.prompt, cfg.dataset.max_length,
+                                            text2text=..., label_names=...)
+    items = encode(tok, examples, max_length, template, prefix)   # (token ids, label, slot or None)
     batch = collate(items[:32], pad_id, device)               # the model's keyword arguments
     lm_of(model)                                              # what methods patch
+
+``model.config`` (a mapping with ``model_type``) builds the model with random weights (seeded by
+the caller's ``torch.manual_seed``) from that config and ``model.tokenizer`` (null = the built-in
+all-MiniLM-L6-v2's tokenizer); vocab_size and the pad / eos / decoder-start ids come from the tokenizer.
+Such a model measures speed and memory, not accuracy.
 """
 from __future__ import annotations
 
@@ -40,8 +48,96 @@ def default_model_path() -> str:
 
 def lm_of(model):
     """The Hugging Face model that methods patch and adapters are saved from: the LM inside a
-    PromptClassifier, else the model itself."""
-    return model.model if isinstance(model, spu_kernels.PromptClassifier) else model
+    PromptClassifier or a Text2TextClassifier, else the model itself."""
+    return model.model if isinstance(model, (spu_kernels.PromptClassifier, Text2TextClassifier)) else model
+
+
+def rank_scores(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N,) sum of log p(target token) over each row's target positions: ``logits`` (N, T, V) of the
+    decoder fed the shifted targets, ``targets`` (N, T) token ids with -100 at padding."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    keep = targets != -100
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * keep).sum(-1)
+
+
+class Text2TextClassifier(torch.nn.Module):
+    """A sequence-to-sequence LM (T5) as a C-way classifier: class c is the token sequence
+    ``targets[c]`` (its target words, then eos).
+
+    ``forward(input_ids, attention_mask, labels)`` with class ids ``labels`` (B,): ``loss`` is the
+    LM's own seq2seq cross-entropy on those classes' target sequences (``logits`` None: nothing else
+    is computed). Without labels: ``logits`` (B, C) are rank-classification scores, the summed
+    log-probability of each class's target sequence (one decoder pass over the batch repeated C
+    times); the prediction is their argmax, so every prediction is some class."""
+
+    def __init__(self, model: torch.nn.Module, targets: list[list[int]]):
+        super().__init__()
+        if len(targets) < 2 or not all(targets):
+            raise ValueError(f"Text2TextClassifier: give a non-empty target sequence per class, at least 2, "
+                             f"got {targets!r}")
+        if len({tuple(t) for t in targets}) != len(targets):
+            raise ValueError(f"Text2TextClassifier: two classes have the same target tokens {targets!r}; "
+                             "give each class different target words")
+        self.model = model
+        self.targets = [list(t) for t in targets]
+        width = max(len(t) for t in targets)
+        table = torch.full((len(targets), width), -100, dtype=torch.long)
+        for c, t in enumerate(targets):
+            table[c, :len(t)] = torch.tensor(t, dtype=torch.long)
+        self.register_buffer("target_ids", table, persistent=False)     # (C, T), -100 after each target
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def lm_batch(self, batch: dict) -> dict:
+        """``batch`` (class-id labels) as the seq2seq LM's inputs: labels (B, T) the classes' target
+        token ids, -100 on padding (for a patch that scores the LM on training batches, e.g. fishmask)."""
+        out = dict(batch)
+        targets = self.target_ids[batch["labels"].to(self.target_ids.device)]
+        out["labels"] = targets[:, (targets != -100).any(0)]       # drop columns that pad every row
+        return out
+
+    def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+        if labels is not None:
+            batch = self.lm_batch({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+            out = self.model(**batch, **kwargs)
+            return SequenceClassifierOutput(loss=out.loss, logits=None)
+        n, c = input_ids.shape[0], self.target_ids.shape[0]
+        targets = self.target_ids.repeat(n, 1)                                      # (B*C, T)
+        out = self.model(input_ids=input_ids.repeat_interleave(c, 0), labels=targets, **kwargs,
+                         attention_mask=None if attention_mask is None else attention_mask.repeat_interleave(c, 0))
+        return SequenceClassifierOutput(logits=rank_scores(out.logits, targets).view(n, c))
+
+
+def target_token_ids(tok, words: list[str], eos_id: int | None) -> list[list[int]]:
+    """Each class's target sequence: the tokens of its words (no special tokens), then eos."""
+    out = []
+    for w in words:
+        ids = tok(w, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"text2text.target_words: {w!r} has no tokens under this tokenizer; give a word")
+        out.append(ids + ([eos_id] if eos_id is not None else []))
+    return out
+
+
+def class_words(text2text, label_names: list[str]) -> list[str]:
+    """The target words per class: ``text2text.target_words``, else the dataset's label names
+    (integer labels have none: an error saying to give target_words)."""
+    from .data import is_int_labels
+    words = text2text.target_words
+    if words is None:
+        if is_int_labels(label_names):
+            raise ValueError(f"text2text.target_words: the dataset's labels are the integers 0..{len(label_names) - 1}"
+                             ", which are no words to generate; give one target word per class in class-id order, "
+                             "e.g. target_words: [negative, positive]")
+        words = label_names
+    if len(words) != len(label_names):
+        raise ValueError(f"text2text.target_words: {len(words)} words for {len(label_names)} classes "
+                         f"({label_names}); give one per class, in class-id order")
+    return list(words)
 
 
 def prompt_template(tok, prompt, num_labels: int, max_length: int):
@@ -55,58 +151,119 @@ def prompt_template(tok, prompt, num_labels: int, max_length: int):
                                       causal=prompt.causal)
 
 
-def load_model(path: str | None, num_labels: int, prompt=None, max_length: int = 128):
-    """(model, tokenizer, model name, PromptTemplate or None). With ``prompt.template`` the model is
-    the LM (AutoModelForMaskedLM, or AutoModelForCausalLM for causal templates) in a PromptClassifier."""
+def _tokenizer(where: str):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(where)
+    if tok.pad_token is None:                        # GPT-2 / LLaMA tokenizers
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def random_config(raw: dict, tok):
+    """A transformers config from ``model.config`` (``model_type`` and the architecture's keys), with
+    vocab_size and the pad / eos / decoder-start ids from ``tok`` (eos: its eos token, else its sep)."""
+    from transformers import AutoConfig
+    raw = dict(raw)
+    model_type = raw.pop("model_type")
+    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    ids = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "eos_token_id": eos,
+           "decoder_start_token_id": tok.pad_token_id}
+    return AutoConfig.for_model(model_type, **raw, **{k: v for k, v in ids.items() if v is not None})
+
+
+def load_model(path, num_labels: int, prompt=None, max_length: int = 128, *, text2text=None,
+               label_names: list[str] | None = None):
+    """(model, tokenizer, model name, PromptTemplate or None). ``path``: a folder (str), None (the
+    built-in MiniLM), or a ``ModelConfig`` (path, or config + tokenizer for random weights). With
+    ``prompt.template`` the model is the LM (AutoModelForMaskedLM, or AutoModelForCausalLM for causal
+    templates) in a PromptClassifier; with ``text2text`` (the config section; ``label_names`` the
+    dataset's) an AutoModelForSeq2SeqLM in a Text2TextClassifier."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
         AutoModelForMaskedLM,
+        AutoModelForSeq2SeqLM,
         AutoModelForSequenceClassification,
-        AutoTokenizer,
     )
     transformers.logging.set_verbosity_error()     # the fresh classifier head is expected
-    where = path or default_model_path()
+    if path is None or isinstance(path, (str, os.PathLike)):
+        raw_config, tok_path = None, None
+    else:                                            # a ModelConfig
+        path, raw_config, tok_path = path.path, path.config, path.tokenizer
     if path is not None and not Path(path).expanduser().is_dir():
         raise FileNotFoundError(f"model.path: {path} is not a folder (a local Hugging Face model: config.json, "
                                 "weights and tokenizer files)")
-    where = str(Path(where).expanduser())
-    tok = AutoTokenizer.from_pretrained(where)
-    if tok.pad_token is None:                        # GPT-2 / LLaMA tokenizers
-        tok.pad_token = tok.eos_token or tok.unk_token
+    where = str(Path(path).expanduser()) if path is not None else None
+    tok_where = str(Path(tok_path).expanduser()) if tok_path else where or default_model_path()
+    tok = _tokenizer(tok_where)
+    config = random_config(raw_config, tok) if raw_config is not None else None
+
+    def build(cls, **kw):
+        if config is None:
+            return cls.from_pretrained(where or default_model_path(), **kw)
+        for k, v in kw.items():
+            if k != "ignore_mismatched_sizes":
+                setattr(config, k, v)
+        return cls.from_config(config)
     template = prompt_template(tok, prompt, num_labels, max_length)
-    if template is not None:
+    if text2text is not None:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES as s2s
+        where = where or (None if config is not None else default_model_path())
+        model_type = config.model_type if config is not None else AutoConfig.from_pretrained(where).model_type
+        if model_type not in s2s:
+            raise ValueError(f"task: text2text needs a sequence-to-sequence model (t5, mt5, bart, ...); "
+                             f"{where or 'model.config'} is a {model_type!r} model: give a T5 folder as model.path, "
+                             "or use task: classification")
+        seq2seq = build(AutoModelForSeq2SeqLM)
+        words = class_words(text2text, label_names or [str(i) for i in range(num_labels)])
+        if len(words) != num_labels:
+            raise ValueError(f"text2text.target_words: {len(words)} words for {num_labels} classes (model.num_labels)")
+        eos = seq2seq.config.eos_token_id
+        model = Text2TextClassifier(seq2seq, target_token_ids(tok, words, eos))
+    elif template is not None:
         lm_cls = AutoModelForCausalLM if template.causal else AutoModelForMaskedLM
-        model = spu_kernels.PromptClassifier(lm_cls.from_pretrained(where), template)
+        model = spu_kernels.PromptClassifier(build(lm_cls), template)
     else:
-        saved = AutoConfig.from_pretrained(where).num_labels
-        if saved != num_labels:     # a head saved for another label count is replaced, not a size-mismatch crash
-            log(f"{where} was saved with num_labels={saved}; this run has {num_labels} classes "
-                "(model.num_labels or the data): its classification head, if it has one, starts new")
-        model = AutoModelForSequenceClassification.from_pretrained(where, num_labels=num_labels,
-                                                                   ignore_mismatched_sizes=True)
+        saved = config.num_labels if config is not None else AutoConfig.from_pretrained(
+            where or default_model_path()).num_labels
+        if saved != num_labels and config is None:  # a head saved for another label count is replaced
+            log(f"{where or default_model_path()} was saved with num_labels={saved}; this run has {num_labels} "
+                "classes (model.num_labels or the data): its classification head, if it has one, starts new")
+        model = build(AutoModelForSequenceClassification, num_labels=num_labels, ignore_mismatched_sizes=True)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
-    return model, tok, (DEFAULT_MODEL_NAME if path is None else where), template
+    if raw_config is not None:
+        name = f"random {raw_config['model_type']} ({_shape(raw_config)}; tokenizer {tok_path or DEFAULT_MODEL_NAME})"
+    else:
+        name = DEFAULT_MODEL_NAME if where is None else where
+    return model, tok, name, template
 
 
-def encode(tok, examples, max_length: int, template=None) -> list[Item]:
-    """(token ids, label, slot position or None) per example (``harness.data.Example``)."""
+def _shape(raw: dict) -> str:
+    keys = ("d_model", "hidden_size", "num_layers", "num_hidden_layers", "num_decoder_layers", "num_heads",
+            "num_attention_heads", "d_ff", "intermediate_size")
+    return ", ".join(f"{k} {raw[k]}" for k in keys if k in raw) or "default sizes"
+
+
+def encode(tok, examples, max_length: int, template=None, prefix: str = "") -> list[Item]:
+    """(token ids, label, slot position or None) per example (``harness.data.Example``); ``prefix``
+    (text2text.source_prefix) goes before each text."""
     if template is not None:
         out = []
         for e in examples:
             ids, pos = template.encode_one(e.text)
             out.append((ids, e.label, pos))
         return out
-    enc = tok([e.text for e in examples], truncation=True, max_length=max_length)
+    enc = tok([prefix + e.text for e in examples], truncation=True, max_length=max_length)
     return [(ids, e.label, None) for ids, e in zip(enc["input_ids"], examples)]
 
 
 def collate(items: list[Item], pad_id: int, device) -> dict:
     """The model's keyword arguments for ``items``: input_ids, attention_mask (right-padded as
-    ``PromptTemplate.encode`` pads), labels, and slot_pos for a PromptClassifier."""
+    ``PromptTemplate.encode`` pads), labels (class ids; a Text2TextClassifier turns them into its
+    target sequences), and slot_pos for a PromptClassifier."""
     input_ids, mask = spu_kernels.PromptTemplate.pad([it[0] for it in items], pad_id)
     labels = torch.tensor([it[1] for it in items])
     out = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}

@@ -1,6 +1,7 @@
 """The Table 1 layout: one row per method -- accuracy, F1, peak memory, training samples/s,
 trainable parameters, wall time -- printed, and written as markdown, CSV and a PNG plot
-(accuracy vs peak memory, marker area ~ samples/s)."""
+(accuracy vs peak memory, marker area ~ samples/s). Classification and text-to-text runs
+(``task: text2text``) share it; the caption says how text-to-text rows predict."""
 from __future__ import annotations
 
 import csv
@@ -36,8 +37,12 @@ def _fmt(col: str, v) -> str:
 
 
 def _processes(r: dict) -> str:
-    """How the run was spread: '' for one process, else the process count, DDP / FSDP2 and the global batch."""
-    world = r.get("world_size", 1)
+    """How the run was spread: '' for one process without gradient accumulation, else the process count,
+    DDP / FSDP2, the micro-batches per step and the global batch (samples per optimizer step)."""
+    world, accumulate = r.get("world_size", 1), r.get("gradient_accumulation_steps", 1)
+    if accumulate > 1:
+        procs = f"{world} processes ({'FSDP2' if r.get('fsdp') else 'data parallel'}), " if world > 1 else ""
+        return f", {procs}{accumulate} micro-batches a step, global batch {r.get('global_batch_size')}"
     if world <= 1:
         return ""
     how = "FSDP2" if r.get("fsdp") else "data parallel"
@@ -51,7 +56,15 @@ def caption(results) -> str:
             f"max_length {r['max_length']}; {r['device']}, {r['precision']}{_processes(r)}. Accuracy and F1 (%) on "
             "the test split "
             f"at the best validation epoch; peak memory = {', '.join(kinds)}; samples/s = training samples per "
-            f"second of training steps (no evaluation).")
+            f"second of training steps (no evaluation).{_task_note(results)}")
+
+
+def _task_note(results) -> str:
+    """How text-to-text rows predict (task: text2text), or ''."""
+    if not any(_row(x).get("task") == "text2text" for x in results):
+        return ""
+    return (" Text-to-text rows: the seq2seq LM is trained to generate each class's target words, and predicts "
+            "by rank classification (the class whose target sequence has the highest summed log-probability).")
 
 
 def table_text(results) -> str:
@@ -71,7 +84,7 @@ def table_markdown(results) -> str:
 def write_csv(results, path: Path) -> Path:
     extra = ("total_params", "memory_kind", "learning_rate", "epochs", "steps", "val_accuracy", "val_f1",
              "best_epoch", "device", "precision", "model", "dataset", "n_train", "n_val", "n_test", "max_length",
-             "train_s", "world_size", "global_batch_size", "fsdp")
+             "train_s", "world_size", "global_batch_size", "gradient_accumulation_steps", "fsdp", "task")
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(COLUMNS + extra)

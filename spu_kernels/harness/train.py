@@ -1,16 +1,19 @@
 """The training loop of the harness: one method, one config -> one result row.
 
 ``run(cfg, method=...)`` loads the data and the model, applies the method (``methods.apply``),
-trains with AdamW (linear warm-up, linear decay) or MeZO (``training.optimizer: mezo``: two
-forward passes a step, no backward), evaluates on the validation split after each epoch, keeps
-the best epoch's weights (by ``cfg.metric``), writes a checkpoint per epoch (adapter in
-safetensors via ``spu_kernels.save_adapter``; for ``full`` the model's state dict) from which
-``resume=True`` continues, and finally measures the test split. Logs go to TensorBoard
+trains with AdamW or Adafactor (the T5 recipe's; both with linear warm-up, then linear decay or constant) or
+MeZO (``training.optimizer: mezo``: two forward passes a step, no backward), evaluates on the
+validation split after each epoch, keeps the best epoch's weights (by ``cfg.metric``), writes a
+checkpoint per epoch (adapter in safetensors via ``spu_kernels.save_adapter``; for ``full`` the
+model's state dict) from which ``resume=True`` continues, and finally measures the test split. Logs go to TensorBoard
 (``output_dir/tb``) and the result to ``output_dir/results.json``.
 
 With ``prompt.template`` the model is the language model itself (masked or causal) wrapped in a
 ``PromptClassifier``: class scores are the LM's scores of the label words at the [MASK] slot, and
-the method is applied to the LM. With ``phases`` the phases run in order on one model (a patched
+the method is applied to the LM. With ``task: text2text`` the model is a sequence-to-sequence LM (T5)
+in a ``Text2TextClassifier``: training minimises its own seq2seq cross-entropy on each example's class
+target words, evaluation predicts by rank classification (the class whose target sequence it scores
+highest), and the method is applied to the LM. With ``phases`` the phases run in order on one model (a patched
 phase is merged before the next one patches); per-epoch checkpoints and resume are then off, and
 the final weights are saved whole. The model, its prompt handling and the batches: model.py.
 
@@ -30,6 +33,15 @@ rank 0 alone logs and writes (checkpoints, TensorBoard, results), the others wai
 until it has. MeZO runs unwrapped on every rank with the same perturbation seeds (every rank seeds
 torch's CPU generator alike, and rank 0's state is broadcast at the start) and the loss averaged
 over the ranks, which averages the projected gradient. Runs with phases stay single-process.
+
+Gradient accumulation (``training.gradient_accumulation_steps`` N): an optimizer step takes the next
+batch_size x W x N samples of the order, as N global micro-batches of batch_size x W (cut as above;
+the last step may have fewer, and a ragged last one). Each micro-batch's loss is weighted by its
+share of the step's samples, so the accumulated gradient is the gradient of the mean loss over the
+step's samples exactly; DDP / FSDP2 reduce gradients at a step's last micro-batch only (``no_sync`` /
+``set_requires_gradient_sync``; at every one in a phase's first step, where DDP records its static
+graph), clipping, the GradScaler and the schedule act once per optimizer
+step. MeZO's closure sums the weighted micro-batch losses: its projected gradient is the step's.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (tensors only); on a CPU the process's
 peak resident set (VmHWM, reset at the start of each run through /proc/self/clear_refs on Linux,
@@ -57,7 +69,7 @@ from ..patching.unwrap import full_tensor
 from . import distributed as hdist
 from . import methods as hmethods
 from .compile import TrainStep, resolve_compile
-from .config import Config, TrainingConfig
+from .config import Config, TrainingConfig, check_optimizer
 from .data import Splits, check_labels, load_splits
 from .deps import INSTALL, need
 from .model import collate, encode, lm_of, load_model
@@ -98,8 +110,10 @@ class RunResult:
     history: list = field(default_factory=list)
     compile: str = "false"    # how the training steps ran: false, true, reduce-overhead (harness/compile.py)
     world_size: int = 1       # processes (torchrun / accelerate launch)
-    global_batch_size: int = 0    # training samples per optimizer step, over all processes
+    global_batch_size: int = 0    # training samples per optimizer step, over all processes and micro-batches
+    gradient_accumulation_steps: int = 1     # micro-batches per optimizer step
     fsdp: bool = False
+    task: str = "classification"      # or text2text: rank classification over the target words (model.py)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -331,15 +345,24 @@ def _resume_weights(ckpt: Path, model, method: str) -> None:
         raise _unreadable(ckpt, e) from e
 
 
-def _resume(ckpt: Path, model, method: str, opt, sched, scaler, device) -> tuple[dict, dict | None]:
+def _resume(ckpt: Path, model, method: str, opt, sched, scaler, device,
+            training: dict | None = None) -> tuple[dict, dict | None]:
     """Load a checkpoint's optimizer, scheduler, scaler and RNG state (the weights are already in:
-    ``_resume_weights``); (state, best weights). The optimizer state is saved whole, also under FSDP2."""
+    ``_resume_weights``); (state, best weights). The optimizer state is saved whole, also under FSDP2.
+    ``training``: the run's optimizer and gradient_accumulation_steps (``_training_key``), which must be
+    the checkpoint's (its optimizer state and step counts depend on them)."""
     try:
         saved = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
         best = (torch.load(ckpt / "best.pt", map_location="cpu", weights_only=True)
                 if (ckpt / "best.pt").exists() else None)
     except Exception as e:
         raise _unreadable(ckpt, e) from e
+    was = saved.get("training", {"optimizer": "adamw", "gradient_accumulation_steps": 1})   # older checkpoints
+    for key, value in (training or {}).items():
+        if was.get(key) != value:
+            raise ValueError(f"--resume: the checkpoint {ckpt} was trained with training.{key}: {was.get(key)}, "
+                             f"this run has {value}; resume with the checkpoint's setting, or start again "
+                             "without --resume (or with another output_dir)")
     hdist.load_optimizer_state(opt, saved["optimizer"])
     sched.load_state_dict(saved["scheduler"])
     scaler.load_state_dict(saved["scaler"])
@@ -382,12 +405,24 @@ def _open_output(out: Path, tensorboard: bool, method: str):
         return None
 
 
+def _training_key(tr: TrainingConfig) -> dict:
+    """The settings a checkpoint must share with the run that resumes it."""
+    return {"optimizer": tr.optimizer, "gradient_accumulation_steps": tr.gradient_accumulation_steps}
+
+
 def _optimizer(model, tr, lr: float):
-    """(optimizer, uses MeZO) for one phase."""
+    """(optimizer, uses MeZO) for one phase. Adafactor is transformers' with the T5 fine-tuning recipe's
+    settings (scale_parameter, relative_step and warmup_init off: steps of ``lr`` itself, which the
+    schedule scales; torch.optim.Adafactor always scales by the parameter's RMS and caps by 1/sqrt(t),
+    so zero-initialised adapters would start with steps of 1e-3 x lr); weight decay is decoupled
+    (theta x (1 - lr x wd)), the same parameter groups as AdamW."""
     if tr.optimizer == "mezo":
         return spu_kernels.MeZO(_param_groups(model, tr.weight_decay), lr=lr, eps=tr.mezo_eps), True
     lm = lm_of(model)
     if spu_kernels.is_patched(lm) and spu_kernels.summary(lm).method == "fishmask":   # state for the mask only
+        if tr.optimizer != "adamw":
+            raise ValueError(f"training.optimizer: {tr.optimizer} does not apply to fishmask, which trains with "
+                             "spu_kernels.MaskedAdamW; use optimizer: adamw (or mezo)")
         if tr.fsdp:
             raise ValueError("training.fsdp with fishmask: MaskedAdamW updates whole (unsharded) tensors through "
                              "their masks; use DDP (fsdp: false)")
@@ -395,6 +430,10 @@ def _optimizer(model, tr, lr: float):
         groups = [{**g, "params": [(p, masks[id(p)]) for p in g["params"]]}
                   for g in _param_groups(model, tr.weight_decay)]
         return spu_kernels.MaskedAdamW(groups, lr=lr), False
+    if tr.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+        return Adafactor(_param_groups(model, tr.weight_decay), lr=lr, scale_parameter=False, relative_step=False,
+                         warmup_init=False), False
     return torch.optim.AdamW(_param_groups(model, tr.weight_decay), lr=lr), False
 
 
@@ -458,6 +497,9 @@ class _Phase:
     best: float | None = None
     best_epoch: int | None = None
     best_weights: dict | None = None
+    # DDP with static_graph records the graph in its first backward, which must reduce: until a step
+    # has run, gradient accumulation reduces at every micro-batch (the same sum, more traffic)
+    stepped: bool = False
 
 
 def _plan(cfg: Config, method, method_args, learning_rate, resume: bool) -> tuple[str, list]:
@@ -474,6 +516,7 @@ def _plan(cfg: Config, method, method_args, learning_rate, resume: bool) -> tupl
         return cfg.phase_names, [(m.name, m.args, t.learning_rate, t) for m, t in cfg.phases]
     _check_fsdp(cfg.training, hdist.current())
     method = method or cfg.method.name
+    check_optimizer(method, cfg.training)
     if method_args is None:
         method_args = cfg.method.args if method == cfg.method.name else {}
     if learning_rate is None and method == cfg.method.name:
@@ -510,8 +553,11 @@ def _build(cfg: Config, method: str, multi: bool, output_dir, splits: Splits | N
     num_labels = check_labels(splits, cfg.model.num_labels)
     mem = PeakMemory(device)
     torch.manual_seed(tr.seed)
-    model, tok, model_name, template = load_model(cfg.model.path, num_labels, cfg.prompt, cfg.dataset.max_length)
-    train_data, val_data, test_data = (encode(tok, part, cfg.dataset.max_length, template)
+    text2text = cfg.text2text if cfg.task == "text2text" else None
+    model, tok, model_name, template = load_model(cfg.model, num_labels, cfg.prompt, cfg.dataset.max_length,
+                                                  text2text=text2text, label_names=splits.label_names)
+    prefix = text2text.source_prefix if text2text is not None else ""
+    train_data, val_data, test_data = (encode(tok, part, cfg.dataset.max_length, template, prefix)
                                        for part in (splits.train, splits.val, splits.test))
     model.to(device)
     return _Run(cfg=cfg, method=method, multi=multi, device=device, amp_dtype=amp_dtype, out=out,
@@ -564,17 +610,20 @@ def _start_phase(ctx: _Run, index: int, n: int, phase: tuple, ckpt: Path | None 
     _log(f"[{tag}] {ctx.model_name} on {ctx.device} ({_precision_name(ctx.amp_dtype)}); {ctx.source}: "
          f"{len(ctx.train_data)} train / {len(ctx.val_data)} val / {len(ctx.test_data)} test, max_length "
          f"{ctx.cfg.dataset.max_length}; trainable {ctx.trainable:,} of {ctx.total:,} params; "
-         f"{'MeZO' if use_mezo else 'AdamW'} lr {lr:g}; compile {train_step.used}; -> {ctx.out}"
+         f"{type(opt).__name__} lr {lr:g}; compile {train_step.used}; -> {ctx.out}"
+         + (f"; {tr.gradient_accumulation_steps} micro-batches of {tr.batch_size} a step"
+            if tr.gradient_accumulation_steps > 1 else "")
          + (f"; {d.world_size} processes ({'FSDP2' if tr.fsdp else 'MeZO' if use_mezo else 'DDP'}), global batch "
-            f"{tr.batch_size * d.world_size}" if d.enabled else ""))
-    steps_per_epoch = math.ceil(len(ctx.train_data) / (tr.batch_size * d.world_size))
+            f"{tr.batch_size * d.world_size * tr.gradient_accumulation_steps}" if d.enabled else ""))
+    steps_per_epoch = math.ceil(len(ctx.train_data) / (tr.batch_size * d.world_size * tr.gradient_accumulation_steps))
     total_steps = steps_per_epoch * tr.epochs
     if tr.max_steps is not None:
         total_steps = min(total_steps, tr.max_steps)
     warmup = int(round(tr.warmup_ratio * total_steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(        # linear warm-up, then linear decay to 0
+    constant = tr.lr_schedule == "constant"
+    sched = torch.optim.lr_scheduler.LambdaLR(        # linear warm-up, then linear decay to 0 or constant
         opt, lambda s: (s + 1) / max(1, warmup) if s < warmup
-        else max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
+        else 1.0 if constant else max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp_dtype == torch.float16 and not use_mezo)
     return _Phase(tag=tag, name=pname, args=args, lr=lr, tr=tr, opt=opt, use_mezo=use_mezo, train_step=train_step,
                   sched=sched, scaler=scaler, params=params, steps_per_epoch=steps_per_epoch,
@@ -586,7 +635,8 @@ def _resume_phase(ctx: _Run, ph: _Phase, ckpt: Path | None) -> None:
     if ckpt is None:
         _log(f"[{ph.tag}] resume: no checkpoint in {ctx.out}/checkpoints; starting from scratch")
         return
-    ctx.state, ph.best_weights = _resume(ckpt, ctx.model, ph.name, ph.opt, ph.sched, ph.scaler, ctx.device)
+    ctx.state, ph.best_weights = _resume(ckpt, ctx.model, ph.name, ph.opt, ph.sched, ph.scaler, ctx.device,
+                                         _training_key(ph.tr))
     ph.epoch, ph.step, ph.best, ph.best_epoch = (ctx.state[k] for k in ("epoch", "step", "best", "best_epoch"))
     _log(f"[{ph.tag}] resumed from {ckpt} (epoch {ctx.state['epoch']}, step {ctx.state['step']})")
 
@@ -623,17 +673,19 @@ def _train_epoch(ctx: _Run, ph: _Phase, epoch: int) -> None:
                   disable=not tr.progress or not d.main, file=sys.stderr, dynamic_ncols=True)
     loss_sum, loss_n = 0.0, 0
     for i in bar:
-        idx, n_global = _rank_part(order, i, tr.batch_size, d)
-        # a rank with no sample in the ragged last batch runs one with weight 0 (DDP / FSDP2 need every rank)
-        weight = len(idx) * d.world_size / n_global
-        batch = collate([ctx.train_data[j] for j in idx or order[:1]], ctx.pad_id, ctx.device)
+        parts, n_step = _step_parts(order, i, tr.batch_size, tr.gradient_accumulation_steps, d)
+        # each micro-batch's loss weighted by its share of the step's samples (x world size: DDP / FSDP2
+        # average over the ranks); a rank with no sample in a ragged micro-batch runs one with weight 0
+        # (DDP / FSDP2 need every rank)
+        micro = [(collate([ctx.train_data[j] for j in idx or order[:1]], ctx.pad_id, ctx.device),
+                  len(idx) * d.world_size / n_step) for idx in parts]
         ctx.sync()
         t0 = time.perf_counter()
-        loss = _step(ctx, ph, batch, weight)
+        loss = _step(ctx, ph, micro)
         ph.sched.step()
         ctx.sync()
         state["train_s"] += time.perf_counter() - t0
-        state["samples"] += n_global
+        state["samples"] += n_step
         state["step"] += 1
         ph.step += 1
         loss_sum += loss.item()
@@ -653,32 +705,57 @@ def _rank_part(order: list[int], i: int, batch_size: int, d: hdist.Dist) -> tupl
     return order[lo:min(lo + batch_size, start + n_global)], n_global
 
 
-def _step(ctx: _Run, ph: _Phase, batch: dict, weight: float = 1.0) -> torch.Tensor:
-    """One optimizer step on ``batch``: MeZO's two forward passes, or forward, backward and AdamW.
-    ``weight`` (this rank's share of the global batch x world size; 1 on one process) scales the
-    loss so that the gradients DDP / FSDP2 average over the ranks are the global batch's; returns
-    the weighted loss."""
+def _step_parts(order: list[int], i: int, batch_size: int, accumulate: int,
+                d: hdist.Dist) -> tuple[list[list[int]], int]:
+    """(this rank's items of each micro-batch of optimizer step ``i``, the step's size over all ranks):
+    step i is global batches ``i*N .. i*N+N-1`` (``_rank_part``) of those the order has; the epoch's last
+    step may have fewer, the same number on every rank (each runs as many forward / backward passes)."""
+    first, per = i * accumulate, batch_size * d.world_size
+    count = min(accumulate, math.ceil(len(order) / per) - first)
+    if count < 1:
+        raise IndexError(f"optimizer step {i} is past the epoch's {len(order)} samples")
+    parts = [_rank_part(order, first + k, batch_size, d) for k in range(count)]
+    return [idx for idx, _ in parts], sum(n for _, n in parts)
+
+
+def _step(ctx: _Run, ph: _Phase, micro: list[tuple[dict, float]]) -> torch.Tensor:
+    """One optimizer step on the micro-batches ``micro`` [(batch, weight)]: MeZO's two forward passes
+    (each over every micro-batch), or a forward and backward per micro-batch (gradients reduced over
+    the ranks at the last one only), then clipping and one optimizer step. ``weight`` (this rank's
+    part of the micro-batch over the step's global size, x world size; 1 for one process without
+    accumulation) scales each loss so that the summed gradients DDP / FSDP2 average over the ranks
+    are the gradient of the step's mean loss; returns the summed weighted loss."""
     model = ctx.model
     if ph.use_mezo:
         # two forward passes at θ ± εz, no graph; dropout off so that both see one function
         model.eval()
 
         def closure():
-            with autocast(ctx.device, ctx.amp_dtype):
-                loss = model(**batch).loss
-            return hdist.mean(ctx.dist, loss * weight) if ctx.dist.enabled else loss
+            total = None
+            for batch, weight in micro:
+                with autocast(ctx.device, ctx.amp_dtype):
+                    loss = model(**batch).loss
+                loss = loss if weight == 1.0 else loss * weight
+                total = loss if total is None else total + loss
+            return hdist.mean(ctx.dist, total) if ctx.dist.enabled else total
         loss = ph.opt.step(closure)
         model.train()
         return loss
 
-    def forward_backward(forward):
+    def forward_backward(batch, weight, forward):
         with autocast(ctx.device, ctx.amp_dtype):
             loss = forward(**batch).loss
         if weight != 1.0:
             loss = loss * weight
         ph.scaler.scale(loss).backward()
         return loss.detach()
-    loss = ph.train_step(forward_backward, functools.partial(ph.opt.zero_grad, set_to_none=True))
+    loss = None
+    for k, (batch, weight) in enumerate(micro):
+        with hdist.grad_sync(ph.train_model, k == len(micro) - 1 or not ph.stepped):
+            part = ph.train_step(functools.partial(forward_backward, batch, weight),
+                                 functools.partial(ph.opt.zero_grad, set_to_none=True))
+        loss = part.clone() if loss is None else loss + part     # a clone: CUDA graphs reuse their outputs
+    ph.stepped = True
     if ph.tr.max_grad_norm:
         ph.scaler.unscale_(ph.opt)
         torch.nn.utils.clip_grad_norm_(ph.params, ph.tr.max_grad_norm)
@@ -739,7 +816,8 @@ def _save_epoch(ctx: _Run, ph: _Phase, epoch: int) -> None:
             save_checkpoint(ctx.out / "checkpoints", epoch + 1, ctx.model, ph.name,
                             {"optimizer": optim_state, "scheduler": ph.sched.state_dict(),
                              "scaler": ph.scaler.state_dict(), "rng_cpu": torch.get_rng_state(), "rng_cuda": cuda_rng,
-                             "state": ctx.state, "method": ph.name, "args": ph.args}, ph.best_weights, model_state)
+                             "state": ctx.state, "method": ph.name, "args": ph.args, "training": _training_key(ph.tr)},
+                            ph.best_weights, model_state)
 
 
 def _finish(ctx: _Run, t_start: float) -> RunResult:
@@ -768,7 +846,9 @@ def _finish(ctx: _Run, t_start: float) -> RunResult:
         model=ctx.model_name, dataset=ctx.source, n_train=len(ctx.train_data), n_val=len(ctx.val_data),
         n_test=len(ctx.test_data), max_length=ctx.cfg.dataset.max_length, output_dir=str(ctx.out),
         history=state["history"], compile=" + ".join(ctx.compiles), world_size=ctx.dist.world_size,
-        global_batch_size=tr0.batch_size * ctx.dist.world_size, fsdp=tr0.fsdp and ctx.dist.enabled)
+        global_batch_size=tr0.batch_size * ctx.dist.world_size * tr0.gradient_accumulation_steps,
+        gradient_accumulation_steps=tr0.gradient_accumulation_steps, fsdp=tr0.fsdp and ctx.dist.enabled)
+    result.task = ctx.cfg.task
     if ctx.writer is not None:
         for tag, value in (("test/accuracy", result.accuracy), ("test/f1", result.f1), ("memory/peak_mb", peak),
                            ("throughput/samples_per_s", result.samples_per_s)):

@@ -31,6 +31,7 @@ REQUIRED = ["run_id", "suite", "case", "kind", "config", "dtype", "metric", "uni
 
 UNITS = {"time_ms": "ms", "peak_mib": "MiB", "peak_extra_mib": "MiB", "samples_per_s": "samples/s",
          "gbps": "GB/s", "hbm_share": "fraction", "launches": "count", "graph_breaks": "count", "host_us": "us",
+         "optimizer_state_mib": "MiB",
          "passed": "count", "failed": "count", "skipped": "count"}
 
 

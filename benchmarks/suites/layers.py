@@ -3,10 +3,13 @@ and the matching PEFT layer, for every op and every backend the op has.
 
 Groups (one report table each): LoRA / SiVA r=16 at dropout 0 and 0.1 (vs PEFT LoRA), (IA)³ on the
 output (keys / values; vs PEFT IA3) and on the input (a gated MLP's down_proj; vs PEFT IA3 with
-feedforward_modules), KronA (vs PEFT LoKr r=16), and the ladder cross-attention (triton vs its
-torch reference). A call is ``y = layer(x); y.backward(dy)`` with fresh grads (as in a training
-step: ``.grad`` set to None first, so no accumulation kernel is timed); adapters are perturbed
-from their init so no kernel sees an all-zero factor or an all-ones scale.
+feedforward_modules), KronA and KronA init="kopa" (the same op over W_res; vs PEFT LoKr r=16),
+data-dependent (IA)³ on the output (vs PEFT's static IA3: PEFT has no data-dependent form), the
+bottleneck adapter r=64 on a projection's output (vs the same adapter as separate torch modules, as the
+adapters library builds it: PEFT has no bottleneck adapter), and the ladder cross-attention (triton vs
+its torch reference). A call is ``y = layer(x); y.backward(dy)``
+with fresh grads (as in a training step: ``.grad`` set to None first, so no accumulation kernel is
+timed); adapters are perturbed from their init so no kernel sees an all-zero factor or an all-ones scale.
 
 The host suite builds its layers with ``build_layer`` too (tiny shapes, stand-in driver).
 """
@@ -35,7 +38,29 @@ GROUPS = {
     "ia3": ("ia3", "peft_ia3", ("ia3",)),
     "ia3_input": ("ia3", "peft_ia3_ff", ("ia3in",)),
     "krona": ("kron_linear", "peft_lokr", ("krona",)),
+    "krona_kopa": ("kron_linear", "peft_lokr", ("kopa",)),        # init="kopa": the kron op over W_res
+    "ia3_dynamic": ("ia3_dynamic", "peft_ia3", ("ia3dyn",)),      # PEFT has no data-dependent IA3: its static one
+    "bottleneck": ("bottleneck_adapter", "torch_adapter", ("adapter",)),   # no PEFT bottleneck: unfused torch
 }
+ADAPTER_R = 64       # the bottleneck group's width (the harness's default r)
+
+
+class UnfusedAdapter(nn.Module):
+    """A frozen projection, then a bottleneck adapter as separate torch modules (down Linear, ReLU, up
+    Linear, residual add: how the adapters library / adapter-transformers build it): the baseline of
+    the fused ``bottleneck_adapter`` op, which PEFT has no counterpart of."""
+
+    def __init__(self, proj: nn.Linear, r: int):
+        super().__init__()
+        self.proj = proj.requires_grad_(False)
+        n = proj.out_features
+        self.down, self.up = nn.Linear(n, r), nn.Linear(r, n)
+        with torch.no_grad():
+            self.up.weight.normal_(std=0.01)
+
+    def forward(self, x):
+        h = self.proj(x)
+        return h + self.up(torch.relu(self.down(h)))
 
 
 class Proj(nn.Module):
@@ -64,11 +89,14 @@ def backend_or_skip(op_module: str, backend: str, device: str) -> None:
 
 def build_layer(kind: str, k: int, n: int, *, rank: int, dropout: float = 0.0, device: str,
                 dtype=torch.bfloat16) -> nn.Module:
-    """base | peft_lora | peft_ia3 | peft_ia3_ff | peft_lokr | spu_<lora|siva|ia3|ia3in|krona>_<backend>."""
+    """base | peft_lora | peft_ia3 | peft_ia3_ff | peft_lokr | torch_adapter |
+    spu_<lora|siva|ia3|ia3in|ia3dyn|krona|kopa|adapter>_<backend>."""
     torch.manual_seed(0)
     m = Proj(k, n).to(device, dtype)
     if kind == "base":
         return m.requires_grad_(False)
+    if kind == "torch_adapter":
+        return UnfusedAdapter(m.proj, ADAPTER_R).to(device, dtype)
     if kind.startswith("peft_"):
         try:
             from peft import IA3Config, LoKrConfig, LoraConfig, get_peft_model
@@ -88,7 +116,14 @@ def build_layer(kind: str, k: int, n: int, *, rank: int, dropout: float = 0.0, d
                     p.normal_(std=0.01)
         return pm
     method, _, backend = kind.removeprefix("spu_").partition("_")
-    from spu_kernels.modules import IA3Linear, KronALinear, LoRALinear, SiVALinear
+    from spu_kernels.modules import (
+        BottleneckAdapterLinear,
+        IA3DynamicLinear,
+        IA3Linear,
+        KronALinear,
+        LoRALinear,
+        SiVALinear,
+    )
     with torch.no_grad():
         if method == "lora":
             m.proj = LoRALinear.from_linear(m.proj, r=rank, alpha=2 * rank, dropout=dropout, adapter_dtype=dtype)
@@ -101,6 +136,14 @@ def build_layer(kind: str, k: int, n: int, *, rank: int, dropout: float = 0.0, d
         elif method == "krona":
             m.proj = KronALinear(m.proj, adapter_dtype=dtype)
             m.proj.krona_B.normal_(std=0.01)
+        elif method == "kopa":
+            m.proj = KronALinear(m.proj, init="kopa", adapter_dtype=dtype)
+        elif method == "ia3dyn":
+            m.proj = IA3DynamicLinear(m.proj, side="output", adapter_dtype=dtype)
+            m.proj.ia3_up.normal_(std=0.1)
+        elif method == "adapter":
+            m.proj = BottleneckAdapterLinear(m.proj, r=ADAPTER_R, adapter_dtype=dtype)
+            m.proj.adapter_up.normal_(std=0.01)
         else:
             raise ValueError(f"unknown layer kind {kind!r}")
     m.spu_backend = backend
@@ -173,12 +216,14 @@ def cases(smoke: bool, device: str) -> list[Case]:
                     for b in _backends(op_module, device, smoke):
                         variants.append(_layer_variant(f"spu_{method}_{b}", T, k, n, rank=rank, dropout=p,
                                                        device=device, op_module=op_module))
-                target = {"lowrank": LOWRANK_TARGETS.get((T, k, n)), "krona": KRONA_TARGET}.get(group, IA3_TARGET)
+                target = {"lowrank": LOWRANK_TARGETS.get((T, k, n)), "krona": KRONA_TARGET, "krona_kopa": KRONA_TARGET,
+                          "ia3_dynamic": None, "bottleneck": None}.get(group, IA3_TARGET)
                 suffix = f"/p{p:g}" if group == "lowrank" else ""
                 out.append(Case(
                     suite="layers", name=f"{group}/T{T}_K{k}_N{n}{suffix}",
                     config=f"T={T} K={k} N={n}" + (f" r={rank} dropout={p:g}" if group == "lowrank" else "")
-                    + (f" r={rank}" if group == "krona" else ""),
+                    + (f" r={rank}" if group.startswith("krona") else "")
+                    + (f" r={ADAPTER_R}" if group == "bottleneck" else ""),
                     dtype="bf16", variants=variants, reference="base", target=target,
                     target_kinds=tuple(f"spu_{m}_" for m in methods)))
     if smoke and device == "cpu":

@@ -17,6 +17,12 @@ every method but MeZO), ``+cudagraphs`` kinds with ``mode="reduce-overhead"`` (I
 graphs: the host cost of the launches is gone; GPU only, RoBERTa-large); both also report the graph
 breaks dynamo counted. Targets (issue #13, RoBERTa-large, compiled): spu siva on all linears ≥ 1.3×
 full fine-tuning's samples/s, k-LST (k = 3) ≥ 2.0×.
+
+Every kind also reports ``optimizer_state_mib``: the bytes of the tensors its optimizer holds in its
+state after the timed steps (exact on any device, no timing): torch's AdamW keeps exp_avg, exp_avg_sq
+(the parameter's dtype) and a step per trained tensor, MaskedAdamW (spu_fishmask) exp_avg, exp_avg_sq
+(fp32) and the int64 index per selected entry, MeZO nothing. Its ratio to full_ft is FishMask's
+"optimiser state ∝ p, not the model size".
 """
 from __future__ import annotations
 
@@ -82,6 +88,8 @@ METHODS = {
     "spu_bitfit": ("bitfit", {}),
     "spu_fishmask": ("fishmask", dict(p=0.005)),    # ranked on one small batch; trained with MaskedAdamW
     "spu_prompt20": ("prompt", dict(n_tokens=20)),
+    "spu_prefix20": ("prefix", dict(n_tokens=20)),
+    "spu_adapter64": ("adapter", dict(r=64)),        # Houlsby bottleneck adapters, width 64
     "mezo_full": ("mezo", {}),
     "mezo_spu_lora": ("mezo", dict(patch="lora", r=8)),
 }
@@ -161,7 +169,11 @@ def train_step(model, batch: dict, device: str, mezo: bool):
         def loss():
             with torch.no_grad(), amp:
                 return model(**batch).loss
-        return lambda: opt.step(loss)
+
+        def mezo_step():
+            return opt.step(loss)
+        mezo_step.optimizer = opt
+        return mezo_step
     import spu_kernels
     if spu_kernels.is_patched(model) and spu_kernels.summary(model).method == "fishmask":
         opt = spu_kernels.MaskedAdamW(spu_kernels.fishmask_masks(model), lr=1e-5)   # state for the mask only
@@ -174,6 +186,7 @@ def train_step(model, batch: dict, device: str, mezo: bool):
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    step.optimizer = opt          # for optimizer_state_mib
     return step
 
 
@@ -202,15 +215,29 @@ def _variant(name: str, kind: str, smoke: bool, device: str) -> Variant:
         def graph_step():
             torch.compiler.cudagraph_mark_step_begin()   # the previous replay's outputs are consumed
             return step()
+        graph_step.optimizer = step.optimizer
         return graph_step
     return Variant(kind, setup)
 
 
-def _graph_breaks(kind: str, fn) -> dict[str, float]:
-    if not kind.endswith(("+compile", "+cudagraphs")):
-        return {}
-    from torch._dynamo.utils import counters
-    return {"graph_breaks": float(sum(counters["graph_break"].values()))}
+def optimizer_state_bytes(opt) -> int:
+    """Bytes of every tensor in ``opt.state`` (each storage counted once)."""
+    seen, total = set(), 0
+    for st in opt.state.values():
+        for t in st.values():
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                total += t.untyped_storage().nbytes()
+    return total
+
+
+def _probe(kind: str, fn) -> dict[str, float]:
+    """optimizer_state_mib for every kind; graph_breaks for the compiled ones."""
+    out = {"optimizer_state_mib": optimizer_state_bytes(fn.optimizer) / 2**20}
+    if kind.endswith(("+compile", "+cudagraphs")):
+        from torch._dynamo.utils import counters
+        out["graph_breaks"] = float(sum(counters["graph_break"].values()))
+    return out
 
 
 def cases(smoke: bool, device: str) -> list[Case]:
@@ -228,5 +255,5 @@ def cases(smoke: bool, device: str) -> list[Case]:
         out.append(Case(
             suite="models", name=name, config=f"{name} batch {batch}x{seq}" + (" (tiny)" if smoke else ""),
             dtype="bf16-autocast", variants=[_variant(name, k, smoke, device) for k in kinds], reference="full_ft",
-            items_per_call=batch, memory="absolute", warmup_ms=100, rep_ms=1000, probe=_graph_breaks))
+            items_per_call=batch, memory="absolute", warmup_ms=100, rep_ms=1000, probe=_probe))
     return out

@@ -204,3 +204,16 @@ def test_fsdp_on_one_process_and_phases_on_several_are_refused(setup, monkeypatc
     raw["phases"] = [{"method": {"name": "full"}}, {"method": {"name": "lora", "args": {"r": 2}}}]
     with pytest.raises(ValueError, match="runs with phases .* run them as one process"):
         _plan(from_dict(raw), None, None, None, False)
+
+
+@pytest.mark.parametrize("family", ["bert", "t5", "gpt2", "llama"])
+def test_fsdp_blocks_are_the_transformer_blocks(family):
+    """FSDP2 shards each transformer block once: T5's per-block ``layer`` sub-lists are not blocks
+    (sharding a child after its block fails inside torch's DeviceMesh)."""
+    from models import make_model
+    model = make_model(family)
+    found = hdist.blocks(model)
+    cfg = model.config
+    want = cfg.num_layers + cfg.num_decoder_layers if family == "t5" else cfg.num_hidden_layers
+    assert len(found) == want and len({id(b) for b in found}) == want
+    assert not any(a is not b and any(m is b for m in a.modules()) for a in found for b in found)

@@ -17,7 +17,6 @@ import atexit
 import contextlib
 import math
 import os
-import re
 from dataclasses import dataclass
 
 import torch
@@ -157,13 +156,14 @@ def broadcast_module(d: Dist, model: nn.Module) -> None:
 # --------------------------------------------------------------------------------------------
 def blocks(lm: nn.Module) -> list[nn.Module]:
     """The transformer blocks of ``lm``: the children of the ModuleLists that its family's record
-    names as layer stacks (spu_kernels.patching.architectures); [] for a family it does not know."""
-    from ..patching.architectures import family_of
+    names as layer stacks (spu_kernels.patching.architectures; matched at the end of the name, so
+    T5's ``encoder.block.0.layer`` sub-lists are not blocks); [] for a family it does not know."""
+    from ..patching.architectures import family_of, name_matches
     fam = family_of(lm)
     if fam is None:
         return []
     return [blk for name, mod in lm.named_modules() if isinstance(mod, nn.ModuleList)
-            and any(re.search(p, name) for p in fam.stacks) for blk in mod]
+            and any(name_matches(name, p) for p in fam.stacks) for blk in mod]
 
 
 def wrap(model: nn.Module, lm: nn.Module, d: Dist, device: torch.device, fsdp: bool) -> nn.Module:

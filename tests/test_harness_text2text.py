@@ -11,8 +11,15 @@ import yaml
 from spu_kernels.harness import cli, report
 from spu_kernels.harness.config import ConfigError, check_paths, from_dict, load_config, with_cpu_overrides
 from spu_kernels.harness.data import Example
-from spu_kernels.harness.model import Text2TextClassifier, collate, encode, load_model, rank_scores
-from spu_kernels.harness.train import run
+from spu_kernels.harness.model import (
+    Text2TextClassifier,
+    collate,
+    encode,
+    exact_match_classes,
+    load_model,
+    rank_scores,
+)
+from spu_kernels.harness.train import metrics, run
 
 REPO = Path(__file__).resolve().parents[1]
 T5 = {"model_type": "t5", "d_model": 16, "d_kv": 4, "d_ff": 24, "num_layers": 1, "num_decoder_layers": 1,
@@ -61,6 +68,84 @@ def test_classifier_scores_and_loss_are_the_lms():
 
 
 # --------------------------------------------------------------------------------------------
+# eval: generate (exact match of the greedy output)
+# --------------------------------------------------------------------------------------------
+def test_exact_match_mapping_on_hand_made_outputs():
+    classes = [["negative"], ["positive"], ["not entailment", "Not_Entailment"]]
+    texts = ["positive", "  Negative ", "POSITIVE\n", "not   entailment", "NOT_ENTAILMENT", "not entailment.",
+             "positive positive", "posi tive", "", "neutral"]
+    assert exact_match_classes(texts, classes) == [1, 0, 1, 2, 2, -1, -1, -1, -1, -1]
+    with pytest.raises(ValueError, match=r"classes 0 and 1 both accept the text 'yes'"):
+        exact_match_classes(["yes"], [["yes"], ["Yes "]])
+
+
+def test_metrics_count_no_class_as_wrong():
+    # binary: F1 of class 1; -1 on a positive item is a false negative, on a negative item nothing
+    m = metrics([1, -1, 0, -1, 1], [1, 1, 0, 0, 0], 2)
+    tp, fp, fn = 1, 1, 1
+    assert m == {"accuracy": 2 / 5, "f1": 2 * tp / (2 * tp + fp + fn)}
+    # three classes: macro F1; -1 is a false negative of its item's true class only
+    m = metrics([0, -1, 2, 2, -1], [0, 1, 2, 1, 2], 3)
+    f1 = [1.0, 0.0, 2 * 1 / (2 * 1 + 1 + 1)]                         # class 1: tp 0; class 2: tp 1, fp 1, fn 1
+    assert m["accuracy"] == 2 / 5 and m["f1"] == pytest.approx(sum(f1) / 3)
+    for preds, pattern in (([0, 2], r"prediction 2 is no class id of 0\.\.1"), ([0, -2], "prediction -2"),
+                           ([0], "1 predictions for 2 labels")):
+        with pytest.raises(ValueError, match=pattern):
+            metrics(preds, [0, 1], 2)
+
+
+def _words(ids, skip_special_tokens=True):               # a fake tokenizer's batch_decode: token t -> "W<t>"
+    return [" ".join(f"W{t}" for t in row if not (skip_special_tokens and t in (0, 1))) for row in ids]
+
+
+def _greedy(lm, ids, mask, steps):
+    """Independent greedy decoding: full decoder passes (no cache), argmax, pad after eos."""
+    dec = torch.zeros(ids.shape[0], 1, dtype=torch.long)                # decoder start = pad = 0
+    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    for _ in range(steps):
+        nxt = lm(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, use_cache=False).logits[:, -1].argmax(-1)
+        nxt = torch.where(done, torch.zeros_like(nxt), nxt)
+        dec = torch.cat([dec, nxt[:, None]], 1)
+        done |= nxt == 1
+        if done.all():
+            break
+    return dec[:, 1:]
+
+
+def test_generate_predicts_the_class_of_the_greedy_output():
+    """A tiny T5 trained on two examples: forward(generate=True) equals independent greedy decoding
+    mapped by exact match (case-insensitive on the class words); an input whose output is no class gets -1."""
+    lm = _tiny_t5().train()
+    targets = [[7, 8, 1], [9, 1]]
+    clf = Text2TextClassifier(lm, targets, words=["w7 w8", "w9"], decode=_words, eval_mode="generate")
+    ids = torch.tensor([[5, 6, 10, 1], [11, 12, 1, 0], [13, 14, 15, 1]])
+    mask = (ids != 0).long()
+    opt = torch.optim.AdamW(lm.parameters(), lr=3e-2)
+    for _ in range(40):
+        clf(input_ids=ids[:2], attention_mask=mask[:2], labels=torch.tensor([0, 1])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    clf.eval()
+    with torch.no_grad():
+        preds = clf(input_ids=ids, attention_mask=mask, generate=True)
+        tokens = clf.greedy_tokens(ids, mask)
+        want = _greedy(lm, ids, mask, steps=4)                               # longest target 3, + 1
+    assert tokens.shape[1] <= 4 and torch.equal(tokens[:, :want.shape[1]], want)
+    assert (tokens[:, want.shape[1]:] == 0).all()
+    assert preds.tolist()[:2] == [0, 1]                                     # the training examples
+    texts = [" ".join(f"W{t}" for t in row if t not in (0, 1)) for row in want.tolist()]
+    lookup = {"w7 w8": 0, "w9": 1}
+    assert preds.tolist() == [lookup.get(t.lower(), -1) for t in texts]
+    clf.class_texts = [["nothing"], ["none"]]                               # no output matches: all -1
+    with torch.no_grad():
+        assert clf(input_ids=ids, attention_mask=mask, generate=True).tolist() == [-1, -1, -1]
+    with pytest.raises(ValueError, match="eval_mode 'generate' needs decode"):
+        Text2TextClassifier(lm, targets, eval_mode="generate")
+    with pytest.raises(ValueError, match="eval_mode 'beam' is not one of rank, generate"):
+        Text2TextClassifier(lm, targets, decode=_words, eval_mode="beam")
+
+
+# --------------------------------------------------------------------------------------------
 # runs
 # --------------------------------------------------------------------------------------------
 @pytest.fixture
@@ -82,6 +167,7 @@ def test_run_writes_results_and_learns(t5_config, tmp_path):
     res = run(from_dict(t5_config))
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["task"] == "text2text" and saved["accuracy"] == res.accuracy and 0 <= res.f1 <= 1
+    assert saved["text2text_eval"] == "rank"
     assert res.model.startswith("random t5") and res.steps == 2 and res.n_train == 16
     assert (tmp_path / "out" / "best" / "adapter.safetensors").exists()
     assert "rank classification" in report.caption([res])
@@ -102,6 +188,23 @@ def test_run_writes_results_and_learns(t5_config, tmp_path):
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 1.0 and losses == sorted(losses, reverse=True)
+
+
+@pytest.mark.parametrize("method", [{"name": "lora", "args": {"r": 2}}, {"name": "klst", "args": {"k": 3, "r": 2}}],
+                         ids=["lora", "klst"])
+def test_run_with_generate_eval(t5_config, tmp_path, method):
+    """eval: generate through the harness (klst: ladder-patched T5, decoded without a KV cache):
+    results.json names the evaluation, the caption says exact match of greedy output."""
+    t5_config["text2text"]["eval"] = "generate"
+    t5_config["method"] = method
+    res = run(from_dict(t5_config))
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["text2text_eval"] == "generate" and saved["accuracy"] == res.accuracy
+    assert 0 <= res.accuracy <= 1 and 0 <= res.f1 <= 1 and res.val_accuracy is not None
+    note = report.caption([res])
+    assert "exact match of greedy output" in note and "rank classification" not in note
+    rank = dict(saved, method="lora_rank", text2text_eval="rank")
+    assert "lora_rank: by rank classification" in report.caption([res, rank])
 
 
 def test_resume_continues_where_it_stopped(t5_config, tmp_path, monkeypatch):
@@ -144,6 +247,9 @@ def test_resume_continues_where_it_stopped(t5_config, tmp_path, monkeypatch):
     ({"model": {"config": {"model_type": "t5"}, "path": "x"}}, r"give model\.path .* or model\.config, not both"),
     ({"task": "text2text", "model": {"config": {"model_type": "bert"}}}, r"needs a sequence-to-sequence model"),
     ({"model": {"config": "t5"}}, r"model\.config: must be a mapping or null"),
+    ({"task": "text2text", "text2text": {"eval": "greedy"}}, r"text2text\.eval: 'greedy' is not allowed; choose one "
+                                                             r"of rank, generate"),
+    ({"text2text": {"eval": "generate"}}, r"text2text: its keys apply only with task: text2text"),
 ])
 def test_bad_keys_are_named(raw, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -166,6 +272,17 @@ def test_integer_labels_need_target_words_at_check(t5_config, tmp_path, capsys):
     assert cli.main(["check", str(f)]) == 0
     assert "task: text2text" in capsys.readouterr().out
     assert cli.main(["schema"]) == 0 and "target_words" in capsys.readouterr().out
+
+
+def test_check_rejects_a_bad_eval(t5_config, tmp_path, capsys):
+    t5_config["text2text"]["eval"] = "beam"
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(t5_config))
+    assert cli.main(["check", str(f)]) == 2
+    assert "text2text.eval: 'beam' is not allowed; choose one of rank, generate" in capsys.readouterr().err
+    t5_config["text2text"]["eval"] = "generate"
+    f.write_text(yaml.safe_dump(t5_config))
+    assert cli.main(["check", str(f)]) == 0
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "t5").glob("*.yaml")), ids=lambda p: p.name)

@@ -17,7 +17,8 @@ prints them all with their defaults):
                {method: {name: klst, args: {k: 3}}, training: {epochs: 2}}]       # run in order
     task:     classification | text2text    # text2text: a seq2seq LM (T5) generates each class's target
     text2text: {target_words: [negative, positive], source_prefix: "sst2 sentence: "}   # words; rank
-              classification (the class whose target sequence the LM scores highest) for accuracy / F1
+              classification (the class whose target sequence the LM scores highest) for accuracy / F1,
+              or eval: generate (exact match of the greedy output)
     metric:   accuracy | f1          # picks the best epoch on the validation split
     compare:  {lora: {args: {r: 8}, learning_rate: 1e-3}, ...}   # per-method settings for --methods
     cpu:      {dataset: {n_train: 2000}, training: {epochs: 1}}  # applied when running on a CPU
@@ -158,6 +159,10 @@ class Text2TextConfig:
                                                     "order, e.g. [negative, positive] (null = the dataset's label "
                                                     "names; integer labels need them)")
     source_prefix: str = _opt("str", "", "task: text2text: text put before each input, e.g. 'sst2 sentence: '")
+    eval: str = _opt("str", "rank", "task: text2text: how evaluation predicts: rank (the class whose target "
+                                    "sequence the LM scores highest; always some class) or generate (exact match "
+                                    "of the greedy output to a class's target words after lower-casing and "
+                                    "whitespace normalisation; no match counts wrong)", ["rank", "generate"])
 
 
 _SECTIONS = {"dataset": DatasetConfig, "model": ModelConfig, "method": MethodConfig, "training": TrainingConfig,
@@ -325,7 +330,7 @@ def _check_model_and_task(cfg: Config) -> None:
                               f"got {words!r}")
         if words is not None and len(set(words)) != len(words):
             raise ConfigError(f"text2text.target_words: two classes have the same word in {words!r}")
-    elif t2t.target_words is not None or t2t.source_prefix:
+    elif t2t.target_words is not None or t2t.source_prefix or t2t.eval != "rank":
         raise ConfigError("text2text: its keys apply only with task: text2text (add it, or drop the text2text "
                           "section)")
 
@@ -494,7 +499,8 @@ def schema_text() -> str:
              f"metric: {' | '.join(METRICS)} (default accuracy): selects the best epoch on validation",
              f"task: {' | '.join(TASKS)} (default classification): text2text trains a sequence-to-sequence LM "
              "(T5; AutoModelForSeq2SeqLM) to generate each class's text2text.target_words and predicts by rank "
-             "classification (the class whose target sequence the LM scores highest: summed log-probability)",
+             "classification (the class whose target sequence the LM scores highest: summed log-probability), "
+             "or with text2text.eval: generate by exact match of its greedy output",
              "compare: {method: {args: {...}, learning_rate: x}} for --methods",
              "phases: [{method: {name, args}, training: {overrides}}, ...] run in order on one model (e.g. MeZO "
              "on the backbone, then k-LST with backprop); the row is named after them",

@@ -2,7 +2,8 @@
 a language model in a ``PromptClassifier`` (the prompt handling lives here: the template, the LM
 class, token ids with the slot position, the LM that methods patch and checkpoints save); with
 ``task: text2text`` a sequence-to-sequence LM (T5) in a ``Text2TextClassifier`` (class c is its target
-words; training is the LM's own seq2seq cross-entropy, prediction is rank classification).
+words; training is the LM's own seq2seq cross-entropy; prediction is rank classification, or with
+``text2text.eval: generate`` exact match of the greedy output, ``exact_match_classes``).
 
     model, tok, name, template = load_model(cfg.model, num_labels, cfg.prompt, cfg.dataset.max_length,
                                             text2text=..., label_names=...)
@@ -61,6 +62,28 @@ def rank_scores(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (picked * keep).sum(-1)
 
 
+EVAL_MODES = ("rank", "generate")
+LADDERS = ("lst", "klst")          # patched methods whose side network has no KV cache
+
+
+def normalize_text(text: str) -> str:
+    """``text`` for exact match: lower case, runs of whitespace as one space, no leading / trailing space."""
+    return " ".join(text.split()).lower()
+
+
+def exact_match_classes(texts: list[str], class_texts: list[list[str]]) -> list[int]:
+    """The class of each decoded output in ``texts``: the c one of whose strings ``class_texts[c]``
+    equals it after ``normalize_text`` on both sides, -1 where none does (the prediction of no class)."""
+    table: dict[str, int] = {}
+    for c, strings in enumerate(class_texts):
+        for s in strings:
+            key = normalize_text(s)
+            if table.setdefault(key, c) != c:
+                raise ValueError(f"exact match: classes {table[key]} and {c} both accept the text {key!r}; "
+                                 "give the classes different target words")
+    return [table.get(normalize_text(t), -1) for t in texts]
+
+
 class Text2TextClassifier(torch.nn.Module):
     """A sequence-to-sequence LM (T5) as a C-way classifier: class c is the token sequence
     ``targets[c]`` (its target words, then eos).
@@ -69,10 +92,25 @@ class Text2TextClassifier(torch.nn.Module):
     LM's own seq2seq cross-entropy on those classes' target sequences (``logits`` None: nothing else
     is computed). Without labels: ``logits`` (B, C) are rank-classification scores, the summed
     log-probability of each class's target sequence (one decoder pass over the batch repeated C
-    times); the prediction is their argmax, so every prediction is some class."""
+    times); the prediction is their argmax, so every prediction is some class.
 
-    def __init__(self, model: torch.nn.Module, targets: list[list[int]]):
+    ``eval_mode`` ("rank" or "generate") is how the harness evaluates it. ``forward(..., generate=True)``
+    (the harness's ``eval_mode: generate``; in forward so that FSDP2's root hooks gather the weights)
+    returns instead a (B,) LongTensor of class ids: greedy decoding (``greedy_tokens``), the new tokens
+    decoded by ``decode`` (a tokenizer's ``batch_decode``, special tokens skipped) and mapped by
+    ``exact_match_classes`` to the class whose words -- ``words[c]`` or the decoded ``targets[c]`` --
+    they equal; -1 where they equal none."""
+
+    def __init__(self, model: torch.nn.Module, targets: list[list[int]], *, words: list[str] | None = None,
+                 decode=None, eval_mode: str = "rank"):
         super().__init__()
+        if eval_mode not in EVAL_MODES:
+            raise ValueError(f"Text2TextClassifier: eval_mode {eval_mode!r} is not one of {', '.join(EVAL_MODES)}")
+        if eval_mode == "generate" and decode is None:
+            raise ValueError("Text2TextClassifier: eval_mode 'generate' needs decode (the tokenizer's batch_decode) "
+                             "to turn the greedy output into text")
+        if words is not None and len(words) != len(targets):
+            raise ValueError(f"Text2TextClassifier: {len(words)} words for {len(targets)} target sequences")
         if len(targets) < 2 or not all(targets):
             raise ValueError(f"Text2TextClassifier: give a non-empty target sequence per class, at least 2, "
                              f"got {targets!r}")
@@ -86,6 +124,12 @@ class Text2TextClassifier(torch.nn.Module):
         for c, t in enumerate(targets):
             table[c, :len(t)] = torch.tensor(t, dtype=torch.long)
         self.register_buffer("target_ids", table, persistent=False)     # (C, T), -100 after each target
+        self.eval_mode, self.decode = eval_mode, decode
+        self.class_texts = None                       # per class, the texts its greedy output may equal
+        if eval_mode == "generate":
+            decoded = decode(self.targets, skip_special_tokens=True)
+            self.class_texts = [[d] + ([words[c]] if words is not None else []) for c, d in enumerate(decoded)]
+            exact_match_classes([], self.class_texts)              # two classes accepting one text: an error now
 
     @property
     def config(self):
@@ -99,8 +143,33 @@ class Text2TextClassifier(torch.nn.Module):
         out["labels"] = targets[:, (targets != -100).any(0)]       # drop columns that pad every row
         return out
 
-    def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
+    def greedy_tokens(self, input_ids, attention_mask=None, synced_gpus: bool = False) -> torch.Tensor:
+        """(B, <= T + 1) the LM's greedy continuation (decoder start token dropped), T the longest target
+        (eos included): no sampling, one beam, no generation-config extras (a fresh GenerationConfig, as
+        training saw the targets); a target plus one token shows an output that runs on past a class's
+        words. Ladder-patched LMs (lst / klst: the side network has no KV cache) decode with
+        use_cache=False, others with the cache. ``synced_gpus``: keep stepping until every rank is done
+        (FSDP2: each rank must run the same number of forward passes)."""
+        from transformers import GenerationConfig
+        cfg = self.model.config
+        ladder = spu_kernels.is_patched(self.model) and spu_kernels.summary(self.model).method in LADDERS
+        gen = GenerationConfig(max_new_tokens=self.target_ids.shape[1] + 1, do_sample=False, num_beams=1,
+                               decoder_start_token_id=cfg.decoder_start_token_id, eos_token_id=cfg.eos_token_id,
+                               pad_token_id=cfg.pad_token_id, use_cache=not ladder)
+        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen,
+                                  synced_gpus=synced_gpus)
+        return out[:, 1:]                                   # (encoder-decoder) after the decoder start token
+
+    def forward(self, input_ids, attention_mask=None, labels=None, generate: bool = False,
+                synced_gpus: bool = False, **kwargs):
         from transformers.modeling_outputs import SequenceClassifierOutput
+        if generate:
+            if self.class_texts is None:
+                raise ValueError("Text2TextClassifier: generate=True needs eval_mode='generate' and decode at "
+                                 "construction (the texts each class's output may equal)")
+            tokens = self.greedy_tokens(input_ids, attention_mask, synced_gpus)
+            texts = self.decode(tokens.tolist(), skip_special_tokens=True)
+            return torch.tensor(exact_match_classes(texts, self.class_texts), dtype=torch.long)
         if labels is not None:
             batch = self.lm_batch({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
             out = self.model(**batch, **kwargs)
@@ -177,7 +246,7 @@ def load_model(path, num_labels: int, prompt=None, max_length: int = 128, *, tex
     built-in MiniLM), or a ``ModelConfig`` (path, or config + tokenizer for random weights). With
     ``prompt.template`` the model is the LM (AutoModelForMaskedLM, or AutoModelForCausalLM for causal
     templates) in a PromptClassifier; with ``text2text`` (the config section; ``label_names`` the
-    dataset's) an AutoModelForSeq2SeqLM in a Text2TextClassifier."""
+    dataset's) an AutoModelForSeq2SeqLM in a Text2TextClassifier evaluated as ``text2text.eval`` says."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
     from transformers import (
@@ -221,7 +290,8 @@ def load_model(path, num_labels: int, prompt=None, max_length: int = 128, *, tex
         if len(words) != num_labels:
             raise ValueError(f"text2text.target_words: {len(words)} words for {num_labels} classes (model.num_labels)")
         eos = seq2seq.config.eos_token_id
-        model = Text2TextClassifier(seq2seq, target_token_ids(tok, words, eos))
+        model = Text2TextClassifier(seq2seq, target_token_ids(tok, words, eos), words=words, decode=tok.batch_decode,
+                                    eval_mode=getattr(text2text, "eval", "rank"))
     elif template is not None:
         lm_cls = AutoModelForCausalLM if template.causal else AutoModelForMaskedLM
         model = spu_kernels.PromptClassifier(build(lm_cls), template)

@@ -1,7 +1,8 @@
 """The Table 1 layout: one row per method -- accuracy, F1, peak memory, training samples/s,
 trainable parameters, wall time -- printed, and written as markdown, CSV and a PNG plot
 (accuracy vs peak memory, marker area ~ samples/s). Classification and text-to-text runs
-(``task: text2text``) share it; the caption says how text-to-text rows predict."""
+(``task: text2text``) share it; the caption says how text-to-text rows predict (rank classification,
+or exact match of greedy output: ``text2text_eval``)."""
 from __future__ import annotations
 
 import csv
@@ -59,12 +60,24 @@ def caption(results) -> str:
             f"second of training steps (no evaluation).{_task_note(results)}")
 
 
+_EVALS = {"rank": "by rank classification (the class whose target sequence has the highest summed log-probability)",
+          "generate": "by exact match of greedy output (lower-cased, whitespace normalised) to a class's target "
+                      "words; an output matching no class counts as wrong"}
+
+
 def _task_note(results) -> str:
-    """How text-to-text rows predict (task: text2text), or ''."""
-    if not any(_row(x).get("task") == "text2text" for x in results):
+    """How text-to-text rows predict (task: text2text; text2text_eval rank or generate), or ''."""
+    rows = [_row(x) for x in results if _row(x).get("task") == "text2text"]
+    if not rows:
         return ""
-    return (" Text-to-text rows: the seq2seq LM is trained to generate each class's target words, and predicts "
-            "by rank classification (the class whose target sequence has the highest summed log-probability).")
+    mode = {id(r): r.get("text2text_eval") or "rank" for r in rows}     # results written before the key: rank
+    modes = sorted(set(mode.values()))
+    if len(modes) == 1:
+        how = f"predicts {_EVALS[modes[0]]}"
+    else:
+        how = "predicts " + "; ".join(", ".join(str(r["method"]) for r in rows if mode[id(r)] == m) + f": {_EVALS[m]}"
+                                      for m in modes)
+    return f" Text-to-text rows: the seq2seq LM is trained to generate each class's target words, and {how}."
 
 
 def table_text(results) -> str:
@@ -84,7 +97,8 @@ def table_markdown(results) -> str:
 def write_csv(results, path: Path) -> Path:
     extra = ("total_params", "memory_kind", "learning_rate", "epochs", "steps", "val_accuracy", "val_f1",
              "best_epoch", "device", "precision", "model", "dataset", "n_train", "n_val", "n_test", "max_length",
-             "train_s", "world_size", "global_batch_size", "gradient_accumulation_steps", "fsdp", "task")
+             "train_s", "world_size", "global_batch_size", "gradient_accumulation_steps", "fsdp", "task",
+             "text2text_eval")
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(COLUMNS + extra)

@@ -114,6 +114,7 @@ class RunResult:
     gradient_accumulation_steps: int = 1     # micro-batches per optimizer step
     fsdp: bool = False
     task: str = "classification"      # or text2text: rank classification over the target words (model.py)
+    text2text_eval: str | None = None    # task text2text: rank, or generate (exact match of the greedy output)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -198,7 +199,15 @@ class PeakMemory:
 
 
 def metrics(preds: list[int], labels: list[int], num_labels: int) -> dict:
-    """accuracy, and F1: of the positive class (1) for two classes, macro-averaged otherwise."""
+    """accuracy, and F1: of the positive class (1) for two classes, macro-averaged over the classes
+    otherwise. A prediction may be -1, no class (text2text.eval: generate, an output matching no
+    class's words): it is wrong for accuracy, and for F1 a miss of its item's true class (a false
+    negative there) and a false positive of none."""
+    if len(preds) != len(labels):
+        raise ValueError(f"metrics: {len(preds)} predictions for {len(labels)} labels")
+    bad = [p for p in preds if not -1 <= p < num_labels]
+    if bad:
+        raise ValueError(f"metrics: prediction {bad[0]} is no class id of 0..{num_labels - 1} (nor -1, no class)")
     n = len(labels)
     acc = sum(p == y for p, y in zip(preds, labels)) / max(1, n)
     classes = [1] if num_labels == 2 else list(range(num_labels))
@@ -215,21 +224,27 @@ def metrics(preds: list[int], labels: list[int], num_labels: int) -> dict:
 def evaluate(model, data, pad_id, device, amp_dtype, batch_size, num_labels, desc="eval", progress=True,
              dist: hdist.Dist = hdist.Dist()) -> dict:
     """Metrics of ``model`` on ``data``; on several processes each rank predicts its shard
-    (``distributed.shard``) and the predictions are gathered, so every rank gets the exact metrics."""
+    (``distributed.shard``) and the predictions are gathered, so every rank gets the exact metrics.
+    A Text2TextClassifier with ``eval_mode`` "generate" predicts by exact match of its greedy output
+    (model.py; -1 = no class, gathered like any prediction), under FSDP2 with ``synced_gpus`` (every
+    rank decodes until all are done, so all run the same forward passes); otherwise the argmax of
+    the logits."""
     tqdm = _tqdm()
     was_training = model.training
     model.eval()
     order = sorted(range(len(data)), key=lambda i: len(data[i][0]))     # less padding
     mine = hdist.shard(order, dist)
     preds = {}
+    generate = getattr(model, "eval_mode", "rank") == "generate"
+    extra = {"generate": True, "synced_gpus": dist.enabled and hdist.is_sharded(model)} if generate else {}
     steps = math.ceil(len(mine) / batch_size)
     for s in tqdm(range(steps), desc=desc, disable=not progress or not dist.main, leave=False, file=sys.stderr):
         part = mine[s * batch_size:(s + 1) * batch_size]
         batch = collate([data[i] for i, _ in part], pad_id, device)
         batch.pop("labels")
         with autocast(device, amp_dtype):
-            logits = model(**batch).logits
-        for (i, counts), p in zip(part, logits.argmax(-1).tolist()):
+            out = model(**batch, **extra)
+        for (i, counts), p in zip(part, (out if generate else out.logits.argmax(-1)).tolist()):
             if counts:
                 preds[i] = p
     model.train(was_training)
@@ -849,6 +864,7 @@ def _finish(ctx: _Run, t_start: float) -> RunResult:
         global_batch_size=tr0.batch_size * ctx.dist.world_size * tr0.gradient_accumulation_steps,
         gradient_accumulation_steps=tr0.gradient_accumulation_steps, fsdp=tr0.fsdp and ctx.dist.enabled)
     result.task = ctx.cfg.task
+    result.text2text_eval = ctx.cfg.text2text.eval if ctx.cfg.task == "text2text" else None
     if ctx.writer is not None:
         for tag, value in (("test/accuracy", result.accuracy), ("test/f1", result.f1), ("memory/peak_mb", peak),
                            ("throughput/samples_per_s", result.samples_per_s)):

@@ -2,21 +2,26 @@
 weights; random weights from configs, no downloads) per method, against full fine-tuning in the
 same run: samples/s and peak memory (absolute: weights, optimizer state and activations).
 
-Models (the seeds' settings and a decoder):
+Models (the seeds' settings, a decoder and an encoder–decoder):
 - ``llama-8x2048``: a LLaMA-like causal LM, 8 layers × hidden 2048 (intermediate 5504, 16 heads,
   vocab 32000), batch 4 × 2048 tokens, next-token loss;
 - ``distilbert-base``: DistilBERT-base sequence classification, batch 16 × 128;
-- ``roberta-large``: RoBERTa-large sequence classification, batch 16 × 128.
+- ``roberta-large``: RoBERTa-large sequence classification, batch 16 × 128;
+- ``t5-base``: a T5-base-shaped encoder–decoder (12 + 12 layers × d_model 768, d_ff 3072 relu, 12
+  heads, vocab 32128; the LST paper's backbone), batch 16 × 128 input tokens → 4 target tokens
+  (classification as text: 3 tokens + EOS), the model's own seq2seq cross-entropy.
 
 Methods: full fine-tuning (the reference), PEFT LoRA (query+value r=8; all linears r=16), PEFT
 IA3, spu lora (q+v r=8, and all linears r=16), siva (q+v r=16, and all linears), siva_kv, ia3,
-krona (B = 0, and init="kopa"), lst, klst (k = 3, 5, 9), last_n (n = 3), bitfit, prompt (20 tokens), and MeZO (all
-parameters; spu LoRA). AdamW for everything but MeZO. ``+compile`` kinds run the same step with
-``torch.compile(model)`` (default Inductor) for a few methods per model (``SPU_BENCH_COMPILE_ALL=1``:
-every method but MeZO), ``+cudagraphs`` kinds with ``mode="reduce-overhead"`` (Inductor and CUDA
-graphs: the host cost of the launches is gone; GPU only, RoBERTa-large); both also report the graph
-breaks dynamo counted. Targets (issue #13, RoBERTa-large, compiled): spu siva on all linears ≥ 1.3×
-full fine-tuning's samples/s, k-LST (k = 3) ≥ 2.0×.
+krona (B = 0, and init="kopa"), lst, klst (k = 3, 5, 9), last_n (n = 3), bitfit, fishmask, prompt and
+prefix (20 tokens), adapter (r = 64) and MeZO (all parameters; spu LoRA); a method that does not apply
+to a model (BitFit without biases) is a ``skipped`` row saying why. AdamW for everything but MeZO.
+``+compile`` kinds run the same step with ``torch.compile(model)`` (default Inductor) for a few
+methods per model (``SPU_BENCH_COMPILE_ALL=1``: every method but MeZO), ``+cudagraphs`` kinds with
+``mode="reduce-overhead"`` (Inductor and CUDA graphs: the host cost of the launches is gone; GPU
+only, RoBERTa-large); both also report the graph breaks dynamo counted. Targets (issue #13,
+RoBERTa-large, compiled): spu siva on all linears ≥ 1.3× full fine-tuning's samples/s, k-LST
+(k = 3) ≥ 2.0×.
 
 Every kind also reports ``optimizer_state_mib``: the bytes of the tensors its optimizer holds in its
 state after the timed steps (exact on any device, no timing): torch's AdamW keeps exp_avg, exp_avg_sq
@@ -40,16 +45,23 @@ MODELS = {
     "distilbert-base": ("distilbert", 16, 128, dict()),
     "roberta-large": ("roberta", 16, 128, dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                                                intermediate_size=4096, vocab_size=50265, max_position_embeddings=514)),
+    "t5-base": ("t5", 16, 128, dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_decoder_layers=12, num_heads=12,
+                                    feed_forward_proj="relu", vocab_size=32128, pad_token_id=0, eos_token_id=1,
+                                    decoder_start_token_id=0)),
 }
+TARGET_LEN = 4          # seq2seq target tokens (T5): 3 label tokens and EOS
 SMOKE = {
     "llama": dict(hidden_size=64, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=4, vocab_size=100, max_position_embeddings=64, pad_token_id=0),
     "distilbert": dict(dim=32, hidden_dim=64, n_layers=3, n_heads=4, vocab_size=100, max_position_embeddings=64),
     "roberta": dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, vocab_size=100,
                     max_position_embeddings=64),
+    "t5": dict(d_model=64, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, feed_forward_proj="relu",
+               vocab_size=100, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0),
 }
-# a smoke run tries every method on the smoke RoBERTa and these on the other two families
+# a smoke run tries every method on the smoke RoBERTa and these on the other families (T5: its own, fewer)
 SMOKE_METHODS = ("full_ft", "peft_lora_qv", "spu_siva", "spu_klst3")
+SMOKE_METHODS_OF = {"t5": ("full_ft", "spu_lora_qv", "spu_klst3")}
 SMOKE_BATCH, SMOKE_SEQ = 2, 16
 
 # module-name endings per family: (query+value, key+value, every linear of the blocks, IA3 targets, IA3 FFN)
@@ -62,8 +74,10 @@ TARGETS = {
     "llama": (["q_proj", "v_proj"], ["k_proj", "v_proj"],
               ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
               ["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    # T5: self- and cross-attention alike (PEFT's defaults for T5)
+    "t5": (["q", "v"], ["k", "v"], ["q", "k", "v", "o", "wi", "wo"], ["k", "v", "wo"], ["wo"]),
 }
-HEADS = {"roberta": ["classifier"], "distilbert": ["pre_classifier", "classifier"], "llama": []}
+HEADS = {"roberta": ["classifier"], "distilbert": ["pre_classifier", "classifier"], "llama": [], "t5": []}
 
 # kind -> (spu method and options | peft config name | special), in report order; full_ft is the reference
 METHODS = {
@@ -97,7 +111,8 @@ METHODS = {
 # gpu-report times a few; SPU_BENCH_COMPILE_ALL=1 compiles every method but MeZO)
 COMPILED = {"roberta-large": ("full_ft", "peft_lora_qv", "spu_lora_qv", "spu_siva_all", "spu_klst3"),
             "distilbert-base": ("full_ft", "spu_siva_all"),
-            "llama-8x2048": ("full_ft", "spu_siva_all")}
+            "llama-8x2048": ("full_ft", "spu_siva_all"),
+            "t5-base": ("full_ft", "spu_klst3")}
 SMOKE_COMPILED = {"roberta-large": ("spu_lora_qv",)}        # under dynamo's aot_eager backend on the CPU
 CUDAGRAPHS = {"roberta-large": ("full_ft", "peft_lora_qv", "spu_siva_all", "spu_klst3")}   # GPU runs only
 
@@ -108,7 +123,8 @@ def build_model(name: str, smoke: bool, device: str):
     kwargs = SMOKE[family] if smoke else kwargs
     cls, cfg_cls = {"llama": (tf.LlamaForCausalLM, tf.LlamaConfig),
                     "distilbert": (tf.DistilBertForSequenceClassification, tf.DistilBertConfig),
-                    "roberta": (tf.RobertaForSequenceClassification, tf.RobertaConfig)}[family]
+                    "roberta": (tf.RobertaForSequenceClassification, tf.RobertaConfig),
+                    "t5": (tf.T5ForConditionalGeneration, tf.T5Config)}[family]
     torch.manual_seed(0)
     with torch.device(device):                 # initialised where it runs: seconds, not minutes, at 355M params
         return cls(cfg_cls(num_labels=2, **kwargs)), family
@@ -117,7 +133,12 @@ def build_model(name: str, smoke: bool, device: str):
 def make_batch(model, family: str, batch: int, seq: int, device: str) -> dict:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=g).to(device)
-    labels = ids if family == "llama" else torch.randint(0, 2, (batch,), generator=g).to(device)
+    if family == "t5":              # target words then EOS; the model shifts them right for the decoder's input
+        labels = torch.randint(3, model.config.vocab_size, (batch, TARGET_LEN), generator=g)
+        labels[:, -1] = model.config.eos_token_id
+        labels = labels.to(device)
+    else:
+        labels = ids if family == "llama" else torch.randint(0, 2, (batch,), generator=g).to(device)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
@@ -152,7 +173,7 @@ def apply_method(model, family: str, kind: str):
     try:
         spu_kernels.patch(model, method, **opts)
     except ValueError as e:
-        if method == "bitfit":            # LLaMA has no biases: BitFit does not apply, the suite did not fail
+        if method == "bitfit":            # LLaMA and T5 have no biases: BitFit does not apply, the suite did not fail
             raise Skip(f"spu_kernels.patch('bitfit'): {e}") from None
         raise
     return model
@@ -243,7 +264,7 @@ def _probe(kind: str, fn) -> dict[str, float]:
 def cases(smoke: bool, device: str) -> list[Case]:
     out = []
     for name, (family, batch, seq, _) in MODELS.items():
-        kinds = list(SMOKE_METHODS if smoke and family != "roberta" else METHODS)
+        kinds = list(SMOKE_METHODS_OF.get(family, SMOKE_METHODS) if smoke and family != "roberta" else METHODS)
         compiled = (SMOKE_COMPILED if smoke else COMPILED).get(name, ())
         if not smoke and os.environ.get("SPU_BENCH_COMPILE_ALL") == "1":
             compiled = [k for k in METHODS if METHODS[k][0] != "mezo"]
@@ -253,7 +274,8 @@ def cases(smoke: bool, device: str) -> list[Case]:
         if smoke:
             batch, seq = SMOKE_BATCH, SMOKE_SEQ
         out.append(Case(
-            suite="models", name=name, config=f"{name} batch {batch}x{seq}" + (" (tiny)" if smoke else ""),
+            suite="models", name=name, config=f"{name} batch {batch}x{seq}" + (
+                f", {TARGET_LEN} target tokens" if family == "t5" else "") + (" (tiny)" if smoke else ""),
             dtype="bf16-autocast", variants=[_variant(name, k, smoke, device) for k in kinds], reference="full_ft",
             items_per_call=batch, memory="absolute", warmup_ms=100, rep_ms=1000, probe=_probe))
     return out

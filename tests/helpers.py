@@ -1,4 +1,6 @@
-"""Shared test helpers: the backends to compare, tolerances and a comparison that says what failed."""
+"""Shared test helpers: the backends to compare, tolerances and a comparison that says what failed;
+a harness run interrupted in its second epoch (the resume tests)."""
+import pytest
 import torch
 
 from spu_kernels.backends import available_backends
@@ -29,3 +31,23 @@ def assert_close_rel(got, want, dtype, name="", baseline=None):
     if baseline is not None:
         limit = min(limit, max(4 * rel_err(baseline, want), REL_CEILING[dtype] / 10))
     assert err <= limit, f"{name}: relative error {err:.2e} > {limit:.2e} ({dtype})"
+
+
+def run_interrupted_in_epoch_2(cfg, **run_kwargs):
+    """``spu_kernels.harness.train.run(cfg, **run_kwargs)`` stopped by a KeyboardInterrupt at epoch 2's
+    evaluation (epoch 1's checkpoint is written by then); fails if the run is not interrupted there.
+    ``train.evaluate`` is restored afterwards."""
+    from spu_kernels.harness import train
+    real_eval, calls = train.evaluate, []
+
+    def interrupt(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_eval(*a, **k)
+    train.evaluate = interrupt
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.run(cfg, **run_kwargs)
+    finally:
+        train.evaluate = real_eval

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import run_interrupted_in_epoch_2
 
 from spu_kernels.harness import cli, data, report
 from spu_kernels.harness.config import ConfigError, apply_override, from_dict, load_config, with_cpu_overrides
@@ -265,29 +266,12 @@ def test_comparison_mode_writes_table(tiny_config, tmp_path, capsys):
     assert rc == 0 and cli.main(["finetune", str(cfg_file), "--methods", "full,nope"]) == 2
 
 
-def _run_interrupted_in_epoch_2(config, output_dir, monkeypatch):
-    """Run ``config`` until epoch 2's evaluation, where a KeyboardInterrupt stops it (epoch 1's
-    checkpoint is written by then)."""
-    from spu_kernels.harness import train
-    real_eval, calls = train.evaluate, []
-
-    def interrupt(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_eval(*a, **k)
-    monkeypatch.setattr(train, "evaluate", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        run(from_dict(config), output_dir=output_dir)
-    monkeypatch.setattr(train, "evaluate", real_eval)
-
-
-def test_resume_continues_where_it_stopped(tiny_config, tmp_path, monkeypatch):
+def test_resume_continues_where_it_stopped(tiny_config, tmp_path):
     tiny_config["training"].update(epochs=2, max_steps=None, batch_size=16)
     tiny_config["method"] = {"name": "lora", "args": {"r": 2, "dropout": 0.1}}
     straight = run(from_dict(tiny_config), output_dir=tmp_path / "a")
     # the same run, interrupted during epoch 2's evaluation, then resumed
-    _run_interrupted_in_epoch_2(tiny_config, tmp_path / "b", monkeypatch)
+    run_interrupted_in_epoch_2(from_dict(tiny_config), output_dir=tmp_path / "b")
     assert (tmp_path / "b" / "checkpoints" / "epoch_1" / "trainer_state.pt").exists()
     resumed = run(from_dict(tiny_config), output_dir=tmp_path / "b", resume=True)
     assert resumed.steps == straight.steps == 6 and len(resumed.history) == 2
@@ -324,7 +308,7 @@ def test_resume_takes_the_newest_complete_checkpoint(tiny_config, tmp_path, monk
             run(from_dict(tiny_config), output_dir=tmp_path / "b")
         monkeypatch.setattr(torch, "save", real_save)
     else:                                     # a newer directory holding a truncated trainer state
-        _run_interrupted_in_epoch_2(tiny_config, tmp_path / "b", monkeypatch)
+        run_interrupted_in_epoch_2(from_dict(tiny_config), output_dir=tmp_path / "b")
         (ckpts / "epoch_2").mkdir()
         shutil.copy(ckpts / "epoch_1" / "adapter.safetensors", ckpts / "epoch_2")
         state = (ckpts / "epoch_1" / "trainer_state.pt").read_bytes()

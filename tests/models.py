@@ -148,3 +148,13 @@ def write_sentiment_words(path, n: int) -> None:
     words = (["good", "great", "fine", "lovely"], ["bad", "awful", "dull", "boring"])
     path.write_text("".join(json.dumps({"text": f"a {words[i % 2][i % 4]} film {'x ' * (i % 5)}{i}",
                                         "label": 1 - i % 2}) + "\n" for i in range(n)))
+
+
+def perturb_params(model, part: str, scale: float, seed: int = 0) -> None:
+    """Add ``scale`` · N(0, 1) (a generator seeded with ``seed``) to every parameter whose name
+    contains ``part``: adapters moved off their init, a stand-in for training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if part in name:
+                p.add_(torch.randn(p.shape, generator=g) * scale)

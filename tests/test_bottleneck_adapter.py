@@ -11,7 +11,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers as tf
-from models import FAMILY_MODELS, assert_merge_refused, assert_restored, make_batch, make_model, model_output, snapshot
+from models import (
+    FAMILY_MODELS,
+    assert_merge_refused,
+    assert_restored,
+    make_batch,
+    make_model,
+    model_output,
+    perturb_params,
+    snapshot,
+)
 
 import spu_kernels
 from spu_kernels.modules import BottleneckAdapterLinear
@@ -33,11 +42,7 @@ FAMILIES = list(FAMILY_MODELS)
 
 
 def perturb(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "adapter_" in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    perturb_params(model, "adapter_", 0.3, seed)
 
 
 @torch.no_grad()

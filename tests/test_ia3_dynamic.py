@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import transformers as tf
-from models import assert_merge_refused, assert_restored, make_batch, make_model, model_output, snapshot
+from models import assert_merge_refused, assert_restored, make_batch, make_model, model_output, perturb_params, snapshot
 
 import spu_kernels
 from spu_kernels.modules import IA3DynamicLinear, IA3Linear, IA3ScaledActivation
@@ -30,11 +30,7 @@ FAMILIES = list(EXPECTED)
 
 
 def perturb(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ia3_" in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    perturb_params(model, "ia3_", 0.5, seed)
 
 
 def reference_linear(mod, x):

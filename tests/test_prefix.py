@@ -178,7 +178,8 @@ def test_generate_cached_equals_uncached(family, padding):
     torch.testing.assert_close(cached.logits[0], first, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family, reparam", [("bert", False), ("bert", True), ("distilbert", False)])
+@pytest.mark.parametrize("family, reparam", [("bert", False), ("bert", True), ("distilbert", False), ("t5", False),
+                                            ("t5", True)])
 def test_save_load_round_trips_bit_identical_without_peft_files(tmp_path, family, reparam):
     base = tmp_path / "base"
     make_model(family).save_pretrained(base)

@@ -38,6 +38,16 @@ def _rotate_half(x):
     return torch.cat((-b, a), dim=-1)
 
 
+def load_slice(lin: nn.Linear, W: torch.Tensor, b: torch.Tensor | None, rows: torch.Tensor, cols: torch.Tensor) -> None:
+    """``lin`` := the (rows, cols) slice of the full-size weight W (nn.Linear layout) and b[rows]
+    (a zero bias where the backbone's layer has none). Under no_grad: a pruned initialisation."""
+    lin.weight.copy_(W[rows][:, cols])
+    if b is not None:
+        lin.bias.copy_(b[rows])
+    else:
+        lin.bias.zero_()
+
+
 class SideBlock(nn.Module):
     """A transformer block of width d: multi-head self-attention (inner width h·d_h) and an FFN,
     pre- or post-norm, LayerNorm or RMSNorm, plain or gated (SwiGLU-style) FFN, optional rotary.
@@ -98,19 +108,13 @@ class SideBlock(nn.Module):
         """Copy the backbone block's weights ``w`` (full size, nn.Linear layout: "q", "k", "v", "o",
         "fin", "fout", optional "gate" -> (W, b or None); "ln1", "ln2" -> (weight, bias or None))
         restricted to hidden dims ``d_idx``, attention columns ``hd_idx`` and FFN units ``ff_idx``."""
-        def put(lin, W, b, rows, cols):
-            lin.weight.copy_(W[rows][:, cols])
-            if b is not None:
-                lin.bias.copy_(b[rows])
-            else:
-                lin.bias.zero_()
         for name in ("q", "k", "v"):
-            put(getattr(self, name), *w[name], hd_idx, d_idx)
-        put(self.o, *w["o"], d_idx, hd_idx)
-        put(self.fin, *w["fin"], ff_idx, d_idx)
+            load_slice(getattr(self, name), *w[name], hd_idx, d_idx)
+        load_slice(self.o, *w["o"], d_idx, hd_idx)
+        load_slice(self.fin, *w["fin"], ff_idx, d_idx)
         if self.gate is not None:
-            put(self.gate, *w["gate"], ff_idx, d_idx)
-        put(self.fout, *w["fout"], d_idx, ff_idx)
+            load_slice(self.gate, *w["gate"], ff_idx, d_idx)
+        load_slice(self.fout, *w["fout"], d_idx, ff_idx)
         for name in ("ln1", "ln2"):
             weight, bias = w[name]
             ln = getattr(self, name)

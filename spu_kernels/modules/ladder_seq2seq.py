@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ladder import LadderBackbone, LadderSideNetwork, SideBlock
+from .ladder import LadderBackbone, LadderSideNetwork, SideBlock, load_slice
 
 
 class SideDecoderBlock(SideBlock):
@@ -64,16 +64,10 @@ class SideDecoderBlock(SideBlock):
         """Copy the backbone block's cross-attention (``w``: "xq", "xk", "xv", "xo" -> (W, b or None),
         "lnx" -> (weight, bias or None), full size, nn.Linear layout) restricted to this side's hidden
         dims ``d_idx``, the encoder side's ``mem_idx`` (the memory's dims) and attention columns ``hd_idx``."""
-        def put(lin, W, b, rows, cols):
-            lin.weight.copy_(W[rows][:, cols])
-            if b is not None:
-                lin.bias.copy_(b[rows])
-            else:
-                lin.bias.zero_()
-        put(self.xq, *w["xq"], hd_idx, d_idx)
-        put(self.xk, *w["xk"], hd_idx, mem_idx)
-        put(self.xv, *w["xv"], hd_idx, mem_idx)
-        put(self.xo, *w["xo"], d_idx, hd_idx)
+        load_slice(self.xq, *w["xq"], hd_idx, d_idx)
+        load_slice(self.xk, *w["xk"], hd_idx, mem_idx)
+        load_slice(self.xv, *w["xv"], hd_idx, mem_idx)
+        load_slice(self.xo, *w["xo"], d_idx, hd_idx)
         self.lnx.weight.copy_(w["lnx"][0][d_idx])
 
 

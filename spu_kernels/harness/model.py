@@ -91,8 +91,8 @@ class Text2TextClassifier(torch.nn.Module):
     ``forward(input_ids, attention_mask, labels)`` with class ids ``labels`` (B,): ``loss`` is the
     LM's own seq2seq cross-entropy on those classes' target sequences (``logits`` None: nothing else
     is computed). Without labels: ``logits`` (B, C) are rank-classification scores, the summed
-    log-probability of each class's target sequence (one decoder pass over the batch repeated C
-    times); the prediction is their argmax, so every prediction is some class.
+    log-probability of each class's target sequence (one encoder pass over the batch, one decoder pass
+    over it repeated C times); the prediction is their argmax, so every prediction is some class.
 
     ``eval_mode`` ("rank" or "generate") is how the harness evaluates it. ``forward(..., generate=True)``
     (the harness's ``eval_mode: generate``; in forward so that FSDP2's root hooks gather the weights)
@@ -176,8 +176,12 @@ class Text2TextClassifier(torch.nn.Module):
             return SequenceClassifierOutput(loss=out.loss, logits=None)
         n, c = input_ids.shape[0], self.target_ids.shape[0]
         targets = self.target_ids.repeat(n, 1)                                      # (B*C, T)
-        out = self.model(input_ids=input_ids.repeat_interleave(c, 0), labels=targets, **kwargs,
-                         attention_mask=None if attention_mask is None else attention_mask.repeat_interleave(c, 0))
+        # the encoder once per example, its output repeated per class; the decoder reads the shifted
+        # targets (no labels: the LM's loss would be a second log-softmax that rank_scores already takes)
+        enc = self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        per_class = lambda t: None if t is None else t.repeat_interleave(c, 0)     # noqa: E731
+        out = self.model(encoder_outputs=(per_class(enc.last_hidden_state),), attention_mask=per_class(attention_mask),
+                         decoder_input_ids=self.model.prepare_decoder_input_ids_from_labels(labels=targets), **kwargs)
         return SequenceClassifierOutput(logits=rank_scores(out.logits, targets).view(n, c))
 
 
